@@ -1,0 +1,1 @@
+"""Kernels that apply many quantized low-rank deltas per batch row, and their torch twins."""

@@ -1,0 +1,1 @@
+"""The SkillPack server: one resident base model, many SkillPacks per request."""

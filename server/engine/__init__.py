@@ -1,0 +1,1 @@
+"""The serving engine: model runtime, continuous-batching scheduler, pack cache, sampling."""

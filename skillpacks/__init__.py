@@ -1,0 +1,1 @@
+"""The SkillPack format and builder: delta extraction, compression, read/verify, CLI."""

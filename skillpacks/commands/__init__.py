@@ -1,0 +1,1 @@
+"""One module per `skillpack` sub-command (see skillpacks/cli.py)."""
