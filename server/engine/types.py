@@ -7,7 +7,9 @@ ids are matched by the engine.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 
 @dataclass
@@ -48,3 +50,41 @@ class EngineError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+@dataclass
+class PackStatus:
+    name: str
+    path: str
+    bytes: int
+    state: str  # "disk" | "host" | "device"
+    pinned: bool = False
+    in_use: int = 0  # running requests holding it
+    version: int = 1
+
+
+class PackCacheProtocol(Protocol):
+    """What the HTTP layer asks of the engine's pack cache (the disk store is the API's)."""
+
+    def register(self, name: str, path: str) -> None: ...  # add or replace (new version) a stored pack
+    def unregister(self, name: str) -> None: ...  # forget it; in-flight requests finish on it
+    def load(self, name: str) -> None: ...  # bring to the device now
+    def unload(self, name: str) -> None: ...  # drop from device and host memory (stays registered)
+    def pin(self, name: str, pinned: bool = True) -> None: ...  # pinned packs are never evicted
+    def status(self) -> list[PackStatus]: ...
+
+
+class EngineProtocol(Protocol):
+    """The engine as the HTTP layer sees it."""
+
+    model_id: str  # the base model's id in /v1/models
+    tokenizer: Any  # a transformers tokenizer (chat template included)
+    max_model_len: int
+    pack_cache: PackCacheProtocol
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """An async generator of events; closing it early aborts the request.
+        Raises EngineError (404 unknown pack, 400 bad request, 429/503 overloaded)."""
+        ...
+
+    def stats(self) -> dict: ...  # queue depth, running rows, per-pack running/waiting counts
