@@ -1,0 +1,250 @@
+"""Lazy, bounded reading of safetensors files and Hugging Face checkpoint folders.
+
+`read_header` parses a safetensors header by itself, with hard size limits and full
+offset checks, before any file is handed to the safetensors library (which trusts the
+header it is given). `open_checkpoint` builds on it: names, shapes and dtypes come
+from the headers alone, and `Checkpoint.get` reads one tensor at a time, so peak
+memory follows the largest tensor, never the model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+# safetensors dtype names -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_ST = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # HF headers are a few hundred KiB even for 70B models
+MAX_TENSORS = 200_000
+MAX_DIMS = 8
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+READ_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or safetensors file that cannot be read safely."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the start of the data section
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+    data_start: int  # absolute file offset of the data section
+    file_size: int
+
+
+def _entry(path: Path, name: str, raw: object, data_len: int) -> TensorEntry:
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{path}: tensor '{name}' has entry {str(raw)[:200]!r}; expected "
+                              "exactly the keys dtype, shape and data_offsets.")
+    dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        raise CheckpointError(f"{path}: tensor '{name}' has shape {str(shape)[:200]}; expected a list of at "
+                              f"most {MAX_DIMS} non-negative integers.")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise CheckpointError(f"{path}: tensor '{name}' has data_offsets {str(offsets)[:200]}; "
+                              "expected [begin, end] with 0 <= begin <= end.")
+    begin, end = offsets
+    if end > data_len:
+        raise CheckpointError(f"{path}: file is truncated or its header is corrupt: tensor '{name}' ends at "
+                              f"data byte {end} but the data section holds only {data_len} bytes.")
+    want = math.prod(shape) * DTYPES[dtype][1]
+    if end - begin != want:
+        raise CheckpointError(f"{path}: tensor '{name}' spans {end - begin} bytes but dtype {dtype} x shape "
+                              f"{shape} needs {want}.")
+    return TensorEntry(dtype, tuple(shape), begin, end)
+
+
+def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> SafetensorsHeader:
+    """Parse and check a safetensors header without trusting it.
+
+    Checks: the length prefix fits the file and the limit; the header is a JSON object
+    of string metadata plus tensor entries with known dtypes; every tensor's byte span
+    equals dtype x shape; spans are in order, do not overlap, leave no holes and end
+    exactly at the end of the file (so truncation and trailing bytes are both caught).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: file is truncated: {size} bytes, less than the 8-byte header length.")
+            n = int.from_bytes(prefix, "little")
+            if n > max_header_bytes:
+                raise CheckpointError(f"{path}: header claims {n} bytes; the limit is {max_header_bytes}.")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: file is truncated: header claims {n} bytes but only "
+                                      f"{size - 8} follow the length prefix.")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}.") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: header is not valid UTF-8 JSON ({str(e)[:200]}).") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}; expected an object.")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings.")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: header lists {len(header)} tensors; the limit is {MAX_TENSORS}.")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors = {name: _entry(path, name, entry, data_len) for name, entry in header.items()}
+    cursor = 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+        if t.begin != cursor:
+            what = "overlaps the previous tensor" if t.begin < cursor else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor '{name}' starts at data byte {t.begin}, which {what} "
+                                  f"(expected {cursor}).")
+        cursor = t.end
+    if cursor != data_len:
+        raise CheckpointError(f"{path}: tensors end at data byte {cursor} but the file holds {data_len} "
+                              "data bytes; expected them to match.")
+    return SafetensorsHeader(path, tensors, metadata, data_start, size)
+
+
+def iter_raw_bytes(header: SafetensorsHeader, name: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    """The stored bytes of one tensor, in chunks of at most `chunk` bytes."""
+    t = header.tensors[name]
+    with open(header.path, "rb") as f:
+        f.seek(header.data_start + t.begin)
+        left = t.end - t.begin
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise CheckpointError(f"{header.path}: file shrank while reading tensor '{name}'.")
+            left -= len(block)
+            yield block
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint folder (one model.safetensors, or shards plus an index)."""
+
+    def __init__(self, path: Path, files: dict[str, SafetensorsHeader], config: dict):
+        self.path = path
+        self.config = config
+        self._headers = files
+        self._where = {name: fname for fname, h in files.items() for name in h.tensors}
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._header(name).tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entry(name).torch_dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk (nothing else is loaded)."""
+        header = self._header(name)
+        with safe_open(str(header.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def raw_bytes(self, name: str) -> Iterator[bytes]:
+        """The tensor's stored bytes in bounded chunks (for hashing)."""
+        return iter_raw_bytes(self._header(name), name)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        # transformers' default for a config without the key is to tie
+        return bool(self.config.get("tie_word_embeddings", True)) or "lm_head.weight" not in self._where
+
+    def _header(self, name: str) -> SafetensorsHeader:
+        if name not in self._where:
+            raise KeyError(f"tensor '{name}' is not in the checkpoint at {self.path}.")
+        return self._headers[self._where[name]]
+
+
+def _read_json(path: Path, limit: int) -> dict:
+    if path.stat().st_size > limit:
+        raise CheckpointError(f"{path} is {path.stat().st_size} bytes; the limit is {limit}.")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({str(e)[:200]}).") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}; expected an object.")
+    return value
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a checkpoint folder lazily: only headers, config.json and the index are read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a folder; expected a Hugging Face checkpoint folder.")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} has no config.json; expected a Hugging Face checkpoint folder.")
+    config = _read_json(config_file, MAX_INDEX_BYTES)
+    index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
+    if index_file.exists():
+        weight_map = _read_json(index_file, MAX_INDEX_BYTES).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_file} has no valid 'weight_map' of tensor name -> shard file.")
+        shard_names = sorted(set(weight_map.values()))
+    elif single.exists():
+        weight_map, shard_names = None, ["model.safetensors"]
+    else:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (found {', '.join(pickles)}: pickle files are never loaded)" if pickles else ""
+        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json{found}; "
+                              "convert the checkpoint to safetensors first.")
+    files: dict[str, SafetensorsHeader] = {}
+    for shard in shard_names:
+        shard_path = (path / shard).resolve()
+        if shard_path.parent != path.resolve() or not shard.endswith(".safetensors"):
+            raise CheckpointError(f"index names shard {shard!r}; expected a .safetensors file inside {path}.")
+        files[shard] = read_header(shard_path)
+    seen: dict[str, str] = {}
+    for shard, header in files.items():
+        for name in header.tensors:
+            if name in seen:
+                raise CheckpointError(f"tensor '{name}' appears in both {seen[name]} and {shard}.")
+            seen[name] = shard
+    if weight_map is not None:
+        wrong = [n for n, s in weight_map.items() if seen.get(n) != s]
+        if wrong:
+            raise CheckpointError(f"{index_file} places tensor '{wrong[0]}' in {weight_map[wrong[0]]} but that "
+                                  f"shard does not hold it ({len(wrong)} such tensors).")
+    return Checkpoint(path, files, config)
