@@ -1,0 +1,177 @@
+"""Per-step routing metadata: which batch rows use which pack slots, with what weights.
+
+Built once per forward step on the host, moved to the device in one copy, and shared by
+every target linear of the step. The kernels read it in two launch shapes:
+
+- decode: one program per routed row walks that row's (slot, weight) pairs
+  (`routed_rows`, `row_pair_ptr`, `row_pairs`: a CSR index over the pairs);
+- segment (prefill): pairs sorted into per-slot segments, cut into tiles of at most
+  `block_m` pairs that share a slot (`tiles(block_m)`).
+
+A row listing several packs (weighted fusion) has one pair per pack. Pairs are ordered
+by (pass, slot, row), where a pair's pass is its position within its row's list: within
+one pass every row appears at most once, so a segment kernel can add into `y` one pass
+per launch without two programs writing the same row.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+
+# One step routes at most this many rows and this many packs per row: bounds every size.
+MAX_ROWS = 1 << 20
+MAX_PACKS_PER_ROW = 64
+
+
+@dataclass
+class SegmentTiles:
+    """Segments cut into tiles of at most `block_m` pairs of one slot, grouped by pass."""
+
+    start: torch.Tensor  # int32 (T,): first pair of the tile
+    count: torch.Tensor  # int32 (T,): pairs in the tile, 1..block_m
+    slot: torch.Tensor  # int32 (T,)
+    pass_ranges: list[tuple[int, int]]  # per pass, [first tile, end tile)
+
+
+@dataclass
+class RowPacks:
+    """Per-step routing metadata, built once per forward step and shared by every layer."""
+
+    num_rows: int
+    pair_row: torch.Tensor  # int32 (P,): batch row of each pair, pairs ordered by (pass, slot, row)
+    pair_slot: torch.Tensor  # int32 (P,)
+    pair_weight: torch.Tensor  # float32 (P,)
+    seg_slot: list[int]  # per segment (one slot within one pass): its slot
+    seg_start: list[int]  # first pair of the segment
+    seg_count: list[int]  # pairs in the segment
+    seg_pass: list[int]
+    routed_rows: torch.Tensor  # int32 (U,): rows that use at least one pack, ascending
+    row_pair_ptr: torch.Tensor  # int32 (U + 1,): pairs of routed_rows[u] are row_pairs[ptr[u]:ptr[u+1]]
+    row_pairs: torch.Tensor  # int32 (P,): pair indices grouped by row
+    slots_used: frozenset[int]
+    num_passes: int
+    device: torch.device
+    _tiles: dict[int, SegmentTiles] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, row_packs: list[list[tuple[int, float]]], device) -> "RowPacks":
+        """Route `row_packs[i]` = [(slot, weight), ...] for batch row i ([] = base only).
+
+        A slot listed twice for one row is merged into one pair with the summed weight
+        (the delta is linear in the weight)."""
+        if len(row_packs) > MAX_ROWS:
+            raise ValueError(f"a step of {len(row_packs)} rows exceeds the limit of {MAX_ROWS} rows.")
+        triples: list[tuple[int, int, int, float]] = []  # (pass, slot, row, weight)
+        for row, packs in enumerate(row_packs):
+            merged: dict[int, float] = {}
+            for entry in packs:
+                slot, weight = _check_entry(row, entry)
+                merged[slot] = merged.get(slot, 0.0) + weight
+            if len(merged) > MAX_PACKS_PER_ROW:
+                raise ValueError(
+                    f"row {row} uses {len(merged)} packs; expected at most {MAX_PACKS_PER_ROW}."
+                )
+            for k, (slot, weight) in enumerate(merged.items()):
+                triples.append((k, slot, row, weight))
+        triples.sort(key=lambda t: (t[0], t[1], t[2]))
+
+        seg_slot: list[int] = []
+        seg_start: list[int] = []
+        seg_count: list[int] = []
+        seg_pass: list[int] = []
+        for i, (pas, slot, _, _) in enumerate(triples):
+            if not seg_slot or seg_slot[-1] != slot or seg_pass[-1] != pas:
+                seg_slot.append(slot)
+                seg_start.append(i)
+                seg_count.append(0)
+                seg_pass.append(pas)
+            seg_count[-1] += 1
+
+        by_row = sorted(range(len(triples)), key=lambda i: (triples[i][2], i))
+        routed: list[int] = []
+        ptr = [0]
+        for n, i in enumerate(by_row):
+            row = triples[i][2]
+            if not routed or routed[-1] != row:
+                if routed:
+                    ptr.append(n)
+                routed.append(row)
+        if routed:
+            ptr.append(len(by_row))
+
+        dev = torch.device(device)
+        ints = torch.tensor(
+            [t[2] for t in triples] + [t[1] for t in triples] + routed + ptr + by_row, dtype=torch.int32
+        ).to(dev)
+        p, u = len(triples), len(routed)
+        pair_row, pair_slot, routed_rows, row_pair_ptr, row_pairs = torch.split(ints, [p, p, u, len(ptr), p])
+        return cls(
+            num_rows=len(row_packs),
+            pair_row=pair_row,
+            pair_slot=pair_slot,
+            pair_weight=torch.tensor([t[3] for t in triples], dtype=torch.float32).to(dev),
+            seg_slot=seg_slot,
+            seg_start=seg_start,
+            seg_count=seg_count,
+            seg_pass=seg_pass,
+            routed_rows=routed_rows,
+            row_pair_ptr=row_pair_ptr if routed else torch.zeros(1, dtype=torch.int32, device=dev),
+            row_pairs=row_pairs,
+            slots_used=frozenset(seg_slot),
+            num_passes=(max(seg_pass) + 1) if seg_pass else 0,
+            device=dev,
+        )
+
+    @property
+    def empty(self) -> bool:
+        """True when no row uses a pack: callers skip the delta entirely."""
+        return not self.seg_slot
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_row.numel())
+
+    @property
+    def num_routed_rows(self) -> int:
+        return int(self.routed_rows.numel())
+
+    def tiles(self, block_m: int) -> SegmentTiles:
+        """Segments cut into tiles of at most `block_m` pairs (cached per block size)."""
+        if block_m not in self._tiles:
+            start: list[int] = []
+            count: list[int] = []
+            slot: list[int] = []
+            pass_ranges: list[tuple[int, int]] = []
+            for s, st, n, pas in zip(self.seg_slot, self.seg_start, self.seg_count, self.seg_pass):
+                if len(pass_ranges) <= pas:
+                    pass_ranges.append((len(start), len(start)))
+                for off in range(0, n, block_m):
+                    start.append(st + off)
+                    count.append(min(block_m, n - off))
+                    slot.append(s)
+                pass_ranges[pas] = (pass_ranges[pas][0], len(start))
+            t = len(start)
+            ints = torch.tensor(start + count + slot, dtype=torch.int32).to(self.device)
+            self._tiles[block_m] = SegmentTiles(*torch.split(ints, [t, t, t]), pass_ranges)
+        return self._tiles[block_m]
+
+
+def _check_entry(row: int, entry) -> tuple[int, float]:
+    """Validate one (slot, weight) entry of row `row`."""
+    try:
+        slot, weight = entry
+    except (TypeError, ValueError):
+        raise ValueError(f"row {row}: pack entry {entry!r} is not a (slot, weight) pair.") from None
+    try:
+        slot = operator.index(slot)
+        weight = float(weight)
+    except TypeError:
+        raise ValueError(f"row {row}: pack entry {entry!r} is not an (integer slot, float weight) pair.") from None
+    if slot < 0:
+        raise ValueError(f"row {row}: slot {slot} is negative; expected a slot index >= 0.")
+    if not math.isfinite(weight):
+        raise ValueError(f"row {row}: weight {weight} for slot {slot} is not a finite number.")
+    return slot, weight

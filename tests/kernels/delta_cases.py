@@ -1,0 +1,70 @@
+"""Random quantized low-rank deltas, batches and the float64 dense reference shared by kernel tests."""
+from __future__ import annotations
+
+import torch
+
+from kernels.factors import LowRankDelta
+from kernels.lowrank_ops import LowRankSlots
+from kernels.quant import quantize_groupwise
+
+# (dtype, atol, rtol): bf16 outputs round once per add; fp32 only sums in a different order
+TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (3e-2, 2e-2)}
+
+
+def make_delta(in_f: int, out_f: int, tiers: list[tuple[int, int]], group_size: int = 32,
+               seed: int = 0) -> LowRankDelta:
+    """A delta whose tier k holds tiers[k] = (rank, bits) random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    rank = sum(r for r, _ in tiers)
+    a = torch.randn(rank, in_f, generator=g) / in_f**0.5
+    bt = torch.randn(rank, out_f, generator=g) / rank**0.5
+    s = torch.linspace(2.0, 0.5, rank)
+    a_tiers, bt_tiers, start = [], [], 0
+    for r, bits in tiers:
+        a_tiers.append(quantize_groupwise(a[start : start + r], bits, group_size))
+        bt_tiers.append(quantize_groupwise(bt[start : start + r], bits, group_size))
+        start += r
+    return LowRankDelta(a_tiers, bt_tiers, s, in_f, out_f)
+
+
+def load_slots(deltas: list[LowRankDelta], dtype=torch.float32, device="cpu", max_rank: int | None = None,
+               num_slots: int | None = None) -> LowRankSlots:
+    d0 = deltas[0]
+    slots = LowRankSlots(d0.in_features, d0.out_features, num_slots or len(deltas),
+                         max_rank or max(d.rank for d in deltas), device, dtype)
+    for i, d in enumerate(deltas):
+        slots.load(i, d)
+    return slots
+
+
+def dense_reference(y: torch.Tensor, x: torch.Tensor, deltas: list[LowRankDelta],
+                    row_packs: list[list[tuple[int, float]]]) -> torch.Tensor:
+    """float64 y + Σ w · x @ (B diag(s) A)ᵀ, row by row, from the dense ΔW of each delta."""
+    dense = [d.dense(torch.float64) for d in deltas]  # (out, in) each
+    ref = y.double().cpu().clone()
+    xd = x.double().cpu()
+    for i, packs in enumerate(row_packs):
+        for slot, w in packs:
+            ref[i] += w * (dense[slot] @ xd[i])
+    return ref
+
+
+def row_mix(kind: str, rows: int, num_packs: int, seed: int = 0) -> list[list[tuple[int, float]]]:
+    """Routing of `rows` rows: identical / distinct / skewed / with base-only rows / fused."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "identical":
+        return [[(0, 1.0)] for _ in range(rows)]
+    if kind == "distinct":
+        return [[(i % num_packs, 1.0)] for i in range(rows)]
+    if kind == "skewed":  # most rows on pack 0, a few on the others
+        return [[(0 if i % 5 else 1 + (i // 5) % (num_packs - 1), 1.0)] for i in range(rows)]
+    if kind == "base_rows":
+        return [[] if i % 3 == 1 else [(int(torch.randint(num_packs, (1,), generator=g)), 1.0)] for i in range(rows)]
+    if kind == "fused":  # weighted fusion of two or three packs, plus base-only rows
+        out = []
+        for i in range(rows):
+            k = i % 4
+            picks = torch.randperm(num_packs, generator=g)[: min(k, num_packs)].tolist()
+            out.append([(p, 0.25 + 0.5 * j) for j, p in enumerate(picks)])
+        return out
+    raise ValueError(kind)
