@@ -1,0 +1,1 @@
+"""The model runtime: a compact Llama-family transformer that applies each row's packs."""

@@ -1,0 +1,104 @@
+"""What one forward step runs: the flattened new tokens of every row, where their K/V go,
+which logits are wanted, and each row's packs. Built once per step, read by every layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.routing import RowPacks
+
+
+@dataclass
+class SeqChunk:
+    """One sequence's part of a step: `tokens` at positions start_pos, start_pos+1, ..."""
+
+    tokens: list[int]
+    start_pos: int
+    pages: list[int]  # the sequence's block table; covers start_pos + len(tokens) tokens
+    logits_at: list[int]  # chunk offsets whose logits are wanted
+    packs: list[tuple[int, float]]  # (device slot, weight); empty = the base model
+
+
+@dataclass
+class PackRouting:
+    """Per-row pack weights for one step; absent (None) when no row uses a pack."""
+
+    mix: torch.Tensor  # (N, num_slots) float32: weight of slot s in row i (0 = unused)
+    row_packs: RowPacks  # the kernel's routing for the same N rows
+    active_slots: set[int]
+
+    def rows_of(self, slot: int, rows: torch.Tensor | None = None):
+        """(row indices, weights) of the rows (optionally a subset) that use `slot`."""
+        col = self.mix[:, slot] if rows is None else self.mix[rows, slot]
+        idx = col.nonzero().squeeze(1)
+        return idx, col[idx]
+
+
+@dataclass
+class StepBatch:
+    token_ids: torch.Tensor  # (N,) long: every new token of the step, row after row
+    positions: torch.Tensor  # (N,) long
+    slot_mapping: torch.Tensor  # (N,) long: KV slot each new token writes
+    seq_index: torch.Tensor  # (N,) long: which sequence of the step a token belongs to
+    query_offset: torch.Tensor  # (N,) long: index of the token within its sequence's chunk
+    query_pos: torch.Tensor  # (B, Tq) long: positions laid out padded, per sequence
+    block_tables: torch.Tensor  # (B, P) long: page ids, padded with page 0
+    context_lens: torch.Tensor  # (B,) long: cached tokens after this step
+    logits_rows: torch.Tensor  # (M,) long: rows of the N tokens whose logits are returned
+    packs: PackRouting | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.numel())
+
+
+def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -> StepBatch:
+    """Lay out a step's sequences as flat token rows plus padded attention metadata."""
+    if not chunks:
+        raise ValueError("a step needs at least one sequence.")
+    tokens, positions, slots, seq_index, offsets, logits_rows, row_packs = [], [], [], [], [], [], []
+    max_q = max(len(c.tokens) for c in chunks)
+    max_pages = max(len(c.pages) for c in chunks)
+    query_pos = torch.zeros(len(chunks), max_q, dtype=torch.long)
+    tables = torch.zeros(len(chunks), max_pages, dtype=torch.long)
+    ctx, spans = [], []  # spans: (first row, rows, packs) per sequence
+    for b, c in enumerate(chunks):
+        n = len(c.tokens)
+        end = c.start_pos + n
+        if n == 0 or len(c.pages) * page_size < end:
+            raise ValueError(f"sequence {b}: {n} tokens ending at {end} do not fit its {len(c.pages)} pages.")
+        base_row = len(tokens)
+        pos = list(range(c.start_pos, end))
+        tokens.extend(c.tokens)
+        positions.extend(pos)
+        slots.extend(c.pages[p // page_size] * page_size + p % page_size for p in pos)
+        seq_index.extend([b] * n)
+        offsets.extend(range(n))
+        logits_rows.extend(base_row + j for j in c.logits_at)
+        row_packs.extend([c.packs] * n)
+        spans.append((base_row, n, c.packs))
+        query_pos[b, :n] = torch.arange(c.start_pos, end)
+        tables[b, : len(c.pages)] = torch.tensor(c.pages, dtype=torch.long)
+        ctx.append(end)
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.long).to(device)
+
+    packs = None
+    if any(row_packs):
+        mix = torch.zeros(len(tokens), num_slots, dtype=torch.float32)
+        for first, n, packs_of_seq in spans:
+            for slot, weight in packs_of_seq:
+                mix[first : first + n, slot] += weight
+        packs = PackRouting(
+            mix=mix.to(device),
+            row_packs=RowPacks.build(row_packs, device),
+            active_slots={s for c in chunks for s, _ in c.packs},
+        )
+    return StepBatch(
+        token_ids=as_tensor(tokens), positions=as_tensor(positions), slot_mapping=as_tensor(slots),
+        seq_index=as_tensor(seq_index), query_offset=as_tensor(offsets), query_pos=query_pos.to(device),
+        block_tables=tables.to(device), context_lens=as_tensor(ctx), logits_rows=as_tensor(logits_rows),
+        packs=packs,
+    )

@@ -1,0 +1,69 @@
+"""Load a Hugging Face safetensors checkpoint folder into the runtime's Transformer.
+
+The model is built on the meta device (no memory, no init cost) and the checkpoint's
+tensors are assigned in place of its parameters, gpt-fast style. Only safetensors are
+read: a folder with only pickled `.bin` weights is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from server.model.config import ModelConfig
+from server.model.layers import Transformer
+
+MAX_INDEX_BYTES = 16 << 20
+
+
+def checkpoint_files(ckpt_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (one file, or the shards its index names)."""
+    single = ckpt_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError(f"{index} is {index.stat().st_size} bytes; expected an index under 16 MiB.")
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        paths = [ckpt_dir / s for s in shards]
+        missing = [str(p) for p in paths if not p.is_file() or p.parent != ckpt_dir]
+        if missing:
+            raise ValueError(f"{index} names shards that are not in {ckpt_dir}: {missing}.")
+        return paths
+    raise ValueError(
+        f"{ckpt_dir} holds no model.safetensors (or sharded index); the engine loads "
+        "safetensors checkpoints only, never pickled .bin files."
+    )
+
+
+def load_model(ckpt_dir: str | Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
+    """The checkpoint as a runtime Transformer on `device` in `dtype`, ready for inference."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg = ModelConfig.from_checkpoint(ckpt_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(ckpt_dir):
+        for name, tensor in load_file(path).items():
+            state[name] = tensor.to(device=device, dtype=dtype)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # tied: the output projection is the embedding
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {ckpt_dir} does not match a {cfg.architecture}: missing tensors "
+            f"{missing[:5]}, unexpected tensors {unexpected[:5]}."
+        )
+    for name, param in model.state_dict().items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(state[name].shape)}; the config "
+                f"implies {tuple(param.shape)}."
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    model.setup_rope(device)
+    return model.eval()

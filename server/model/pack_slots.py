@@ -1,0 +1,116 @@
+"""Device slots for packs: where a pack's deltas live while rows of a batch use it.
+
+`PackSlots` attaches per-slot storage to every module of the runtime a pack can change
+and copies one pack's deltas into one slot (or clears it). Pack tensor names are the
+base checkpoint's names, so each maps to one module:
+
+- `*_proj.weight`         LowRankDelta  -> that linear's LowRankSlots (quantized, as stored)
+- `*_proj.bias`           ExactDelta    -> that linear's bias table (num_slots, out)
+- `*norm.weight`          ExactDelta    -> that norm's table (num_slots, dim)
+- `model.embed_tokens.weight`, `lm_head.weight`
+                          SparseDelta (or ExactDelta) -> a sparse COO matrix per slot;
+                          with tied embeddings the embedding delta also changes the output.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.factors import LowRankDelta
+from kernels.lowrank_ops import LowRankSlots
+from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
+from skillpacks.deltas import ExactDelta, SparseDelta
+
+
+class PackSlots:
+    def __init__(self, model: Transformer, num_slots: int):
+        if num_slots < 1:
+            raise ValueError(f"num_slots={num_slots}; expected at least one pack slot.")
+        weight = model.model.embed_tokens.weight
+        self.num_slots, self.device, self.dtype = num_slots, weight.device, weight.dtype
+        self.targets: dict[str, tuple[str, torch.nn.Module]] = {}  # tensor name -> (role, module)
+        for name, module in model.named_modules():
+            if isinstance(module, DeltaLinear):
+                module.lowrank = LowRankSlots(
+                    module.in_features, module.out_features, num_slots,
+                    min(module.in_features, module.out_features), self.device, self.dtype,
+                )
+                self.targets[f"{name}.weight"] = ("lowrank", module)
+                if module.bias is not None:
+                    module.bias_delta = torch.zeros(num_slots, module.out_features, device=self.device)
+                    self.targets[f"{name}.bias"] = ("bias", module)
+            elif isinstance(module, DeltaRMSNorm):
+                module.delta = torch.zeros(num_slots, module.weight.shape[0], device=self.device)
+                self.targets[f"{name}.weight"] = ("norm", module)
+            elif isinstance(module, (DeltaEmbedding, LMHead)):
+                self.targets[f"{name}.weight"] = ("sparse", module)
+
+    def check(self, deltas: dict) -> None:
+        """Raise ValueError naming the first delta this runtime cannot apply."""
+        for name, delta in deltas.items():
+            if name not in self.targets:
+                raise ValueError(f"the pack changes tensor '{name}', which this base model does not have.")
+            role, module = self.targets[name]
+            want = {"lowrank": (LowRankDelta,), "bias": (ExactDelta,), "norm": (ExactDelta,),
+                    "sparse": (SparseDelta, ExactDelta)}[role]
+            if not isinstance(delta, want):
+                raise ValueError(
+                    f"the pack stores '{name}' as {type(delta).__name__}; the engine applies it only as "
+                    f"{' or '.join(c.__name__ for c in want)}."
+                )
+            if role == "lowrank":
+                have = (delta.out_features, delta.in_features)
+                expected = (module.out_features, module.in_features)
+            elif role == "sparse" and isinstance(delta, SparseDelta):
+                have, expected = tuple(delta.shape), tuple(module.weight.shape)
+            else:
+                have, expected = tuple(delta.delta.shape), tuple(getattr(module, "bias" if role == "bias" else "weight").shape)
+            if have != expected:
+                raise ValueError(f"the pack's delta for '{name}' has shape {have}; the base tensor has {expected}.")
+
+    def load(self, slot: int, deltas: dict) -> None:
+        """Copy a pack's deltas into `slot`, replacing whatever it held (checked first)."""
+        self._check_slot(slot)
+        self.check(deltas)
+        self.clear(slot)
+        for name, delta in deltas.items():
+            role, module = self.targets[name]
+            if role == "lowrank":
+                module.lowrank.load(slot, delta)
+                module.lowrank_loaded.add(slot)
+            elif role == "bias":
+                module.bias_delta[slot] = delta.delta.to(self.device, torch.float32)
+                module.bias_loaded.add(slot)
+            elif role == "norm":
+                module.delta[slot] = delta.delta.to(self.device, torch.float32)
+                module.loaded.add(slot)
+            else:
+                module.sparse[slot] = self._sparse_matrix(delta)
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for role, module in self.targets.values():
+            if role == "lowrank":
+                module.lowrank.clear(slot)
+                module.lowrank_loaded.discard(slot)
+            elif role == "bias":
+                module.bias_delta[slot] = 0
+                module.bias_loaded.discard(slot)
+            elif role == "norm":
+                module.delta[slot] = 0
+                module.loaded.discard(slot)
+            else:
+                module.sparse.pop(slot, None)
+
+    def _sparse_matrix(self, delta: SparseDelta | ExactDelta) -> torch.Tensor:
+        """A coalesced COO (rows, cols) matrix in the model's dtype on the device."""
+        if isinstance(delta, ExactDelta):
+            return delta.delta.to(self.device, self.dtype).to_sparse_coo().coalesce()
+        rows, cols = delta.shape
+        flat = delta.indices.long()
+        index = torch.stack([flat // cols, flat % cols])
+        values = delta.values.to(self.dtype)
+        return torch.sparse_coo_tensor(index, values, (rows, cols)).coalesce().to(self.device)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot={slot} is out of range; expected 0..{self.num_slots - 1}.")
