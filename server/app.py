@@ -1,0 +1,167 @@
+"""The FastAPI application: builds the engine and pack store in lifespan and assembles the routers."""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.auth import require_admin, require_api_key
+from server.engine.types import EngineProtocol
+from server.errors import error_response, install_error_handlers
+from server.metrics import Metrics
+from server.pack_store import PackStore
+from server.routers import admin, chat, completions, health, models
+from server.settings import Settings, get_settings
+
+log = logging.getLogger("skillpack.server")
+
+EngineFactory = Callable[[Settings], EngineProtocol]
+UPLOAD_ROUTE = "/admin/skillpacks"
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload's file bytes
+
+
+def base_dir(settings: Settings) -> Path:
+    if settings.base is not None:
+        return settings.base
+    from skillpacks.default_base import default_base_dir
+
+    return default_base_dir()
+
+
+def default_engine(settings: Settings) -> EngineProtocol:
+    from server.engine import build_engine
+
+    return build_engine(settings, base_dir(settings))
+
+
+def served_base_fingerprint(settings: Settings, engine: EngineProtocol) -> Any:
+    """The served base's fingerprint, which every pack must match (the engine's, if it has one)."""
+    known = getattr(engine, "base_fingerprint", None)
+    if known is not None:
+        return known
+    from skillpacks.checkpoint import open_checkpoint
+    from skillpacks.fingerprint import base_fingerprint
+
+    return base_fingerprint(open_checkpoint(base_dir(settings)))
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    settings: Settings = app.state.settings
+    engine = app.state.engine_factory(settings)
+    start = getattr(engine, "start", None)
+    if start is not None:
+        result = start()
+        if inspect.isawaitable(result):
+            await result
+    store = PackStore(settings.packs, engine.pack_cache, served_base_fingerprint(settings, engine),
+                      settings.max_upload_bytes)
+    store.register_all()
+    app.state.engine, app.state.pack_store = engine, store
+    log.info("serving %s with %d pack(s)", engine.model_id, len(engine.pack_cache.status()))
+    try:
+        yield
+    finally:
+        app.state.engine = app.state.pack_store = None
+        stop = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
+        if stop is not None:
+            result = stop()
+            if inspect.isawaitable(result):
+                await result
+
+
+class BodyLimit:
+    """Refuses bodies over the limit with 413 while they stream (Content-Length first, then counted).
+
+    Uploads get their own, larger limit; everything else gets `max_body_bytes`.
+    """
+
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    def _limit(self, scope) -> int:
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_ROUTE:
+            return self.settings.max_upload_bytes + MULTIPART_OVERHEAD
+        return self.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self._limit(scope)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(413, _too_large(limit), code="body_too_large")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # the app's error handler turns this into the 413 envelope
+                    raise StarletteHTTPException(413, _too_large(limit))
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes."
+
+
+class RequestMetrics:
+    """Counts every response by route template (not raw path: bounded label values) and status."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def tracked_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """The app. Tests pass their own settings (and, for HTTP-only checks, an engine factory)."""
+    settings = settings or get_settings()
+    settings.check_admin_auth()
+    app = FastAPI(title="SkillPack Server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine_factory = engine_factory or default_engine
+    app.state.engine = app.state.pack_store = None
+    app.state.started = int(time.time())
+    app.state.metrics = Metrics(lambda: app.state.engine)
+    install_error_handlers(app)
+
+    inference = [Depends(require_api_key)]
+    app.include_router(completions.router, dependencies=inference)
+    app.include_router(chat.router, dependencies=inference)
+    app.include_router(models.router, dependencies=inference)
+    app.include_router(admin.router, dependencies=[Depends(require_admin)])
+    app.include_router(health.router)
+
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+    return app

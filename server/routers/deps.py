@@ -1,0 +1,32 @@
+"""Dependencies the routes take: the app's settings, engine, pack store and metrics (built in lifespan)."""
+from __future__ import annotations
+
+from fastapi import Request
+
+from server.engine.types import EngineProtocol
+from server.errors import APIError
+from server.metrics import Metrics
+from server.pack_store import PackStore
+from server.settings import Settings
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> EngineProtocol:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise APIError(503, "The model is still loading; retry in a moment.", code="not_ready")
+    return engine
+
+
+def get_pack_store(request: Request) -> PackStore:
+    store = getattr(request.app.state, "pack_store", None)
+    if store is None:
+        raise APIError(503, "The pack store is not ready yet; retry in a moment.", code="not_ready")
+    return store
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics

@@ -1,0 +1,172 @@
+"""Running one request on the engine: pack resolution, length checks, and the event loop
+that turns token events into text pieces (stop strings cut here, then the engine is aborted)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from server.engine.types import EngineProtocol, GenerationRequest, SamplingParams, TokenEvent
+from server.errors import APIError, model_not_found
+from server.metrics import Metrics
+from server.routers.text import Detokenizer, StopMatcher
+from server.schemas.common import SkillpackRef
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | None) -> list[tuple[str, float]]:
+    """`model` (the base id or a pack name) and the optional `skillpacks` mix -> (name, weight) pairs."""
+    known = {s.name for s in engine.pack_cache.status()}
+    if mix is not None:
+        if model != engine.model_id:
+            raise APIError(400, f"`skillpacks` mixes packs on the base model: set `model` to "
+                                f"`{engine.model_id}`, not `{model}`.", param="model")
+        for i, ref in enumerate(mix):
+            if ref.name not in known:
+                raise APIError(404, f"The pack `{ref.name}` does not exist.", param=f"skillpacks.{i}.name",
+                               code="model_not_found")
+        return [(ref.name, ref.weight) for ref in mix]
+    if model == engine.model_id:
+        return []
+    if model in known:
+        return [(model, 1.0)]
+    raise model_not_found(model)
+
+
+def check_prompt(engine: EngineProtocol, prompt_ids: list[int], param: str) -> None:
+    vocab = len(engine.tokenizer)
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"Token id {bad} in the prompt is outside the vocabulary [0, {vocab}).", param=param)
+    if len(prompt_ids) > engine.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
+                            f"the prompt has {len(prompt_ids)}.", param=param, code="context_length_exceeded")
+
+
+def token_budget(engine: EngineProtocol, prompt_len: int, asked: int | None, param: str) -> int:
+    """`max_tokens` checked against the context left after the prompt (None = all of it)."""
+    room = engine.max_model_len - prompt_len
+    if asked is None:
+        return max(room, 0)
+    if asked > room:
+        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
+                            f"the prompt has {prompt_len} and `{param}` asks for {asked} more.",
+                       param=param, code="context_length_exceeded")
+    return asked
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+@dataclass
+class Piece:
+    """Text ready to send, the generated tokens that produced it, and the finish reason on the last."""
+
+    text: str
+    tokens: list[TokenEvent] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Generation:
+    """One engine request, from the first event (errors surface before any response is sent)
+    to the last piece; leaving early (stop string, client gone) aborts it in the engine."""
+
+    def __init__(self, engine: EngineProtocol, request: GenerationRequest, stops: list[str],
+                 metrics: Metrics, route: str):
+        self.engine, self.request, self.metrics, self.route = engine, request, metrics, route
+        self.detok = Detokenizer(engine.tokenizer)
+        self.stops = StopMatcher(stops)
+        self.prompt_events: list[TokenEvent] = []
+        self.generated = 0
+        self._events: AsyncIterator[TokenEvent] | None = None
+        self._first: TokenEvent | None = None
+        self._t0 = time.perf_counter()
+        self._closed = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    async def start(self) -> Generation:
+        sampling = self.request.sampling
+        if sampling.max_tokens == 0 and not sampling.prompt_logprobs:
+            return self  # nothing for the engine to do
+        self._events = self.engine.generate(self.request)
+        try:
+            self._first = await anext(self._events, None)
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        pending: list[TokenEvent] = []
+        try:
+            event = self._first
+            while event is not None:
+                if event.is_prompt:
+                    self.prompt_events.append(event)
+                else:
+                    if self.generated == 0:
+                        self.metrics.ttft.labels(self.route).observe(time.perf_counter() - self._t0)
+                    self.generated += 1
+                    pending.append(event)
+                    text, stopped = self.stops.feed(self.detok.push(event.token_id))
+                    if stopped:
+                        yield Piece(text, pending, "stop")
+                        return
+                    if event.finish_reason is not None:
+                        yield self._last_piece(pending, event.finish_reason)
+                        return
+                    if text:
+                        yield Piece(text, pending)
+                        pending = []
+                event = await anext(self._events, None)
+            yield self._last_piece(pending, None)
+        finally:
+            await self.close()
+
+    def _last_piece(self, pending: list[TokenEvent], reason: str | None) -> Piece:
+        text, stopped = self.stops.feed(self.detok.flush())
+        if stopped:
+            return Piece(text, pending, "stop")
+        if reason is None:  # the engine ended without saying why: it ran out of budget
+            reason = "length" if self.generated >= self.request.sampling.max_tokens else "stop"
+        return Piece(text + self.stops.flush(), pending, reason)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._events is not None:
+            # shielded: a client that disconnected cancels us, the engine must still hear the abort
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+        self.metrics.prompt_tokens.inc(self.prompt_tokens)
+        self.metrics.generation_tokens.inc(self.generated)
+        self.metrics.e2e_latency.labels(self.route).observe(time.perf_counter() - self._t0)
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.generated,
+                "total_tokens": self.prompt_tokens + self.generated}
+
+
+def make_request(prompt_ids: list[int], packs: list[tuple[str, float]], sampling: SamplingParams,
+                 prefix: str) -> GenerationRequest:
+    return GenerationRequest(request_id=new_id(prefix), prompt_ids=prompt_ids, packs=packs, sampling=sampling)
+
+
+def sse(payload: dict | str) -> str:
+    """One server-sent event (`data: ...` and a blank line)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n"

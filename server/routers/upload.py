@@ -1,0 +1,93 @@
+"""Streaming a multipart upload straight into the pack store's staging file, never into memory."""
+from __future__ import annotations
+
+from fastapi import Request
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.errors import APIError
+from server.pack_store import Staging
+
+FILE_FIELD = "file"
+MAX_FIELD_BYTES = 1024  # small form fields (the pack name); the file part goes to disk
+MAX_PARTS = 8
+
+
+class _Parts:
+    """The parser's callbacks: the `file` part is written to staging, other fields kept (bounded)."""
+
+    def __init__(self, staging: Staging):
+        self.staging = staging
+        self.fields: dict[str, str] = {}
+        self.saw_file = False
+        self.ended = False
+        self.parts = 0
+        self._header_name = b""
+        self._header_value = b""
+        self._disposition = b""
+        self._field: str | None = None
+        self._buffer = bytearray()
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise APIError(400, f"The upload has more than {MAX_PARTS} form parts; send `file` and optionally `name`.")
+        self._disposition, self._field = b"", None
+        self._buffer.clear()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.strip().lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name, self._header_value = b"", b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        self._field = options.get(b"name", b"").decode("utf-8", "replace")
+        if self._field == FILE_FIELD:
+            if self.saw_file:
+                raise APIError(400, "The upload has two `file` parts; send one pack per request.", param=FILE_FIELD)
+            self.saw_file = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._field == FILE_FIELD:
+            self.staging.write(data[start:end])
+            return
+        self._buffer += data[start:end]
+        if len(self._buffer) > MAX_FIELD_BYTES:
+            raise APIError(400, f"The form field `{self._field}` is longer than {MAX_FIELD_BYTES} bytes.",
+                           param=self._field)
+
+    def on_part_end(self) -> None:
+        if self._field and self._field != FILE_FIELD:
+            self.fields[self._field] = self._buffer.decode("utf-8", "replace")
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def receive_pack_upload(request: Request, staging: Staging) -> dict[str, str]:
+    """Parse the multipart body as it arrives; returns the small form fields (e.g. `name`)."""
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise APIError(415, "Upload a pack as multipart/form-data with the file in a field named `file`.",
+                       param=FILE_FIELD)
+    parts = _Parts(staging)
+    parser = MultipartParser(boundary, {
+        name: getattr(parts, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
+            "on_headers_finished", "on_part_data", "on_part_end", "on_end")
+    })
+    async for chunk in request.stream():
+        parser.write(chunk)
+    parser.finalize()
+    if not parts.ended:
+        raise APIError(400, "The multipart body ended before its closing boundary.", param=FILE_FIELD)
+    if not parts.saw_file:
+        raise APIError(400, "The upload has no `file` part; send the pack in a field named `file`.", param=FILE_FIELD)
+    return parts.fields
