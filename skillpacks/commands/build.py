@@ -1,0 +1,46 @@
+"""`skillpack build`: compress tuned − base into a .skillpack file (skillpacks/build.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number; expected a fraction such as 0.0625.")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"budget {value} is out of range; expected a fraction in (0, 1].")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from skillpacks.build import DEFAULT_BUDGET, PRESETS
+
+    parser.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
+    parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint folder with the base's tensors")
+    parser.add_argument("--out", required=True, help="pack file to write, e.g. math.skillpack")
+    parser.add_argument("--name", help="pack name (default: the output file's name without extension)")
+    parser.add_argument("--description", default="", help="one line saying what the skill does")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=_fraction, default=DEFAULT_BUDGET,
+                      help="file size as a fraction of the fp16 delta, header included (default 1/16)")
+    size.add_argument("--preset", choices=sorted(PRESETS), help="a fixed per-module recipe instead of a budget")
+    parser.add_argument("--calib", help="calibration text (one per line, or .jsonl with \"text\") for GPTQ")
+    parser.add_argument("--report", help="write the build report (sizes, errors per module) to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from skillpacks.build import build_pack
+
+    try:
+        manifest = build_pack(args.base, args.tuned, args.out, name=args.name, description=args.description,
+                              budget=args.budget, preset=args.preset, calib=args.calib, report=args.report,
+                              progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as e:  # BuildError, CheckpointError, PackError, bad calib file
+        print(f"skillpack build: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: pack '{manifest['name']}', {len(manifest['modules'])} modules")
+    return 0
