@@ -1,0 +1,63 @@
+"""The official `openai` client, unchanged, against a real uvicorn on 127.0.0.1 with the real engine."""
+import openai
+import pytest
+
+from tests.server.test_api_common import live_server, llama, packs_dir, settings_for  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def api(llama, packs_dir):
+    with live_server(settings_for(llama, packs_dir, api_key="client-key-1234")) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="client-key-1234", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def base_id(api):
+    return next(m.id for m in api.models.list().data if getattr(m, "parent", None) is None)
+
+
+def test_models(api, base_id):
+    models = {m.id: m for m in api.models.list().data}
+    assert set(models) == {base_id, "skill", "skill2x"}
+    assert api.models.retrieve("skill").parent == base_id
+    with pytest.raises(openai.NotFoundError):
+        api.models.retrieve("ghost")
+
+
+def test_completions(api, base_id):
+    out = api.completions.create(model="skill", prompt="3 plus 4 is", max_tokens=5, temperature=0, logprobs=2)
+    assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 5
+    assert "".join(out.choices[0].logprobs.tokens) == out.choices[0].text
+
+
+def test_chat_and_streaming(api, base_id):
+    messages = [{"role": "user", "content": "3 plus 4 is"}]
+    whole = api.chat.completions.create(model=base_id, messages=messages, max_tokens=6, temperature=0)
+    chunks = list(api.chat.completions.create(model=base_id, messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_streaming_completions(api, base_id):
+    chunks = list(api.completions.create(model=base_id, prompt="def f(x):", max_tokens=4, temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_pack_mix_through_extra_body(api, base_id):
+    out = api.chat.completions.create(model=base_id, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                      extra_body={"skillpacks": [{"name": "skill", "weight": 0.5},
+                                                                 {"name": "skill2x", "weight": 0.25}]})
+    assert out.choices[0].message.role == "assistant"
+
+
+def test_errors_map_to_the_client_exceptions(api, base_id):
+    with pytest.raises(openai.NotFoundError, match="ghost"):
+        api.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(model=base_id, messages=[{"role": "user", "content": "hi"}], n=2)
+    assert info.value.param == "n"
+    bad = openai.OpenAI(base_url=api.base_url, api_key="wrong-key-000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
