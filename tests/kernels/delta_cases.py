@@ -12,13 +12,14 @@ TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (3e-2, 2e-2)}
 
 
 def make_delta(in_f: int, out_f: int, tiers: list[tuple[int, int]], group_size: int = 32,
-               seed: int = 0) -> LowRankDelta:
-    """A delta whose tier k holds tiers[k] = (rank, bits) random singular vectors."""
+               seed: int = 0, device="cpu") -> LowRankDelta:
+    """A delta whose tier k holds tiers[k] = (rank, bits) random singular vectors, quantized on `device`."""
     g = torch.Generator().manual_seed(seed)
     rank = sum(r for r, _ in tiers)
     a = torch.randn(rank, in_f, generator=g) / in_f**0.5
     bt = torch.randn(rank, out_f, generator=g) / rank**0.5
-    s = torch.linspace(2.0, 0.5, rank)
+    a, bt = a.to(device), bt.to(device)
+    s = torch.linspace(2.0, 0.5, rank, device=device)
     a_tiers, bt_tiers, start = [], [], 0
     for r, bits in tiers:
         a_tiers.append(quantize_groupwise(a[start : start + r], bits, group_size))
@@ -39,13 +40,18 @@ def load_slots(deltas: list[LowRankDelta], dtype=torch.float32, device="cpu", ma
 
 def dense_reference(y: torch.Tensor, x: torch.Tensor, deltas: list[LowRankDelta],
                     row_packs: list[list[tuple[int, float]]]) -> torch.Tensor:
-    """float64 y + Σ w · x @ (B diag(s) A)ᵀ, row by row, from the dense ΔW of each delta."""
-    dense = [d.dense(torch.float64) for d in deltas]  # (out, in) each
-    ref = y.double().cpu().clone()
-    xd = x.double().cpu()
-    for i, packs in enumerate(row_packs):
-        for slot, w in packs:
-            ref[i] += w * (dense[slot] @ xd[i])
+    """float64 y + Σ w · x @ (B diag(s) A)ᵀ from each delta's dense ΔW, on y's device."""
+    ref = y.double().clone()
+    xd = x.double()
+    for slot, d in enumerate(deltas):
+        rows = [i for i, packs in enumerate(row_packs) for p, _ in packs if p == slot]
+        if not rows:
+            continue
+        w = torch.tensor([w for packs in row_packs for p, w in packs if p == slot], dtype=torch.float64,
+                         device=y.device)
+        idx = torch.tensor(rows, device=y.device)
+        dense = d.dense(torch.float64).to(y.device)  # (out, in)
+        ref.index_add_(0, idx, (xd[idx] @ dense.T) * w[:, None])
     return ref
 
 
