@@ -1,0 +1,223 @@
+"""Benchmark: many-pack low-rank delta kernels against the base GEMM and dequantize-then-matmul.
+
+On a GPU: Llama-3-8B layer shapes, batch 1/16/64/256, 1/8/64 distinct packs (ranks 16-64,
+mixed 8/4/2-bit tiers), bf16 activations. Per case it times, side by side in one run,
+(base) the dense base GEMM alone, (kernels) `add_lowrank` on Triton, eager and replayed
+from a CUDA graph (launch cost removed), and (deq) dequantize each used slot then torch
+matmuls; it reports the kernels' achieved GB/s for the bytes they must read against the
+device's copy bandwidth measured in the same run. On CPU it runs the torch twin on small
+shapes and says the GPU figures are missing.
+
+    python bench/kernels.py [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.factors import LowRankDelta  # noqa: E402
+from kernels.lowrank_ops import LowRankSlots, add_lowrank  # noqa: E402
+from kernels.quant import quantize_groupwise  # noqa: E402
+from kernels.routing import RowPacks  # noqa: E402
+
+GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+GPU_BATCHES = [1, 16, 64, 256]
+PACK_COUNTS = [1, 8, 64]
+CPU_SHAPES = [(576, 576), (576, 1536)]
+CPU_BATCHES = [1, 16]
+GROUP_SIZE = 128
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def tiers_for(i: int) -> list[tuple[int, int]]:
+    """Pack i's (rank, bits) tiers: ranks 16, 32, 48, 64 in turn, a quarter 8-bit, a quarter 4-bit, half 2-bit."""
+    r = 16 * (1 + i % 4)
+    return [(r // 4, 8), (r // 4, 4), (r // 2, 2)]
+
+
+def random_delta(in_f: int, out_f: int, i: int, device) -> LowRankDelta:
+    g = torch.Generator(device=device).manual_seed(i)
+    tiers = tiers_for(i)
+    rank = sum(r for r, _ in tiers)
+    a = torch.randn(rank, in_f, device=device, generator=g) / in_f**0.5
+    bt = torch.randn(rank, out_f, device=device, generator=g) / rank**0.5
+    a_t, b_t, start = [], [], 0
+    for r, bits in tiers:
+        a_t.append(quantize_groupwise(a[start : start + r], bits, GROUP_SIZE))
+        b_t.append(quantize_groupwise(bt[start : start + r], bits, GROUP_SIZE))
+        start += r
+    return LowRankDelta(a_t, b_t, torch.linspace(2.0, 0.5, rank, device=device), in_f, out_f)
+
+
+def packed_bytes(d: LowRankDelta) -> int:
+    """Bytes of codes + scales + zeros a kernel reads for one pack (what must come from memory)."""
+    return sum(t.nbytes for t in d.a_tiers + d.bt_tiers)
+
+
+def measure_copy_bandwidth(device) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (read + write counted)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    del src, dst
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+def graph_timer(fn, device):
+    """Milliseconds per call of `fn` replayed from a CUDA graph (GPU time without launch cost)."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=5, rep=30)
+
+
+def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
+    """Baseline (deq): dequantize each used slot's factors, then two torch matmuls per slot."""
+    for slot, start, count in zip(routing.seg_slot, routing.seg_start, routing.seg_count):
+        a, s, b = slots.factors(slot)
+        rows = routing.pair_row[start : start + count].long()
+        w = routing.pair_weight[start : start + count]
+        t = (x.index_select(0, rows) @ a.T.to(x.dtype)).float() * s
+        y.index_add_(0, rows, ((t.to(x.dtype) @ b.T.to(x.dtype)) * w[:, None].to(x.dtype)))
+
+
+def gpu_cases(quick: bool) -> dict:
+    from triton.testing import do_bench
+
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    copy_gbs = measure_copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name(device)}: measured copy bandwidth {copy_gbs:.0f} GB/s")
+    rows_out = []
+    shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
+    header = (f"{'in x out':>12} {'batch':>5} {'packs':>5} {'shape':>7} {'base us':>8} {'kern us':>8} "
+              f"{'graph us':>8} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5}")
+    print(header)
+    for in_f, out_f in shapes:
+        num_slots = max(PACK_COUNTS)
+        deltas = [random_delta(in_f, out_f, i, device) for i in range(num_slots)]
+        slots = LowRankSlots(in_f, out_f, num_slots, 64, device, dtype)
+        for i, d in enumerate(deltas):
+            slots.load(i, d)
+        w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+        for batch in GPU_BATCHES:
+            x = torch.randn(batch, in_f, device=device, dtype=dtype)
+            y = torch.empty(batch, out_f, device=device, dtype=dtype)
+            base_ms = do_bench(lambda: torch.matmul(x, w.T, out=y), warmup=10, rep=50)
+            for packs in PACK_COUNTS:
+                routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], device)
+                used = sorted(routing.slots_used)
+                must_read = sum(packed_bytes(deltas[s]) for s in used) + x.numel() * 2 + 2 * y.numel() * 2
+                kern_ms = do_bench(lambda: add_lowrank(y, x, slots, routing), warmup=10, rep=50)
+                graph_ms = graph_timer(lambda: add_lowrank(y, x, slots, routing), device)
+                deq_ms = do_bench(lambda: dequant_then_matmul(y, x, slots, routing), warmup=3, rep=20)
+                per_slot = routing.num_pairs / len(used)
+                shape = "segment" if per_slot >= 16 else "decode"
+                gbs = must_read / (graph_ms * 1e-3) / 1e9
+                row = {
+                    "in": in_f, "out": out_f, "batch": batch, "packs": len(used), "shape": shape,
+                    "base_us": base_ms * 1e3, "kernels_us": kern_ms * 1e3, "kernels_graph_us": graph_ms * 1e3,
+                    "deq_matmul_us": deq_ms * 1e3, "overhead_pct": 100 * graph_ms / base_ms,
+                    "overhead_eager_pct": 100 * kern_ms / base_ms, "bytes_read": must_read,
+                    "achieved_gbs": gbs, "pct_of_copy_bw": 100 * gbs / copy_gbs,
+                }
+                rows_out.append(row)
+                print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(used):>5} {shape:>7} {row['base_us']:>8.1f} "
+                      f"{row['kernels_us']:>8.1f} {row['kernels_graph_us']:>8.1f} {row['deq_matmul_us']:>8.1f} "
+                      f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f}")
+        del slots, deltas, w
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16", "copy_bandwidth_gbs": copy_gbs,
+            "torch": torch.__version__, "triton": _triton_version(), "cases": rows_out,
+            "notes": "overhead_pct = kernels (CUDA graph) / base GEMM x 100; eager adds Python launch cost"}
+
+
+def cpu_cases() -> dict:
+    dtype = torch.float32
+    rows_out = []
+    print(f"{'in x out':>12} {'batch':>5} {'packs':>5} {'base us':>9} {'twin us':>9}")
+    for in_f, out_f in CPU_SHAPES:
+        deltas = [random_delta(in_f, out_f, i, "cpu") for i in range(8)]
+        slots = LowRankSlots(in_f, out_f, 8, 64, "cpu", dtype)
+        for i, d in enumerate(deltas):
+            slots.load(i, d)
+        w = torch.randn(out_f, in_f) / in_f**0.5
+        for batch in CPU_BATCHES:
+            x = torch.randn(batch, in_f)
+            y = torch.empty(batch, out_f)
+            base_us = _cpu_time(lambda: torch.matmul(x, w.T, out=y))
+            for packs in (1, 8):
+                routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], "cpu")
+                twin_us = _cpu_time(lambda: add_lowrank(y, x, slots, routing))
+                rows_out.append({"in": in_f, "out": out_f, "batch": batch, "packs": len(routing.slots_used),
+                                 "base_us": base_us, "twin_us": twin_us})
+                print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(routing.slots_used):>5} {base_us:>9.1f} {twin_us:>9.1f}")
+    print("GPU figures are missing: no CUDA device here (run bench/gpu_check.sh on a GPU machine).")
+    return {"device": platform.processor() or platform.machine(), "dtype": "float32", "cases": rows_out,
+            "notes": "CPU: torch twin only; GPU figures missing"}
+
+
+def _cpu_time(fn, reps: int = 50) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def write_json(result: dict, out_dir: Path | None) -> Path:
+    """Write bench/results/kernels-<device>.json atomically, and a copy into out_dir if given."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
+    result = {**result, "machine": platform.node(), "cpu_count": os.cpu_count(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    text = json.dumps(result, indent=2)
+    paths = [RESULTS / f"kernels-{name}.json"] + ([out_dir / f"kernels-{name}.json"] if out_dir else [])
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(f.name, path)
+        print(f"wrote {path}")
+    return paths[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="also copy the JSON into this folder")
+    ap.add_argument("--quick", action="store_true", help="GPU: only the 4096x4096 shape")
+    args = ap.parse_args()
+    result = gpu_cases(args.quick) if torch.cuda.is_available() else cpu_cases()
+    write_json(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
