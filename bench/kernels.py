@@ -104,6 +104,8 @@ def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
 def gpu_cases(quick: bool) -> dict:
     from triton.testing import do_bench
 
+    from kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
+
     device = torch.device("cuda")
     dtype = torch.bfloat16
     copy_gbs = measure_copy_bandwidth(device)
@@ -111,7 +113,7 @@ def gpu_cases(quick: bool) -> dict:
     rows_out = []
     shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
     header = (f"{'in x out':>12} {'batch':>5} {'packs':>5} {'shape':>7} {'base us':>8} {'kern us':>8} "
-              f"{'graph us':>8} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5}")
+              f"{'graph us':>8} {'dec us':>7} {'seg us':>7} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5}")
     print(header)
     for in_f, out_f in shapes:
         num_slots = max(PACK_COUNTS)
@@ -125,25 +127,31 @@ def gpu_cases(quick: bool) -> dict:
             y = torch.empty(batch, out_f, device=device, dtype=dtype)
             base_ms = do_bench(lambda: torch.matmul(x, w.T, out=y), warmup=10, rep=50)
             for packs in PACK_COUNTS:
+                if packs > batch and packs != PACK_COUNTS[0]:
+                    continue  # fewer rows than packs: the same case as packs == batch
                 routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], device)
                 used = sorted(routing.slots_used)
                 must_read = sum(packed_bytes(deltas[s]) for s in used) + x.numel() * 2 + 2 * y.numel() * 2
                 kern_ms = do_bench(lambda: add_lowrank(y, x, slots, routing), warmup=10, rep=50)
                 graph_ms = graph_timer(lambda: add_lowrank(y, x, slots, routing), device)
+                forced = {s: graph_timer(lambda: add_lowrank(y, x, slots, routing, shape=s), device)
+                          for s in ("decode", "segment")}
                 deq_ms = do_bench(lambda: dequant_then_matmul(y, x, slots, routing), warmup=3, rep=20)
                 per_slot = routing.num_pairs / len(used)
-                shape = "segment" if per_slot >= 16 else "decode"
+                shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
                 gbs = must_read / (graph_ms * 1e-3) / 1e9
                 row = {
                     "in": in_f, "out": out_f, "batch": batch, "packs": len(used), "shape": shape,
                     "base_us": base_ms * 1e3, "kernels_us": kern_ms * 1e3, "kernels_graph_us": graph_ms * 1e3,
+                    "graph_decode_us": forced["decode"] * 1e3, "graph_segment_us": forced["segment"] * 1e3,
                     "deq_matmul_us": deq_ms * 1e3, "overhead_pct": 100 * graph_ms / base_ms,
                     "overhead_eager_pct": 100 * kern_ms / base_ms, "bytes_read": must_read,
                     "achieved_gbs": gbs, "pct_of_copy_bw": 100 * gbs / copy_gbs,
                 }
                 rows_out.append(row)
                 print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(used):>5} {shape:>7} {row['base_us']:>8.1f} "
-                      f"{row['kernels_us']:>8.1f} {row['kernels_graph_us']:>8.1f} {row['deq_matmul_us']:>8.1f} "
+                      f"{row['kernels_us']:>8.1f} {row['kernels_graph_us']:>8.1f} "
+                      f"{row['graph_decode_us']:>7.1f} {row['graph_segment_us']:>7.1f} {row['deq_matmul_us']:>8.1f} "
                       f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f}")
         del slots, deltas, w
         torch.cuda.empty_cache()

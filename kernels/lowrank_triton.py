@@ -9,8 +9,8 @@ import triton
 from kernels.lowrank_expand import expand_decode, expand_segment
 from kernels.lowrank_shrink import shrink_decode, shrink_segment
 
-# the segment shape pays off once a slot's rows fill a tl.dot tile; below that, gather by row
-SEGMENT_MIN_ROWS_PER_SLOT = 16
+# the segment shape pays off once a few rows share each slot's dequantized tiles (bench/kernels.py)
+SEGMENT_MIN_ROWS_PER_SLOT = 4
 LOWP = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -26,8 +26,8 @@ def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, routing, shape: 
     if x.stride(1) != 1:
         x = x.contiguous()
     assert y.stride(1) == 1, "y must have contiguous rows: the kernels add into it in place"
+    per_slot = routing.num_pairs / max(1, len(routing.seg_slot))
     if shape == "auto":
-        per_slot = routing.num_pairs / max(1, len(routing.seg_slot))
         shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
     in_f, out_f = slots.in_features, slots.out_features
     interp = interpreting()
@@ -44,7 +44,7 @@ def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, routing, shape: 
         expand_decode(y, t, slots, routing, block_r, block_n)
     elif shape == "segment":
         block_r = max(16, block_r)
-        block_m = 16 if interp else 64
+        block_m = 16 if interp or per_slot < 32 else 64
         block_k = max(16, min(256, _pow2(in_f))) if interp else 64
         tiles = routing.tiles(block_m).start.numel()
         splits = splits or _pick_splits(tiles * triton.cdiv(slots.max_rank, block_r), in_f, block_k, x.device, interp)
@@ -61,7 +61,10 @@ def _pick_splits(blocks: int, in_features: int, block_k: int, device: torch.devi
     if interp or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(in_features, block_k), (2 * sms) // max(1, blocks)))
+    splits = max(1, min(triton.cdiv(in_features, block_k), (2 * sms) // max(1, blocks)))
+    # whole K blocks per split can leave the last splits empty: drop those
+    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+    return triton.cdiv(in_features, k_per_split)
 
 
 def _pow2(n: int) -> int:
