@@ -10,7 +10,7 @@ from kernels.lowrank_expand import expand_decode, expand_segment
 from kernels.lowrank_shrink import shrink_decode, shrink_segment
 
 # the segment shape pays off once a few rows share each slot's dequantized tiles (bench/kernels.py)
-SEGMENT_MIN_ROWS_PER_SLOT = 4
+SEGMENT_MIN_ROWS_PER_SLOT = 2
 LOWP = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
