@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # top-k alternatives per generated token (0 = only the chosen one)
     prompt_logprobs: bool = False  # also return each prompt token's logprob (completions `echo`)
+    ignore_eos: bool = False  # keep going past the model's end-of-sequence ids (stop_token_ids still stop)
 
 
 @dataclass
@@ -46,10 +47,11 @@ class TokenEvent:
 class EngineError(Exception):
     """A request the engine refuses; `status` is the HTTP status the API layer returns."""
 
-    def __init__(self, message: str, status: int = 400, code: str | None = None):
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.param = param  # the request field at fault, when there is one
 
 
 @dataclass
