@@ -1,4 +1,4 @@
-"""Lazy, bounded reading of safetensors files and Hugging Face checkpoint folders.
+"""Lazy, bounded reading and streaming writing of safetensors files and checkpoints.
 
 `read_header` parses a safetensors header by itself, with hard size limits and full
 offset checks, before any file is handed to the safetensors library (which trusts the
@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,66 @@ def iter_raw_bytes(header: SafetensorsHeader, name: str, chunk: int = READ_CHUNK
                 raise CheckpointError(f"{header.path}: file shrank while reading tensor '{name}'.")
             left -= len(block)
             yield block
+
+
+def layout_order(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:
+    """Storage order: largest element size first, then by name, so every tensor starts
+    aligned to its element size (the data section itself starts 8-byte aligned)."""
+    return sorted(specs, key=lambda n: (-DTYPES[TORCH_TO_ST[specs[n][0]]][1], n))
+
+
+def tensor_bytes(t: torch.Tensor):
+    """A zero-copy little-endian byte view of a tensor (x86/ARM hosts are little-endian)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file + fsync + rename), streaming.
+
+    `specs` gives each tensor's dtype and shape up front (the header comes first);
+    `tensor_for(name)` is then called once per tensor in `layout_order`, so only one
+    tensor needs to exist at a time.
+    """
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    order = layout_order(specs)
+    for name in order:
+        dtype, shape = specs[name]
+        n = math.prod(shape) * DTYPES[TORCH_TO_ST[dtype]][1]
+        header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(len(header_bytes).to_bytes(8, "little"))
+            f.write(header_bytes)
+            for name in order:
+                t = tensor_for(name)
+                if (t.dtype, tuple(t.shape)) != (specs[name][0], tuple(specs[name][1])):
+                    raise CheckpointError(f"tensor '{name}' came out as {t.dtype} {list(t.shape)}; the header "
+                                          f"already says {specs[name][0]} {list(specs[name][1])}.")
+                f.write(tensor_bytes(t))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Checkpoint:

@@ -13,10 +13,8 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -24,7 +22,8 @@ from safetensors import safe_open
 from kernels.factors import LowRankDelta
 from kernels.quant import QuantTensor, check_layout, padded_cols
 from skillpacks.checkpoint import (
-    READ_CHUNK, TORCH_TO_ST, CheckpointError, SafetensorsHeader, read_header,
+    READ_CHUNK, TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, tensor_bytes,
+    write_safetensors,
 )
 from skillpacks.deltas import ExactDelta, ModuleDelta, ModuleRecord, SparseDelta
 from skillpacks.fingerprint import check_base
@@ -247,11 +246,6 @@ def _check_record(record: ModuleRecord, delta: ModuleDelta, base_tensors: dict) 
         raise PackError(f"module '{record.name}' is not a tensor of the base model.")
 
 
-def _tensor_bytes(t: torch.Tensor):
-    """A zero-copy little-endian byte view of a CPU tensor (for hashing and writing)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def write_pack(path: str | os.PathLike, name: str, description: str, base_fp: dict,
                deltas: dict[str, ModuleDelta], records: list[ModuleRecord], build: dict) -> dict:
     """Write a pack atomically (temp file + fsync + rename) and return its manifest."""
@@ -273,11 +267,10 @@ def write_pack(path: str | os.PathLike, name: str, description: str, base_fp: di
     for tname, t in tensors.items():
         if t.dtype not in TORCH_TO_ST:
             raise PackError(f"tensor '{tname}' has dtype {t.dtype}, which safetensors cannot store.")
-    # order by element size (largest first) so every tensor starts aligned to its element size
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    specs = {tname: (t.dtype, tuple(t.shape)) for tname, t in tensors.items()}
     digest = hashlib.sha256()
-    for tname in order:
-        digest.update(_tensor_bytes(tensors[tname]))
+    for tname in layout_order(specs):  # the checksum covers the data section as written
+        digest.update(tensor_bytes(tensors[tname]))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     fp16_bytes = sum(math.prod(r.shape) * 2 for r in records)
     manifest = {
@@ -300,39 +293,8 @@ def write_pack(path: str | os.PathLike, name: str, description: str, base_fp: di
     except (TypeError, ValueError) as e:
         raise PackError(f"the manifest cannot be stored as strict JSON ({e}); stats and build values must be "
                         "finite numbers, strings, lists or objects.") from e
-    header: dict = {"__metadata__": {MANIFEST_KEY: manifest_text}}
-    offset = 0
-    for tname in order:
-        t = tensors[tname]
-        n = t.numel() * t.element_size()
-        header[tname] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)  # data section starts 8-byte aligned
-    _atomic_write(Path(path), header_bytes, [tensors[n] for n in order])
+    write_safetensors(path, specs, tensors.__getitem__, {MANIFEST_KEY: manifest_text})
     return manifest
-
-
-def _atomic_write(path: Path, header_bytes: bytes, tensors: list[torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            for t in tensors:
-                f.write(_tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 # ---- reading and verifying ----------------------------------------------------------
