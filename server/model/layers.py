@@ -174,6 +174,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size)
         self.inv_freq: torch.Tensor | None = None  # set after loading, on the model's device
+        self.num_pack_slots = 0  # set by server.model.pack_slots.PackSlots
 
     def setup_rope(self, device) -> None:
         self.inv_freq = rope_inv_freq(self.config).to(device)

@@ -27,6 +27,7 @@ class PackSlots:
             raise ValueError(f"num_slots={num_slots}; expected at least one pack slot.")
         weight = model.model.embed_tokens.weight
         self.num_slots, self.device, self.dtype = num_slots, weight.device, weight.dtype
+        model.num_pack_slots = num_slots
         self.targets: dict[str, tuple[str, torch.nn.Module]] = {}  # tensor name -> (role, module)
         for name, module in model.named_modules():
             if isinstance(module, DeltaLinear):

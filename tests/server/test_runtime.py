@@ -114,7 +114,7 @@ def run_chunks(model, kv, prompts, packs, split: int):
             if part:
                 chunks.append(SeqChunk(part, lo, pages[i], list(range(len(part))), packs[i]))
                 owners.append((i, len(part)))
-        logits = model(build_step(chunks, kv.page_size, 4, "cpu"), kv)
+        logits = model(build_step(chunks, kv.page_size, max(model.num_pack_slots, 1), "cpu"), kv)
         row = 0
         for i, n in owners:
             out[i].append(logits[row : row + n])
