@@ -1,36 +1,33 @@
-"""Triton device helpers shared by the shrink and expand kernels: fused tile dequantization and dot.
+"""Triton device helpers shared by the shrink and expand kernels: code-word unpacking and the dot.
 
-`dequant_tile` reads the packed layout of kernels/quant.py (codes `bits` wide, lowest
-column in the lowest bits; float16 scale and zero per group of 2**lg columns) for a
-2-D tile whose rows may each have their own bit width, group size and offsets, so one
-launch covers every tier of every slot. It never writes a dequantized copy anywhere.
+Codes arrive as little-endian int32 words of the kernels/quant.py layout (column c of a
+row is bits [(c % (32/bits))·bits, +bits) of word c // (32/bits)), so a tile of a
+(bits)-wide pool is one wide contiguous load per row, unpacked with constant shifts.
+Nothing here writes a dequantized copy anywhere.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def dequant_tile(codes_ptr, scales_ptr, zeros_ptr, code_off, scale_off, bits, lg, col, mask):
-    """Float32 values at `col` of the singular vectors described by (code_off, scale_off, bits, lg).
-
-    All index arguments broadcast to the tile's shape; masked-off entries come back 0."""
-    bitpos = col * bits
-    byte = tl.load(codes_ptr + code_off + (bitpos >> 3), mask=mask, other=0)
-    # widen before shifting: the codes are uint8, and the shift must not see a sign bit
-    q = (byte.to(tl.int32) >> (bitpos & 7)) & ((1 << bits) - 1)
-    group = scale_off + (col >> lg)
-    scale = tl.load(scales_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    return q.to(tl.float32) * scale + zero
+def unpack_words(words, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, COLS * BITS // 32) int32 words -> (ROWS, COLS) float32 codes, lowest column in the lowest bits."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    shifts = tl.arange(0, PER_WORD) * BITS
+    # the mask after the shift drops the sign bits an arithmetic shift of the top code drags in
+    q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(q, (ROWS, COLS)).to(tl.float32)
 
 
 @triton.jit
-def dot_acc(a, b, acc, LOWP: tl.constexpr):
-    """acc + a @ b with float32 accumulation; LOWP 1/2 feeds the tensor cores fp16/bf16 operands,
-    0 keeps full fp32 products (no tf32 rounding) for fp32 activations and the interpreter."""
-    if LOWP == 1:
+def dot_acc(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b with float32 accumulation. PREC 0: fp32 products (fp32 activations, interpreter);
+    1 / 2: fp16 / bf16 operands; 3: tf32 operands (float coefficients of any range)."""
+    if PREC == 1:
         return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-    elif LOWP == 2:
+    elif PREC == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == 3:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

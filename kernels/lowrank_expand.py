@@ -1,140 +1,122 @@
-"""Expand kernels: y[row] += w * (t * s_p) @ deq(B_p)ᵀ, Bᵀ dequantized inside the tile loads.
+"""Expand kernel: y[row] += w · (t ⊙ s_p) @ deq(B_p)ᵀ, Bᵀ dequantized inside the tile loads.
 
-Both shapes first add up the shrink's split-K partial sums of t, then accumulate in
-float32 and add into y once per program:
-- decode: one program per (routed row, output block) walks all of the row's pairs, so a
-  fused row (several packs) is summed in registers and written once, in one launch;
-- segment: one program per (tile of up to BLOCK_M pairs sharing a slot, output block),
-  a tl.dot per rank block; launched once per pass (RowPacks) so no two programs of a
-  launch write the same row.
+One program per (tile of up to BLOCK_M pairs sharing a slot, BLOCK_N output columns). It
+walks the slot's singular vectors pool by pool (up to three pools per launch, bits and
+group size compile-time constants), adds up the shrink's split-K partial sums of t in
+one wide load, and accumulates in float32; y is read and written once. A launch covers
+one pass of the routing (RowPacks), so no two of its programs write the same row.
+
+Zeros fold as in the shrink: Σ_r c_r (q_rn s_r + z_r) = Σ_r (c_r s_r) q_rn + Σ_r c_r z_r
+when BLOCK_N lies inside one group, so the codes enter the dot as exact integers.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant_tile import dequant_tile, dot_acc
+from kernels.dequant_tile import dot_acc, unpack_words
 
 
 @triton.jit
-def _expand_decode_kernel(
-    y_ptr, t_ptr, routed_rows_ptr, row_pair_ptr, row_pairs_ptr, pair_slot_ptr, pair_weight_ptr,
-    rank_ptr, s_ptr, meta_ptr, codes_ptr, scales_ptr, zeros_ptr,
-    out_features, max_rank, num_pairs, num_splits,
-    stride_y, code_stride, scale_stride,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    u = tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < out_features
-    row = tl.load(routed_rows_ptr + u).to(tl.int64)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for q in range(tl.load(row_pair_ptr + u), tl.load(row_pair_ptr + u + 1)):
-        pair = tl.load(row_pairs_ptr + q)
-        slot = tl.load(pair_slot_ptr + pair)
-        weight = tl.load(pair_weight_ptr + pair)
-        rank = tl.load(rank_ptr + slot)
-        codes = codes_ptr + slot.to(tl.int64) * code_stride
-        scales = scales_ptr + slot.to(tl.int64) * scale_stride
-        zeros = zeros_ptr + slot.to(tl.int64) * scale_stride
-        for r0 in range(0, rank, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = r < rank
-            tv = tl.zeros((BLOCK_R,), dtype=tl.float32)
-            for sp in range(0, num_splits):
-                tv += tl.load(t_ptr + (sp * num_pairs + pair) * max_rank + r, mask=r_mask, other=0.0)
-            tv = tv * tl.load(s_ptr + slot * max_rank + r, mask=r_mask, other=0.0) * weight
-            meta = meta_ptr + (slot * max_rank + r) * 4
-            code_off = tl.load(meta, mask=r_mask, other=0)
-            scale_off = tl.load(meta + 1, mask=r_mask, other=0)
-            bits = tl.load(meta + 2, mask=r_mask, other=8)
-            lg = tl.load(meta + 3, mask=r_mask, other=3)
-            b = dequant_tile(codes, scales, zeros, code_off[:, None], scale_off[:, None], bits[:, None],
-                             lg[:, None], n[None, :], r_mask[:, None] & n_mask[None, :])  # (R, N)
-            acc += tl.sum(tv[:, None] * b, axis=0)
-    y = y_ptr + row * stride_y + n
-    # load y and convert at once: bf16 arithmetic is wrong in the interpreter; the store rounds back
-    tl.store(y, tl.load(y, mask=n_mask, other=0.0).to(tl.float32) + acc, mask=n_mask)
+def _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, num_splits, t_width, t_col,
+                 rank_ptr, s_ptr, codes_ptr, scales_ptr, zeros_ptr, cap, words, groups,
+                 BITS: tl.constexpr, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr):
+    """acc (M, N) + this pool's share of the tile's delta for output columns n."""
+    rank = tl.load(rank_ptr + slot)
+    sp = tl.arange(0, BLOCK_S)
+    PER_WORD: tl.constexpr = 32 // BITS
+    WN: tl.constexpr = BLOCK_N // PER_WORD
+    w = n0 // PER_WORD + tl.arange(0, WN)
+    w_mask = w < words
+    t_rows = (sp[:, None] * num_pairs + start + m[None, :]).to(tl.int64) * t_width + t_col  # (S, M)
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r < rank
+        vec = slot.to(tl.int64) * cap + r
+        mr_mask = m_mask[:, None] & r_mask[None, :]
+        parts = tl.load(t_ptr + t_rows[:, :, None] + r[None, None, :],
+                        mask=(sp < num_splits)[:, None, None] & mr_mask[None, :, :], other=0.0)
+        c = tl.sum(parts, axis=0) * tl.load(s_ptr + vec, mask=r_mask, other=0.0)[None, :]  # (M, R)
+        wt = tl.load(codes_ptr + vec[:, None] * words + w[None, :], mask=r_mask[:, None] & w_mask[None, :], other=0)
+        q = unpack_words(wt, BLOCK_R, BLOCK_N, BITS)  # (R, N)
+        if G >= BLOCK_N:
+            grp = vec * groups + n0 // G  # the whole column block is inside one group
+            sc = tl.load(scales_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
+            acc = dot_acc(c * sc[None, :], q, acc, PREC)
+            acc += tl.sum(c * z[None, :], axis=1)[:, None]
+        else:
+            grp = vec[:, None] * groups + (n // G)[None, :]
+            rn_mask = r_mask[:, None] & n_mask[None, :]
+            sc = tl.load(scales_ptr + grp, mask=rn_mask, other=0.0).to(tl.float32)
+            z = tl.load(zeros_ptr + grp, mask=rn_mask, other=0.0).to(tl.float32)
+            acc = dot_acc(c, q * sc + z, acc, PREC)
+    return acc
 
 
 @triton.jit
-def _expand_segment_kernel(
+def _expand_kernel(
     y_ptr, t_ptr, pair_row_ptr, pair_weight_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr,
-    rank_ptr, s_ptr, meta_ptr, codes_ptr, scales_ptr, zeros_ptr,
-    first_tile, out_features, max_rank, num_pairs, num_splits,
-    stride_y, code_stride, scale_stride,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LOWP: tl.constexpr,
+    first_tile, out_features, stride_y, num_pairs, num_splits, t_width,
+    rank0, s0, codes0, scales0, zeros0, cap0, words0, groups0, tcol0,
+    rank1, s1, codes1, scales1, zeros1, cap1, words1, groups1, tcol1,
+    rank2, s2, codes2, scales2, zeros2, cap2, words2, groups2, tcol2,
+    BITS0: tl.constexpr, G0: tl.constexpr, BITS1: tl.constexpr, G1: tl.constexpr,
+    BITS2: tl.constexpr, G2: tl.constexpr, NUM_POOLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tile = first_tile + tl.program_id(0)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < out_features
     slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(rank_ptr + slot)
     start = tl.load(tile_start_ptr + tile)
     count = tl.load(tile_count_ptr + tile)
     m = tl.arange(0, BLOCK_M)
     m_mask = m < count
     rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
     weight = tl.load(pair_weight_ptr + start + m, mask=m_mask, other=0.0)
-    codes = codes_ptr + slot.to(tl.int64) * code_stride
-    scales = scales_ptr + slot.to(tl.int64) * scale_stride
-    zeros = zeros_ptr + slot.to(tl.int64) * scale_stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r < rank
-        mr_mask = m_mask[:, None] & r_mask[None, :]
-        tt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sp in range(0, num_splits):
-            tt += tl.load(t_ptr + (sp * num_pairs + start + m[:, None]) * max_rank + r[None, :], mask=mr_mask, other=0.0)
-        tt = tt * tl.load(s_ptr + slot * max_rank + r, mask=r_mask, other=0.0)[None, :]
-        meta = meta_ptr + (slot * max_rank + r) * 4
-        code_off = tl.load(meta, mask=r_mask, other=0)
-        scale_off = tl.load(meta + 1, mask=r_mask, other=0)
-        bits = tl.load(meta + 2, mask=r_mask, other=8)
-        lg = tl.load(meta + 3, mask=r_mask, other=3)
-        b = dequant_tile(codes, scales, zeros, code_off[:, None], scale_off[:, None], bits[:, None],
-                         lg[:, None], n[None, :], r_mask[:, None] & n_mask[None, :])  # (R, N)
-        acc = dot_acc(tt, b, acc, LOWP)
-    acc = acc * weight[:, None]
+    acc = _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, num_splits, t_width, tcol0,
+                       rank0, s0, codes0, scales0, zeros0, cap0, words0, groups0,
+                       BITS0, G0, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_S, PREC)
+    if NUM_POOLS > 1:
+        acc = _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, num_splits, t_width,
+                           tcol1, rank1, s1, codes1, scales1, zeros1, cap1, words1, groups1,
+                           BITS1, G1, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_S, PREC)
+    if NUM_POOLS > 2:
+        acc = _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, num_splits, t_width,
+                           tcol2, rank2, s2, codes2, scales2, zeros2, cap2, words2, groups2,
+                           BITS2, G2, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_S, PREC)
     y = y_ptr + rows[:, None] * stride_y + n[None, :]
     mn_mask = m_mask[:, None] & n_mask[None, :]
-    tl.store(y, tl.load(y, mask=mn_mask, other=0.0).to(tl.float32) + acc, mask=mn_mask)
+    # load y and convert at once: bf16 arithmetic is wrong in the interpreter; the store rounds back
+    tl.store(y, tl.load(y, mask=mn_mask, other=0.0).to(tl.float32) + acc * weight[:, None], mask=mn_mask)
 
 
-def expand_decode(y: torch.Tensor, t: torch.Tensor, slots, routing, block_r: int, block_n: int) -> None:
-    """Semantics: for each routed row i: y[i] += Σ_{pairs j of row i} w_j * ((Σ_sp t[sp, j, :r_p]) * s_p) @ deq(B_p).T
-    y: (rows, out) float, rows without a pack untouched; t: float32 (splits, pairs, max_rank);
-    slots: LowRankSlots; routing: RowPacks; block_r, block_n: powers of two."""
-    _check_t(t, routing, slots)
-    grid = (routing.num_routed_rows, triton.cdiv(y.shape[1], block_n))
-    _expand_decode_kernel[grid](
-        y, t, routing.routed_rows, routing.row_pair_ptr, routing.row_pairs, routing.pair_slot, routing.pair_weight,
-        slots.rank, slots.s, slots.b.meta, slots.b.codes, slots.b.scales, slots.b.zeros,
-        y.shape[1], slots.max_rank, routing.num_pairs, t.shape[0],
-        y.stride(0), slots.b.codes.stride(0), slots.b.scales.stride(0),
-        BLOCK_R=block_r, BLOCK_N=block_n,
-    )
-
-
-def expand_segment(y: torch.Tensor, t: torch.Tensor, slots, routing, block_m: int, block_r: int, block_n: int,
-                   lowp: int) -> None:
-    """Semantics: as `expand_decode`, per tile of up to block_m pairs sharing a slot, one launch per pass.
-    y: (rows, out) float; t: float32 (splits, pairs, max_rank); block_m, block_r, block_n: powers
-    of two >= 16 (tl.dot); lowp: 0 fp32 products, 1 fp16, 2 bf16 tensor-core operands."""
-    _check_t(t, routing, slots)
-    tiles = routing.tiles(block_m)
+def expand(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], tiles, routing,
+           block_m: int, block_r: int, block_n: int, prec: int) -> None:
+    """Semantics: y[row_j] += w_j · Σ_i ((Σ_sp t[sp, j, t_cols[i] : t_cols[i] + r_{p,i}]) * s_{p,i}) @ deq(B_{p,i}).T
+    for each pair j = (row_j, slot p, weight w_j), pools i (up to 3), r_{p,i} the rows slot p holds in pool i.
+    y: (rows, out) float, rows without a pair untouched; t: float32 (splits, pairs, t_width);
+    pools: BitPool list; t_cols: first t column of each pool; tiles: routing.tiles(block_m);
+    block_m, block_r, block_n: powers of two >= 16; prec: dot operands (dequant_tile.dot_acc).
+    One launch per routing pass."""
+    assert 1 <= len(pools) <= 3 and len(t_cols) == len(pools)
+    assert t.dtype == torch.float32 and t.is_contiguous() and t.shape[1] == routing.num_pairs, \
+        f"t must be contiguous float32 (splits, {routing.num_pairs}, width), got {t.dtype} {tuple(t.shape)}"
+    args, consts = [], {}
+    for i in range(3):
+        p, col = (pools[i], t_cols[i]) if i < len(pools) else (pools[0], 0)
+        args += [p.rank, p.s, p.b.codes, p.b.scales, p.b.zeros, p.cap, p.b.words, p.b.groups, col]
+        consts.update({f"BITS{i}": p.bits, f"G{i}": p.group_size})
+    block_s = 1 << max(0, t.shape[0] - 1).bit_length()
     for first, end in tiles.pass_ranges:
         grid = (end - first, triton.cdiv(y.shape[1], block_n))
-        _expand_segment_kernel[grid](
+        _expand_kernel[grid](
             y, t, routing.pair_row, routing.pair_weight, tiles.start, tiles.count, tiles.slot,
-            slots.rank, slots.s, slots.b.meta, slots.b.codes, slots.b.scales, slots.b.zeros,
-            first, y.shape[1], slots.max_rank, routing.num_pairs, t.shape[0],
-            y.stride(0), slots.b.codes.stride(0), slots.b.scales.stride(0),
-            BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, LOWP=lowp,
+            first, y.shape[1], y.stride(0), routing.num_pairs, t.shape[0], t.shape[2], *args,
+            NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_S=block_s,
+            PREC=prec, **consts,
         )
-
-
-def _check_t(t: torch.Tensor, routing, slots) -> None:
-    want = (routing.num_pairs, slots.max_rank)
-    assert t.dtype == torch.float32 and t.is_contiguous() and tuple(t.shape[1:]) == want, \
-        f"t must be contiguous float32 (splits, {want[0]}, {want[1]}), got {t.dtype} {tuple(t.shape)}"

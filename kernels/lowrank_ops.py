@@ -1,108 +1,123 @@
 """Stacked device storage of many packs' quantized low-rank deltas for one linear, and `add_lowrank`.
 
-Storage layout (docs/KERNELS.md, "Slot storage"): each slot owns one row of six pools,
-`a_codes`/`b_codes` (uint8) and `a_scales`/`a_zeros`/`b_scales`/`b_zeros` (float16),
-into which a pack's tiers are copied verbatim (the packed layout of kernels/quant.py),
-tier after tier. A per-rank table (`a_meta`/`b_meta`, int32 (slots, max_rank, 4):
-code offset, scale offset, bits, log2 group size) tells the kernels where each singular
-vector's codes and scales start and how to read them, so one launch reads any mix of
-ranks, bit widths and group sizes. The pools grow on demand to the largest pack loaded,
-so memory follows the bit widths actually used rather than a worst case.
+Storage layout (docs/KERNELS.md, "Slot storage"): one pool per (bit width, group size)
+actually used. A pool stacks, per slot, the singular vectors of every tier of that width:
+codes as little-endian int32 words (the bytes of kernels/quant.py verbatim, each row
+zero-padded to whole words), float16 scales and zeros, float32 singular values, and the
+slot's row count. Bits and group size are therefore compile-time constants of the kernel
+code that reads a pool, so codes load as wide words unpacked with constant shifts and
+each group's scale/zero loads once. Pools appear and grow on demand (to the most rows any
+slot holds at that width), so memory follows the bit widths actually used.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from kernels.factors import LowRankDelta
-from kernels.quant import QuantTensor, dequantize_groupwise
+from kernels.quant import QuantTensor, dequantize_groupwise, padded_cols
 from kernels.routing import RowPacks
 
 MAX_SLOTS = 4096
 MAX_RANK = 4096
 MAX_FEATURES = 1 << 20
-POOL_ALIGN = 128  # bytes/elements a pool row is rounded up to when it grows
+POOL_ROW_ALIGN = 16  # a pool's rows per slot grow in steps of this (the kernels' rank block)
 BACKENDS = ("auto", "torch", "triton")
 SHAPES = ("auto", "decode", "segment")
 
 
 @dataclass
 class _TierPlace:
-    """Where one tier of one factor lives inside its slot's pool row."""
+    """Where one tier of a slot lives: its pool and its first row there."""
 
-    bits: int
-    group_size: int
+    key: tuple[int, int]  # (bits, group_size)
+    row: int
     rows: int
-    cols: int
-    code_off: int
-    code_len: int
-    scale_off: int
-    scale_len: int
 
 
-class _FactorPools:
-    """Codes/scales/zeros pools of one factor (A or Bᵀ), one row per slot, grown on demand."""
+class _FactorPool:
+    """One factor's (A or Bᵀ) codes/scales/zeros at one bit width and group size: (slots, cap, ...)."""
 
-    def __init__(self, num_slots: int, max_rank: int, device: torch.device):
-        self.codes = torch.zeros(num_slots, 0, dtype=torch.uint8, device=device)
-        self.scales = torch.zeros(num_slots, 0, dtype=torch.float16, device=device)
-        self.zeros = torch.zeros(num_slots, 0, dtype=torch.float16, device=device)
-        # per singular vector: code offset, scale offset, bits, log2(group size)
-        self.meta = torch.zeros(num_slots, max_rank, 4, dtype=torch.int32, device=device)
+    def __init__(self, num_slots: int, cols: int, bits: int, group_size: int, device: torch.device):
+        pc = padded_cols(cols, group_size)
+        self.cols, self.bits, self.group_size = cols, bits, group_size
+        self.row_bytes = pc * bits // 8
+        self.words = -(-self.row_bytes // 4)
+        self.groups = pc // group_size
+        self.codes = torch.zeros(num_slots, 0, self.words, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(num_slots, 0, self.groups, dtype=torch.float16, device=device)
+        self.zeros = torch.zeros(num_slots, 0, self.groups, dtype=torch.float16, device=device)
 
-    def store(self, slot: int, tiers: list[QuantTensor], max_rank: int) -> list[_TierPlace]:
-        places, meta = [], []
-        code_off = scale_off = 0
-        for t in tiers:
-            code_row, scale_row = t.codes.shape[1], t.scales.shape[1]
-            places.append(_TierPlace(t.bits, t.group_size, t.rows, t.cols, code_off, t.codes.numel(),
-                                     scale_off, t.scales.numel()))
-            lg = t.group_size.bit_length() - 1
-            meta += [[code_off + j * code_row, scale_off + j * scale_row, t.bits, lg] for j in range(t.rows)]
-            code_off += t.codes.numel()
-            scale_off += t.scales.numel()
-        self._grow(code_off, scale_off)
+    def grow(self, cap: int) -> None:
+        self.codes, self.scales, self.zeros = (_widen(t, cap) for t in (self.codes, self.scales, self.zeros))
+
+    def store(self, slot: int, tiers: list[QuantTensor]) -> None:
+        codes = torch.cat([t.codes for t in tiers]).cpu()
+        padded = torch.zeros(codes.shape[0], self.words * 4, dtype=torch.uint8)
+        padded[:, : self.row_bytes] = codes
+        rows = codes.shape[0]
         dev = self.codes.device
-        if tiers:
-            self.codes[slot, :code_off] = torch.cat([t.codes.reshape(-1) for t in tiers]).to(dev)
-            self.scales[slot, :scale_off] = torch.cat([t.scales.reshape(-1) for t in tiers]).to(dev)
-            self.zeros[slot, :scale_off] = torch.cat([t.zeros.reshape(-1) for t in tiers]).to(dev)
-        table = torch.zeros(max_rank, 4, dtype=torch.int32)
-        if meta:
-            table[: len(meta)] = torch.tensor(meta, dtype=torch.int32)
-        self.meta[slot] = table.to(dev)
-        return places
+        # a little-endian int32 word holds columns in the same bit order as the bytes it spans
+        self.codes[slot, :rows] = padded.view(torch.int32).to(dev)
+        self.scales[slot, :rows] = torch.cat([t.scales for t in tiers]).to(dev)
+        self.zeros[slot, :rows] = torch.cat([t.zeros for t in tiers]).to(dev)
 
-    def _grow(self, code_len: int, scale_len: int) -> None:
-        if code_len > self.codes.shape[1]:
-            self.codes = _widen(self.codes, code_len)
-        if scale_len > self.scales.shape[1]:
-            self.scales = _widen(self.scales, scale_len)
-            self.zeros = _widen(self.zeros, scale_len)
-
-    def dequantize(self, slot: int, places: list[_TierPlace]) -> torch.Tensor:
-        """Float32 (rank, cols) factor of `slot`, read back from the pools."""
-        parts = []
-        for p in places:
-            qt = QuantTensor(
-                self.codes[slot, p.code_off : p.code_off + p.code_len].view(p.rows, -1),
-                self.scales[slot, p.scale_off : p.scale_off + p.scale_len].view(p.rows, -1),
-                self.zeros[slot, p.scale_off : p.scale_off + p.scale_len].view(p.rows, -1),
-                p.bits, p.group_size, p.cols,
-            )
-            parts.append(dequantize_groupwise(qt, torch.float32))
-        return torch.cat(parts, dim=0)
+    def read(self, slot: int, row: int, rows: int) -> QuantTensor:
+        """The QuantTensor stored at rows [row, row + rows) of `slot`."""
+        codes = self.codes[slot, row : row + rows].contiguous().view(torch.uint8)[:, : self.row_bytes]
+        return QuantTensor(codes, self.scales[slot, row : row + rows], self.zeros[slot, row : row + rows],
+                           self.bits, self.group_size, self.cols)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros, self.meta))
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
 
-def _widen(buf: torch.Tensor, cols: int) -> torch.Tensor:
-    """A copy of `buf` (slots, n) with at least `cols` columns, rounded up to POOL_ALIGN."""
-    cols = -(-cols // POOL_ALIGN) * POOL_ALIGN
-    out = torch.zeros(buf.shape[0], cols, dtype=buf.dtype, device=buf.device)
+class BitPool:
+    """Every slot's singular vectors quantized at one (bits, group size): both factors, s and row counts."""
+
+    def __init__(self, bits: int, group_size: int, num_slots: int, in_features: int, out_features: int,
+                 device: torch.device):
+        self.bits, self.group_size = bits, group_size
+        self.a = _FactorPool(num_slots, in_features, bits, group_size, device)
+        self.b = _FactorPool(num_slots, out_features, bits, group_size, device)
+        self.s = torch.zeros(num_slots, 0, dtype=torch.float32, device=device)
+        self.rank = torch.zeros(num_slots, dtype=torch.int32, device=device)  # rows each slot holds here
+        self.rows = [0] * num_slots  # host copy of `rank`
+
+    @property
+    def cap(self) -> int:
+        """Rows reserved per slot."""
+        return int(self.s.shape[1])
+
+    def store(self, slot: int, a_tiers: list[QuantTensor], bt_tiers: list[QuantTensor], s: torch.Tensor) -> None:
+        rows = int(s.numel())
+        if rows > self.cap:
+            cap = -(-rows // POOL_ROW_ALIGN) * POOL_ROW_ALIGN
+            self.a.grow(cap)
+            self.b.grow(cap)
+            self.s = _widen(self.s, cap)
+        self.a.store(slot, a_tiers)
+        self.b.store(slot, bt_tiers)
+        self.s[slot] = 0
+        self.s[slot, :rows] = s.float().to(self.s.device)
+        self.rank[slot] = rows
+        self.rows[slot] = rows
+
+    def clear(self, slot: int) -> None:
+        self.rank[slot] = 0
+        self.rows[slot] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes + (self.s.numel() + self.rank.numel()) * 4
+
+
+def _widen(buf: torch.Tensor, cap: int) -> torch.Tensor:
+    """A copy of `buf` (slots, n, ...) with `cap` entries along dim 1, zero-filled past the old ones."""
+    out = torch.zeros(buf.shape[0], cap, *buf.shape[2:], dtype=buf.dtype, device=buf.device)
     out[:, : buf.shape[1]] = buf
     return out
 
@@ -118,14 +133,14 @@ class LowRankSlots:
                 raise ValueError(f"{name}={value!r} is out of range; expected an integer in [1, {hi}].")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype={dtype} is not supported; expected float32, float16 or bfloat16.")
+        if sys.byteorder != "little":
+            raise RuntimeError("the int32 code words assume a little-endian host.")
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
-        self.a = _FactorPools(num_slots, max_rank, self.device)
-        self.b = _FactorPools(num_slots, max_rank, self.device)
-        self.s = torch.zeros(num_slots, max_rank, dtype=torch.float32, device=self.device)
-        self.rank = torch.zeros(num_slots, dtype=torch.int32, device=self.device)
-        self._places: dict[int, tuple[list[_TierPlace], list[_TierPlace]]] = {}
+        self.pools: dict[tuple[int, int], BitPool] = {}  # (bits, group_size) -> pool
+        self.rank = torch.zeros(num_slots, dtype=torch.int32, device=self.device)  # total rank per slot
+        self._places: dict[int, list[_TierPlace]] = {}
         # CPU path only: float32 (A (r, in), s (r,), B (out, r)) per loaded slot
         self._dense: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -145,39 +160,55 @@ class LowRankSlots:
         if delta.rank > self.max_rank:
             raise ValueError(f"delta rank {delta.rank} exceeds these slots' max_rank={self.max_rank}.")
         self.clear(slot)
-        places = (self.a.store(slot, delta.a_tiers, self.max_rank), self.b.store(slot, delta.bt_tiers, self.max_rank))
-        s = torch.zeros(self.max_rank, dtype=torch.float32)
-        s[: delta.rank] = delta.s.float().cpu()
-        self.s[slot] = s.to(self.device)
+        groups: dict[tuple[int, int], list[int]] = {}  # pool key -> tier indices, in tier order
+        for k, t in enumerate(delta.a_tiers):
+            groups.setdefault((t.bits, t.group_size), []).append(k)
+        starts = [0]
+        for t in delta.a_tiers:
+            starts.append(starts[-1] + t.rows)
+        places: list[_TierPlace | None] = [None] * len(delta.a_tiers)
+        for key, ks in groups.items():
+            if key not in self.pools:
+                self.pools[key] = BitPool(*key, self.num_slots, self.in_features, self.out_features, self.device)
+            s = torch.cat([delta.s[starts[k] : starts[k + 1]] for k in ks])
+            self.pools[key].store(slot, [delta.a_tiers[k] for k in ks], [delta.bt_tiers[k] for k in ks], s)
+            row = 0
+            for k in ks:
+                places[k] = _TierPlace(key, row, delta.a_tiers[k].rows)
+                row += delta.a_tiers[k].rows
         self.rank[slot] = delta.rank
         self._places[slot] = places
         if self.device.type == "cpu":
             self._dense[slot] = self.factors(slot)
 
     def clear(self, slot: int) -> None:
-        """Forget the pack in `slot` (its rank becomes 0; the pools keep their size)."""
+        """Forget the pack in `slot` (its rank becomes 0; pools no slot uses any more are dropped)."""
         self._check_slot(slot)
         self.rank[slot] = 0
-        self.s[slot] = 0
-        self.a.meta[slot] = 0
-        self.b.meta[slot] = 0
+        for pool in self.pools.values():
+            pool.clear(slot)
+        self.pools = {k: p for k, p in self.pools.items() if any(p.rows)}
         self._places.pop(slot, None)
         self._dense.pop(slot, None)
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float32 (A (rank, in), s (rank,), B (out, rank)) of `slot`, dequantized from the pools."""
+        """Float32 (A (rank, in), s (rank,), B (out, rank)) of `slot` in tier order, dequantized from the pools."""
         if slot not in self._places:
             raise ValueError(f"slot {slot} holds no pack; load one first.")
         if slot in self._dense:
             return self._dense[slot]
-        a_places, b_places = self._places[slot]
-        rank = sum(p.rows for p in a_places)
-        return self.a.dequantize(slot, a_places), self.s[slot, :rank], self.b.dequantize(slot, b_places).T
+        a, b, s = [], [], []
+        for p in self._places[slot]:
+            pool = self.pools[p.key]
+            a.append(dequantize_groupwise(pool.a.read(slot, p.row, p.rows), torch.float32))
+            b.append(dequantize_groupwise(pool.b.read(slot, p.row, p.rows), torch.float32))
+            s.append(pool.s[slot, p.row : p.row + p.rows])
+        return torch.cat(a), torch.cat(s), torch.cat(b).T
 
     @property
     def nbytes(self) -> int:
         dense = sum(t.numel() * t.element_size() for f in self._dense.values() for t in f)
-        return self.a.nbytes + self.b.nbytes + (self.s.numel() + self.rank.numel()) * 4 + dense
+        return sum(p.nbytes for p in self.pools.values()) + self.rank.numel() * 4 + dense
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.num_slots:

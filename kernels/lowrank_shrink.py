@@ -1,135 +1,134 @@
-"""Shrink kernels: t = x @ deq(A_p)ᵀ per (row, slot) pair, A dequantized inside the tile loads.
+"""Shrink kernel: t = x @ deq(A_p)ᵀ for every (row, slot) pair, A dequantized inside the tile loads.
 
-Two launch shapes over the same output layout t float32 (splits, pairs, max_rank),
-whose split-K partial sums the expand kernels add up:
-- decode: one program per (pair, rank block, K split), a GEMV against its slot's A;
-- segment: one program per (tile of up to BLOCK_M pairs sharing a slot, rank block,
-  K split), a tl.dot so each dequantized A tile serves BLOCK_M rows.
+One launch covers up to three bit pools (kernels/lowrank_ops.py `BitPool`), each with its
+bits, group size and K chunk as compile-time constants. A program owns (tile of up to
+BLOCK_M pairs sharing a slot, one BLOCK_R block of one pool's ranks, one K split) and
+writes float32 partial sums into t (splits, pairs, t_width), pool i's ranks at columns
+[t_col_i, t_col_i + cap_i); the expand kernel adds the splits up.
+
+Zeros are folded per group: Σ_c x_c (q_c s + z) = s Σ_c x_c q_c + z Σ_c x_c, so when a
+K chunk lies inside one group the tensor cores see the raw integer codes (exact in
+fp16/bf16) and each group's scale and zero load once per singular vector.
 """
 import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant_tile import dequant_tile, dot_acc
+from kernels.dequant_tile import dot_acc, unpack_words
 
 
 @triton.jit
-def _shrink_decode_kernel(
-    x_ptr, t_ptr, pair_row_ptr, pair_slot_ptr, rank_ptr, meta_ptr, codes_ptr, scales_ptr, zeros_ptr,
-    in_features, max_rank, num_pairs, k_per_split,
-    stride_x, code_stride, scale_stride,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pair = tl.program_id(0)
-    r_block = tl.program_id(1)
-    split = tl.program_id(2)
-    slot = tl.load(pair_slot_ptr + pair)
+def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, k_lo, in_features, stride_x,
+                 rank_ptr, codes_ptr, scales_ptr, zeros_ptr, cap, words, groups,
+                 BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """t columns of rank block `rb` of one pool for one tile and K split; blocks past the slot's rows do nothing."""
     rank = tl.load(rank_ptr + slot)
-    # rank blocks past this slot's rank have nothing to read: the expand masks them out
-    if r_block * BLOCK_R < rank:
-        r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    if rb * BLOCK_R < rank:
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         r_mask = r < rank
-        meta = meta_ptr + (slot * max_rank + r) * 4
-        code_off = tl.load(meta, mask=r_mask, other=0)
-        scale_off = tl.load(meta + 1, mask=r_mask, other=0)
-        bits = tl.load(meta + 2, mask=r_mask, other=8)
-        lg = tl.load(meta + 3, mask=r_mask, other=3)
-        codes = codes_ptr + slot.to(tl.int64) * code_stride
-        scales = scales_ptr + slot.to(tl.int64) * scale_stride
-        zeros = zeros_ptr + slot.to(tl.int64) * scale_stride
-        row = tl.load(pair_row_ptr + pair).to(tl.int64)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        k_lo = split * k_per_split
-        for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, in_features), BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
+        vec = slot.to(tl.int64) * cap + r  # pool row of each singular vector
+        PER_WORD: tl.constexpr = 32 // BITS
+        WC: tl.constexpr = KC // PER_WORD
+        acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
+        for c in range(0, K_SPLIT // KC):
+            k0 = k_lo + c * KC
+            w = k0 // PER_WORD + tl.arange(0, WC)
+            wt = tl.load(codes_ptr + vec[:, None] * words + w[None, :],
+                         mask=r_mask[:, None] & (w < words)[None, :], other=0)
+            q = unpack_words(wt, BLOCK_R, KC, BITS)  # (R, KC)
+            k = k0 + tl.arange(0, KC)
             k_mask = k < in_features
-            xv = tl.load(x_ptr + row * stride_x + k, mask=k_mask, other=0.0).to(tl.float32)
-            a = dequant_tile(codes, scales, zeros, code_off[:, None], scale_off[:, None], bits[:, None],
-                             lg[:, None], k[None, :], r_mask[:, None] & k_mask[None, :])  # (R, K)
-            acc += tl.sum(a * xv[None, :], axis=1)
-        tl.store(t_ptr + (split * num_pairs + pair) * max_rank + r, acc, mask=r_mask)
+            xt = tl.load(x_ptr + rows[None, :] * stride_x + k[:, None],
+                         mask=k_mask[:, None] & m_mask[None, :], other=0.0)  # (KC, M)
+            if PREC == 0:
+                xt = xt.to(tl.float32)  # at once: bf16 arithmetic is wrong in the interpreter
+            if G >= KC:
+                grp = vec * groups + k0 // G  # the whole chunk is inside one group
+                sc = tl.load(scales_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
+                z = tl.load(zeros_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
+                part = dot_acc(q, xt, tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32), PREC)
+                xsum = tl.sum(xt.to(tl.float32), axis=0)
+                acc += sc[:, None] * part + z[:, None] * xsum[None, :]
+            else:
+                grp = vec[:, None] * groups + (k // G)[None, :]
+                rk_mask = r_mask[:, None] & k_mask[None, :]
+                sc = tl.load(scales_ptr + grp, mask=rk_mask, other=0.0).to(tl.float32)
+                z = tl.load(zeros_ptr + grp, mask=rk_mask, other=0.0).to(tl.float32)
+                acc = dot_acc(q * sc + z, xt, acc, PREC)
+        tl.store(out[None, :] + r[:, None], acc, mask=r_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
-def _shrink_segment_kernel(
+def _shrink_kernel(
     x_ptr, t_ptr, pair_row_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr,
-    rank_ptr, meta_ptr, codes_ptr, scales_ptr, zeros_ptr,
-    in_features, max_rank, num_pairs, k_per_split,
-    stride_x, code_stride, scale_stride,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LOWP: tl.constexpr,
+    in_features, stride_x, num_pairs, t_width,
+    rank0, codes0, scales0, zeros0, cap0, words0, groups0, tcol0, blocks0,
+    rank1, codes1, scales1, zeros1, cap1, words1, groups1, tcol1, blocks1,
+    rank2, codes2, scales2, zeros2, cap2, words2, groups2, tcol2,
+    BITS0: tl.constexpr, G0: tl.constexpr, KC0: tl.constexpr,
+    BITS1: tl.constexpr, G1: tl.constexpr, KC1: tl.constexpr,
+    BITS2: tl.constexpr, G2: tl.constexpr, KC2: tl.constexpr,
+    NUM_POOLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    r_block = tl.program_id(1)
+    j = tl.program_id(1)  # rank block, counted across the pools in turn
     split = tl.program_id(2)
     slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(rank_ptr + slot)
-    if r_block * BLOCK_R < rank:
-        start = tl.load(tile_start_ptr + tile)
-        count = tl.load(tile_count_ptr + tile)
-        m = tl.arange(0, BLOCK_M)
-        m_mask = m < count
-        rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
-        r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
-        r_mask = r < rank
-        meta = meta_ptr + (slot * max_rank + r) * 4
-        code_off = tl.load(meta, mask=r_mask, other=0)
-        scale_off = tl.load(meta + 1, mask=r_mask, other=0)
-        bits = tl.load(meta + 2, mask=r_mask, other=8)
-        lg = tl.load(meta + 3, mask=r_mask, other=3)
-        codes = codes_ptr + slot.to(tl.int64) * code_stride
-        scales = scales_ptr + slot.to(tl.int64) * scale_stride
-        zeros = zeros_ptr + slot.to(tl.int64) * scale_stride
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        k_lo = split * k_per_split
-        for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, in_features), BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k < in_features
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + k[None, :],
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # (M, K)
-            a = dequant_tile(codes, scales, zeros, code_off[None, :], scale_off[None, :], bits[None, :],
-                             lg[None, :], k[:, None], k_mask[:, None] & r_mask[None, :])  # (K, R)
-            acc = dot_acc(xt, a, acc, LOWP)
-        t = t_ptr + (split * num_pairs + start + m[:, None]) * max_rank + r[None, :]
-        tl.store(t, acc, mask=m_mask[:, None] & r_mask[None, :])
+    start = tl.load(tile_start_ptr + tile)
+    count = tl.load(tile_count_ptr + tile)
+    m = tl.arange(0, BLOCK_M)
+    m_mask = m < count
+    rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
+    out = t_ptr + ((split * num_pairs + start + m).to(tl.int64) * t_width)
+    k_lo = split * K_SPLIT
+    if j < blocks0:
+        _shrink_pool(x_ptr, out + tcol0, rows, m_mask, slot, j, k_lo, in_features, stride_x,
+                     rank0, codes0, scales0, zeros0, cap0, words0, groups0,
+                     BITS0, G0, KC0, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
+    else:
+        if NUM_POOLS > 1:
+            if j < blocks0 + blocks1:
+                _shrink_pool(x_ptr, out + tcol1, rows, m_mask, slot, j - blocks0, k_lo, in_features, stride_x,
+                             rank1, codes1, scales1, zeros1, cap1, words1, groups1,
+                             BITS1, G1, KC1, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
+            else:
+                if NUM_POOLS > 2:
+                    _shrink_pool(x_ptr, out + tcol2, rows, m_mask, slot, j - blocks0 - blocks1, k_lo,
+                                 in_features, stride_x,
+                                 rank2, codes2, scales2, zeros2, cap2, words2, groups2,
+                                 BITS2, G2, KC2, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
 
 
-def shrink_decode(x: torch.Tensor, t: torch.Tensor, slots, routing, block_r: int, block_k: int) -> None:
-    """Semantics: t[sp, j, :r_p] = x[row_j, K_sp] @ deq(A_p)[:, K_sp].T for each pair j = (row_j, slot p),
-    K_sp the sp-th of t.shape[0] equal slices of the input features (split-K partial sums).
-    x: (rows, in) float; t: float32 (splits, pairs, max_rank), written for r < r_p only;
-    slots: LowRankSlots; routing: RowPacks; block_r, block_k: powers of two."""
-    splits, k_per_split = _split_geometry(t, x.shape[1], block_k)
-    grid = (routing.num_pairs, triton.cdiv(slots.max_rank, block_r), splits)
-    _shrink_decode_kernel[grid](
-        x, t, routing.pair_row, routing.pair_slot, slots.rank, slots.a.meta,
-        slots.a.codes, slots.a.scales, slots.a.zeros,
-        x.shape[1], slots.max_rank, routing.num_pairs, k_per_split,
-        x.stride(0), slots.a.codes.stride(0), slots.a.scales.stride(0),
-        BLOCK_R=block_r, BLOCK_K=block_k,
+def k_chunk(group_size: int) -> int:
+    """K columns a shrink step reads: one whole group when it is 16..128 wide (so zeros fold)."""
+    return max(16, min(128, group_size))
+
+
+def shrink(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], tiles, routing,
+           block_m: int, block_r: int, k_split: int, prec: int) -> None:
+    """Semantics: t[sp, j, t_cols[i] + r] = x[row_j, K_sp] @ deq(A_{p,i})[r, K_sp] for each pair j = (row_j, slot p),
+    each pool i (up to 3) and each r < the rows slot p holds in pool i; K_sp = [sp·k_split, (sp+1)·k_split).
+    x: (rows, in) float; t: float32 (splits, pairs, t_width), other entries untouched;
+    pools: BitPool list; t_cols: first t column of each pool; tiles: routing.tiles(block_m);
+    routing: RowPacks; block_m, block_r: powers of two >= 16; k_split: multiple of 128;
+    prec: dot operands (dequant_tile.dot_acc)."""
+    assert 1 <= len(pools) <= 3 and len(t_cols) == len(pools)
+    assert t.dtype == torch.float32 and t.dim() == 3 and t.is_contiguous(), "t must be contiguous float32 (S, P, W)"
+    assert k_split % 128 == 0 and (t.shape[0] - 1) * k_split < x.shape[1] <= t.shape[0] * k_split, \
+        f"{t.shape[0]} splits of {k_split} do not cover {x.shape[1]} input features exactly"
+    blocks = [triton.cdiv(p.cap, block_r) for p in pools]
+    args, consts = [], {}
+    for i in range(3):
+        p, col, nb = (pools[i], t_cols[i], blocks[i]) if i < len(pools) else (pools[0], 0, 0)
+        args += [p.rank, p.a.codes, p.a.scales, p.a.zeros, p.cap, p.a.words, p.a.groups, col]
+        if i < 2:
+            args.append(nb)
+        consts.update({f"BITS{i}": p.bits, f"G{i}": p.group_size, f"KC{i}": k_chunk(p.group_size)})
+    grid = (tiles.start.numel(), sum(blocks), t.shape[0])
+    _shrink_kernel[grid](
+        x, t, routing.pair_row, tiles.start, tiles.count, tiles.slot,
+        x.shape[1], x.stride(0), routing.num_pairs, t.shape[2], *args,
+        NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, K_SPLIT=k_split, PREC=prec, **consts,
     )
-
-
-def shrink_segment(x: torch.Tensor, t: torch.Tensor, slots, routing, block_m: int, block_r: int, block_k: int,
-                   lowp: int) -> None:
-    """Semantics: as `shrink_decode`, computed per tile of up to block_m pairs that share a slot.
-    x: (rows, in) float; t: float32 (splits, pairs, max_rank); block_m, block_r, block_k: powers
-    of two >= 16 (tl.dot); lowp: 0 fp32 products, 1 fp16, 2 bf16 tensor-core operands."""
-    splits, k_per_split = _split_geometry(t, x.shape[1], block_k)
-    tiles = routing.tiles(block_m)
-    grid = (tiles.start.numel(), triton.cdiv(slots.max_rank, block_r), splits)
-    _shrink_segment_kernel[grid](
-        x, t, routing.pair_row, tiles.start, tiles.count, tiles.slot, slots.rank, slots.a.meta,
-        slots.a.codes, slots.a.scales, slots.a.zeros,
-        x.shape[1], slots.max_rank, routing.num_pairs, k_per_split,
-        x.stride(0), slots.a.codes.stride(0), slots.a.scales.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, LOWP=lowp,
-    )
-
-
-def _split_geometry(t: torch.Tensor, in_features: int, block_k: int) -> tuple[int, int]:
-    """(splits, input features per split, a whole number of K blocks)."""
-    assert t.dtype == torch.float32 and t.dim() == 3 and t.is_contiguous(), "t must be contiguous float32 (S, P, R)"
-    splits = t.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
-    assert (splits - 1) * k_per_split < in_features, f"{splits} splits leave an empty K slice"
-    return splits, k_per_split

@@ -1,71 +1,87 @@
-"""`add_lowrank` on Triton: picks the launch shape and block sizes, allocates t, runs shrink then expand."""
+"""`add_lowrank` on Triton: picks block sizes and the K split, allocates t, runs shrink then expand.
+
+Launches per call: one shrink and one expand per routing pass, for every three bit pools
+(packs use at most three widths, 8/4/2 bits, so one of each in practice).
+"""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 
-from kernels.lowrank_expand import expand_decode, expand_segment
-from kernels.lowrank_shrink import shrink_decode, shrink_segment
+from kernels.lowrank_expand import expand
+from kernels.lowrank_shrink import shrink
 
-# the segment shape pays off once a few rows share each slot's dequantized tiles (bench/kernels.py)
-SEGMENT_MIN_ROWS_PER_SLOT = 2
-LOWP = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# tiles of 64 pairs once a slot has this many rows on average (prefill), else 16 (decode)
+SEGMENT_MIN_ROWS_PER_SLOT = 32
+MAX_SPLITS = 16
+# dot operands (kernels.dequant_tile.dot_acc): shrink codes are exact integers next to the
+# activations' own dtype; the expand's float coefficients go in as tf32 (fp32 range)
+SHRINK_PREC = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EXPAND_PREC = {torch.float32: 0, torch.float16: 3, torch.bfloat16: 3}
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def pool_columns(slots) -> tuple[list, list[int], int]:
+    """(pools, first t column of each, t width): pool i's ranks sit at t[..., cols[i] : cols[i] + cap_i]."""
+    pools = list(slots.pools.values())
+    cols, width = [], 0
+    for p in pools:
+        cols.append(width)
+        width += p.cap
+    return pools, cols, width
+
+
 def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, routing, shape: str = "auto",
                        splits: int | None = None) -> None:
     """Semantics: for each (row i, slot p, weight w): y[i] += w * ((x[i] @ deq(A_p).T) * s_p) @ deq(B_p).T
     y: (rows, out), x: (rows, in), same float dtype; slots: LowRankSlots; routing: RowPacks (not empty);
-    shape: "decode" | "segment" | "auto"; splits: split-K factor of the shrink (None = pick)."""
+    shape: "decode" (tiles of 16 pairs) | "segment" (tiles of 64) | "auto";
+    splits: split-K factor of the shrink (None = pick)."""
+    if shape not in ("auto", "decode", "segment"):
+        raise ValueError(f"shape={shape!r} is not one of ('auto', 'decode', 'segment').")
     if x.stride(1) != 1:
         x = x.contiguous()
     assert y.stride(1) == 1, "y must have contiguous rows: the kernels add into it in place"
-    per_slot = routing.num_pairs / max(1, len(routing.seg_slot))
+    pools, cols, width = pool_columns(slots)
+    if not pools:
+        return
     if shape == "auto":
+        per_slot = routing.num_pairs / max(1, len(routing.seg_slot))
         shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
-    in_f, out_f = slots.in_features, slots.out_features
     interp = interpreting()
-    # the interpreter pays per program, the GPU per register: big blocks there, modest ones here
-    block_r = min(64, _pow2(slots.max_rank)) if interp else 16
-    lowp = 0 if interp else LOWP[x.dtype]
-    if shape == "decode":
-        block_k = min(1024, _pow2(in_f)) if interp else 256
-        blocks = routing.num_pairs * triton.cdiv(slots.max_rank, block_r)
-        splits = splits or _pick_splits(blocks, in_f, block_k, x.device, interp)
-        t = torch.empty(splits, routing.num_pairs, slots.max_rank, dtype=torch.float32, device=x.device)
-        shrink_decode(x, t, slots, routing, block_r, block_k)
-        block_n = min(1024, _pow2(out_f)) if interp else (64 if routing.num_routed_rows < 64 else 128)
-        expand_decode(y, t, slots, routing, block_r, block_n)
-    elif shape == "segment":
-        block_r = max(16, block_r)
-        block_m = 16 if interp or per_slot < 32 else 64
-        block_k = max(16, min(256, _pow2(in_f))) if interp else 64
-        tiles = routing.tiles(block_m).start.numel()
-        splits = splits or _pick_splits(tiles * triton.cdiv(slots.max_rank, block_r), in_f, block_k, x.device, interp)
-        t = torch.empty(splits, routing.num_pairs, slots.max_rank, dtype=torch.float32, device=x.device)
-        shrink_segment(x, t, slots, routing, block_m, block_r, block_k, lowp)
-        block_n = max(16, min(256, _pow2(out_f))) if interp else 64
-        expand_segment(y, t, slots, routing, block_m, block_r, block_n, lowp)
-    else:
-        raise ValueError(f"shape={shape!r} is not one of ('auto', 'decode', 'segment').")
+    block_m = 64 if shape == "segment" else 16
+    block_r = 16
+    tiles = routing.tiles(block_m)
+    in_f = x.shape[1]
+    rank_blocks = sum(triton.cdiv(p.cap, block_r) for p in pools)
+    splits = splits or _pick_splits(tiles.start.numel() * rank_blocks, in_f, x.device, interp)
+    k_split = triton.cdiv(triton.cdiv(in_f, splits), 128) * 128
+    splits = triton.cdiv(in_f, k_split)  # whole chunks per split can leave the last ones empty: drop those
+    t = torch.empty(splits, routing.num_pairs, width, dtype=torch.float32, device=x.device)
+    # one group per output block lets the expand fold zeros; 128 columns keep its loads wide
+    block_n = max(16, min(128, min(p.group_size for p in pools)))
+    sprec = 0 if interp else SHRINK_PREC[x.dtype]
+    eprec = 0 if interp else EXPAND_PREC[x.dtype]
+    for i in range(0, len(pools), 3):
+        shrink(x, t, pools[i : i + 3], cols[i : i + 3], tiles, routing, block_m, block_r, k_split, sprec)
+    for i in range(0, len(pools), 3):
+        expand(y, t, pools[i : i + 3], cols[i : i + 3], tiles, routing, block_m, block_r, block_n, eprec)
 
 
-def _pick_splits(blocks: int, in_features: int, block_k: int, device: torch.device, interp: bool) -> int:
-    """Split K until the shrink has about two programs per SM (one split under the interpreter)."""
+def _pick_splits(programs: int, in_features: int, device: torch.device, interp: bool) -> int:
+    """Split K until the shrink has about four programs per SM (one split under the interpreter)."""
     if interp or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(triton.cdiv(in_features, block_k), (2 * sms) // max(1, blocks)))
-    # whole K blocks per split can leave the last splits empty: drop those
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
-    return triton.cdiv(in_features, k_per_split)
+    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(MAX_SPLITS, triton.cdiv(in_features, 256), triton.cdiv(target, max(1, programs))))
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -52,18 +52,22 @@ def test_shrink_and_expand_twins_split_the_work():
 def test_storage_reads_back_every_tier_and_survives_growth_and_clear():
     small = make_delta(IN_F, OUT_F, [(2, 2)], seed=5)
     big = make_delta(IN_F, OUT_F, [(4, 8), (4, 4)], group_size=8, seed=6)
-    slots = LowRankSlots(IN_F, OUT_F, 3, 8, "cpu", torch.float32)
+    wide = make_delta(IN_F, OUT_F, [(3, 2), (17, 2)], seed=7)  # one pool, two tiers, past one row block
+    slots = LowRankSlots(IN_F, OUT_F, 3, 20, "cpu", torch.float32)
     slots.load(0, small)
-    before = slots.a.codes.shape[1]
-    slots.load(2, big)  # pools widen; slot 0 must keep its bytes
-    assert slots.a.codes.shape[1] > before
-    for slot, d in ((0, small), (2, big)):
+    slots.load(2, big)
+    assert set(slots.pools) == {(2, 32), (8, 8), (4, 8)}
+    before = slots.pools[(2, 32)].cap
+    slots.load(1, wide)  # the 2-bit pool grows; slot 0 must keep its bytes
+    assert slots.pools[(2, 32)].cap > before
+    for slot, d in ((0, small), (2, big), (1, wide)):
         slots._dense.pop(slot)  # read through the pools, not the CPU copy
         a, s, b = slots.factors(slot)
         ra, rb = d.factors()
         assert torch.equal(a, ra) and torch.equal(b, rb) and torch.equal(s, d.s)
     slots.clear(2)
-    assert slots.loaded == {0} and int(slots.rank[2]) == 0
+    assert slots.loaded == {0, 1} and int(slots.rank[2]) == 0
+    assert set(slots.pools) == {(2, 32)}  # pools nobody uses are dropped
     with pytest.raises(ValueError, match="slots \\[2\\]"):
         add_lowrank(torch.zeros(1, OUT_F), torch.zeros(1, IN_F), slots, RowPacks.build([[(2, 1.0)]], "cpu"))
 
@@ -71,7 +75,8 @@ def test_storage_reads_back_every_tier_and_survives_growth_and_clear():
 def test_memory_follows_bits_used():
     two = load_slots([make_delta(256, 256, [(16, 2)])], max_rank=64, num_slots=4)
     eight = load_slots([make_delta(256, 256, [(16, 8)])], max_rank=64, num_slots=4)
-    assert two.a.codes.numel() * 4 == eight.a.codes.numel()
+    assert two.pools[(2, 32)].a.codes.numel() * 4 == eight.pools[(8, 32)].a.codes.numel()
+    assert two.nbytes < eight.nbytes
 
 
 def test_bad_inputs_are_refused_with_the_value():

@@ -2,9 +2,11 @@
 import pytest
 import torch
 
-from kernels.lowrank_expand import expand_decode, expand_segment
+from kernels.lowrank_expand import expand
 from kernels.lowrank_ops import add_lowrank, expand_torch, shrink_torch
-from kernels.lowrank_shrink import shrink_decode, shrink_segment
+from kernels.lowrank_shrink import shrink
+from kernels.lowrank_triton import pool_columns
+from kernels.quant import dequantize_groupwise
 from kernels.routing import RowPacks
 from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
 
@@ -27,53 +29,63 @@ def batch(rows, dtype, seed, in_f=IN_F, out_f=OUT_F):
     return torch.randn(rows, in_f, generator=g).to(dtype), torch.randn(rows, out_f, generator=g).to(dtype)
 
 
-def rank_mask(slots, routing):
-    """(pairs, max_rank) bool: the t entries a shrink must write."""
-    ranks = slots.rank[routing.pair_slot.long()]
-    return torch.arange(slots.max_rank)[None, :] < ranks[:, None]
+def pool_t64(x, slots, routing):
+    """float64 (pairs, t width) the shrink must produce, from each pool's codes read back, and a mask
+    of the entries it must write (each pair's rows in each pool)."""
+    pools, cols, width = pool_columns(slots)
+    want = torch.zeros(routing.num_pairs, width, dtype=torch.float64)
+    need = torch.zeros(routing.num_pairs, width, dtype=torch.bool)
+    for j, (row, slot) in enumerate(zip(routing.pair_row.tolist(), routing.pair_slot.tolist())):
+        for p, col in zip(pools, cols):
+            n = p.rows[slot]
+            if n:
+                a = dequantize_groupwise(p.a.read(slot, 0, n), torch.float64)
+                want[j, col : col + n] = a @ x[row].double()
+                need[j, col : col + n] = True
+    return want, need
 
 
-@pytest.mark.parametrize("shape", ["decode", "segment"])
+def run_in_groups(fn, slots, *args):
+    """Call a launcher for every three pools, as add_lowrank_triton does."""
+    pools, cols, _ = pool_columns(slots)
+    for i in range(0, len(pools), 3):
+        fn(pools[i : i + 3], cols[i : i + 3], *args)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
-def test_shrink_matches_twin_and_float64(shape, splits):
-    ds = make_deltas()
+def test_shrink_matches_float64_pool_by_pool(splits):
+    ds = make_deltas(in_f=200)
     slots = load_slots(ds, max_rank=24)
+    assert len(slots.pools) > 3  # two launches' worth of pools
     mix = row_mix("fused", 11, len(ds))
     rp = RowPacks.build(mix, "cpu")
-    x, _ = batch(11, torch.float32, 1)
-    t = torch.full((splits, rp.num_pairs, slots.max_rank), float("nan"))  # poison: every needed entry is written
-    if shape == "decode":
-        shrink_decode(x, t, slots, rp, block_r=16, block_k=16 if splits == 1 else 32)
-    else:
-        shrink_segment(x, t, slots, rp, block_m=16, block_r=16, block_k=16, lowp=0)
-    need = rank_mask(slots, rp)
+    x, _ = batch(11, torch.float32, 1, in_f=200)
+    _, _, width = pool_columns(slots)
+    k_split = 128 if splits == 2 else 256
+    t = torch.full((splits, rp.num_pairs, width), float("nan"))  # poison: every needed entry is written
+    tiles = rp.tiles(16)
+    run_in_groups(lambda pools, cols: shrink(x, t, pools, cols, tiles, rp, 16, 16, k_split, 0), slots)
+    want, need = pool_t64(x, slots, rp)
     got = t.sum(0)
     assert torch.isfinite(got[need]).all()
-    twin = shrink_torch(x, slots, rp)
-    torch.testing.assert_close(got[need], twin[need], atol=1e-5, rtol=1e-5)
-    for j, (row, slot) in enumerate(zip(rp.pair_row.tolist(), rp.pair_slot.tolist())):
-        a = ds[slot].factors(torch.float64)[0]
-        torch.testing.assert_close(got[j, : ds[slot].rank].double(), a @ x[row].double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[need].double(), want[need], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", ["decode", "segment"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expand_matches_twin_and_float64(shape, dtype):
+def test_expand_matches_twin_and_float64(dtype):
     ds = make_deltas()
     slots = load_slots(ds, max_rank=24)
     mix = row_mix("fused", 13, len(ds))
     rp = RowPacks.build(mix, "cpu")
     x, y = batch(13, dtype, 2)
-    twin_t = shrink_torch(x, slots, rp)
-    # split the partial sums in two, with NaN past each slot's rank that the kernel must not read
-    t = torch.stack([0.25 * twin_t, 0.75 * twin_t])
-    t[:, ~rank_mask(slots, rp)] = float("nan")
+    want, need = pool_t64(x.float(), slots, rp)
+    # split the partial sums in two, with NaN past each pair's rows that the kernel must not read
+    t = torch.stack([0.25 * want, 0.75 * want]).float()
+    t[:, ~need] = float("nan")
     y_kernel, y_twin = y.clone(), y.clone()
-    if shape == "decode":
-        expand_decode(y_kernel, t, slots, rp, block_r=16, block_n=16)
-    else:
-        expand_segment(y_kernel, t, slots, rp, block_m=16, block_r=16, block_n=16, lowp=0)
-    expand_torch(y_twin, twin_t, slots, rp)
+    tiles = rp.tiles(16)
+    run_in_groups(lambda pools, cols: expand(y_kernel, t, pools, cols, tiles, rp, 16, 16, 16, 0), slots)
+    expand_torch(y_twin, shrink_torch(x, slots, rp), slots, rp)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(y_kernel.float(), y_twin.float(), atol=atol, rtol=rtol)
     torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)
