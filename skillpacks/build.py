@@ -20,12 +20,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from skillpacks.budget import (
     ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, round_stats, sparse_grid,
+    sparse_spectrum,
 )
 from skillpacks.checkpoint import Checkpoint, open_checkpoint
 from skillpacks.compress import (
@@ -87,17 +87,6 @@ def read_delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor:
     return delta
 
 
-def sparse_spectrum_np(delta: torch.Tensor, counts: list[int]) -> list[float]:
-    """Energy of the top-c magnitude entries for each c in `counts` (values only: no index tensors)."""
-    sq = delta.reshape(-1).numpy().astype(np.float32) ** 2
-    top = counts[-1]
-    part = np.partition(sq, sq.size - top)[sq.size - top:]  # the `top` largest, unordered
-    part = np.sort(part)[::-1]
-    starts = np.array([0] + counts[:-1])
-    sums = np.add.reduceat(part, starts, dtype=np.float64)
-    return np.cumsum(sums).tolist()
-
-
 def _spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int):
     if info.method == "lowrank":
         out_f, in_f = info.shape
@@ -108,7 +97,7 @@ def _spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int):
     total = float(delta.double().square().sum())
     if info.method == "sparse":
         counts = sparse_grid(delta.numel())
-        return SparseModule(info.name, info.kind, delta.numel(), counts, sparse_spectrum_np(delta, counts), total)
+        return SparseModule(info.name, info.kind, delta.numel(), counts, sparse_spectrum(delta, counts), total)
     return ExactModule(info.name, info.kind, delta.numel() * 4, total)
 
 
