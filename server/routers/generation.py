@@ -126,23 +126,25 @@ class Generation:
                         yield Piece(text, pending, "stop")
                         return
                     if event.finish_reason is not None:
-                        yield self._last_piece(pending, event.finish_reason)
+                        yield self._last_piece(text, pending, event.finish_reason)
                         return
                     if text:
                         yield Piece(text, pending)
                         pending = []
                 event = await anext(self._events, None)
-            yield self._last_piece(pending, None)
+            yield self._last_piece("", pending, None)
         finally:
             await self.close()
 
-    def _last_piece(self, pending: list[TokenEvent], reason: str | None) -> Piece:
+    def _last_piece(self, head: str, pending: list[TokenEvent], reason: str | None) -> Piece:
+        """`head` (already cleared of stop strings) plus whatever the detokenizer and the stop
+        matcher still hold."""
         text, stopped = self.stops.feed(self.detok.flush())
         if stopped:
-            return Piece(text, pending, "stop")
+            return Piece(head + text, pending, "stop")
         if reason is None:  # the engine ended without saying why: it ran out of budget
             reason = "length" if self.generated >= self.request.sampling.max_tokens else "stop"
-        return Piece(text + self.stops.flush(), pending, reason)
+        return Piece(head + text + self.stops.flush(), pending, reason)
 
     async def close(self) -> None:
         if self._closed:

@@ -42,13 +42,6 @@ class ResponseFormat(BaseModel):
 
     type: str
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, v: str) -> str:
-        if v != "text":
-            raise unsupported("response_format", f"only type 'text' is served, got {v!r}")
-        return v
-
 
 class ChatRequest(GenerationFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -75,6 +68,13 @@ class ChatRequest(GenerationFields):
     def _not_served(cls, v: Any, info) -> Any:
         if v is not None:
             raise unsupported(info.field_name)
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
+        if v is not None and v.type != "text":
+            raise unsupported("response_format", f"only type 'text' is served, got {v.type!r}")
         return v
 
     @field_validator("modalities")

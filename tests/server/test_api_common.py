@@ -21,6 +21,7 @@ from skillpacks.deltas import ExactDelta, ModuleRecord, SparseDelta
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
 from skillpacks.module_kinds import module_kind
+from tests.tiny_models import build_tiny_pair
 
 ADMIN_TOKEN = "admin-token-for-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -112,8 +113,15 @@ def reference_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_pairs):
-    return tiny_pairs["llama"]
+def llama(tiny_root, tiny_tokenizer):
+    """The tied-embedding llama pair (only the pairs a test needs get built)."""
+    return build_tiny_pair("llama", tiny_root, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def other_base(tiny_root, tiny_tokenizer):
+    """A second base with the same shapes but other weights and an untied head."""
+    return build_tiny_pair("llama_untied", tiny_root, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server.test_api_common import ADMIN, ADMIN_TOKEN, serve, settings_for  # noqa: F401
+from tests.server.test_api_common import ADMIN, ADMIN_TOKEN, llama, serve, settings_for  # noqa: F401
 
 
 def app_routes(app):
@@ -28,8 +28,8 @@ def concrete(path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(tiny_pairs, tmp_path_factory):
-    settings = settings_for(tiny_pairs["llama"], tmp_path_factory.mktemp("store"), api_key="inference-key-123")
+def client(llama, tmp_path_factory):
+    settings = settings_for(llama, tmp_path_factory.mktemp("store"), api_key="inference-key-123")
     with serve(settings) as c:
         yield c
 
@@ -72,8 +72,8 @@ def test_no_admin_token_refuses_to_start_unless_asked(tmp_path):
     assert app.state.settings.admin_token is None
 
 
-def test_open_admin_when_asked(tiny_pairs, tmp_path):
-    with serve(settings_for(tiny_pairs["llama"], tmp_path, admin_token=None, no_admin_auth=True)) as c:
+def test_open_admin_when_asked(llama, tmp_path):
+    with serve(settings_for(llama, tmp_path, admin_token=None, no_admin_auth=True)) as c:
         assert c.get("/admin/skillpacks").status_code == 200
 
 

@@ -8,20 +8,20 @@ import pytest
 
 from skillpacks.format import read_manifest
 from tests.server.test_api_common import (  # noqa: F401
-    ADMIN, build_pack, live_server, llama, serve, settings_for, snapshot,
+    ADMIN, build_pack, live_server, llama, other_base, serve, settings_for, snapshot,
 )
 
 PROMPT = "3 plus 4 is"
 
 
 @pytest.fixture(scope="module")
-def pack_files(tiny_pairs, tmp_path_factory):
+def pack_files(llama, other_base, tmp_path_factory):
     """Pack files to upload: two of the llama pair, one built on another base."""
     folder = tmp_path_factory.mktemp("uploads")
     return {
-        "alpha": build_pack(tiny_pairs["llama"], folder / "alpha.skillpack", "alpha").read_bytes(),
-        "beta": build_pack(tiny_pairs["llama"], folder / "beta.skillpack", "beta", scale=-1.0).read_bytes(),
-        "foreign": build_pack(tiny_pairs["llama_untied"], folder / "foreign.skillpack", "foreign").read_bytes(),
+        "alpha": build_pack(llama, folder / "alpha.skillpack", "alpha").read_bytes(),
+        "beta": build_pack(llama, folder / "beta.skillpack", "beta", scale=-1.0).read_bytes(),
+        "foreign": build_pack(other_base, folder / "foreign.skillpack", "foreign").read_bytes(),
     }
 
 
