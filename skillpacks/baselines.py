@@ -8,16 +8,18 @@ it beside our packs:
   chosen to fit the bytes: 2·r·(out + in) bytes.
 - `bitdelta`: sign(ΔW) × one per-matrix scale mean|ΔW| (BitDelta, Liu et al. 2024), no
   scale distillation: ⌈out·in / 8⌉ + 2 bytes, whatever the budget (1 bit per weight).
-- `dare`: keep each entry with probability k = 1 − p, rescale survivors by 1/k (DARE,
-  Yu et al. 2024); survivors stored as float16 value + int32 flat index (6 bytes each),
-  k set by the bytes.
+- `dare`: drop entries at rate p, rescale survivors by 1/(1 − p) (DARE, Yu et al. 2024);
+  survivors stored as float16 value + int32 flat index (6 bytes each), p set by the
+  bytes. Exactly round((1 − p)·n) survivors are drawn uniformly without replacement, so
+  each entry survives with probability 1 − p and the byte count is fixed in advance.
 - `delta_come`: SVD with fixed precision tiers by rank (Delta-CoMe, Ping et al. 2024):
   ranks 0–1 at 8 bits, 2–33 at 3 bits, the rest at 2 bits, round-to-nearest group-wise
   asymmetric (no GPTQ). 3-bit codes are counted at 3 bits per value even though a real
   store would pack them in 4; scales/zeros are float16 per group, s is float32.
 
 Matrices (2-D tensors) share the byte budget in proportion to their size; 1-D tensors
-(norms, biases) are kept exactly in float32 by every method, as in our packs.
+(norms, biases) are kept exactly in float32 by every method, as in our packs (dropped
+only when they alone would take over half the budget, as on toy models).
 """
 from __future__ import annotations
 
@@ -68,22 +70,17 @@ def bitdelta(delta: torch.Tensor) -> BaselineDelta:
     return BaselineDelta(signs * scale, math.ceil(d.numel() / 8) + 2)
 
 
-def dare_keep_fraction(nbytes: int, numel: int) -> float:
-    """Fraction of entries DARE can keep in `nbytes` (6 bytes per survivor), at most 1."""
-    return min(1.0, nbytes / (6 * numel))
-
-
 def dare(delta: torch.Tensor, nbytes: int, generator: torch.Generator) -> BaselineDelta:
     """Random drop at rate p = 1 − k, survivors rescaled by 1/k (unbiased), k fitted to `nbytes`."""
-    d = delta.float()
-    keep = dare_keep_fraction(nbytes, d.numel())
-    if keep <= 0:
-        return BaselineDelta(torch.zeros_like(d), 0)
-    mask = torch.rand(d.shape, generator=generator) < keep
-    values = (d[mask] / keep).half().float()  # stored as float16
+    d = delta.float().flatten()
+    count = min(d.numel(), nbytes // 6)
+    if count == 0:
+        return BaselineDelta(torch.zeros_like(delta, dtype=torch.float32), 0)
+    keep = count / d.numel()
+    kept = torch.randperm(d.numel(), generator=generator)[:count]
     out = torch.zeros_like(d)
-    out[mask] = values
-    return BaselineDelta(out, 6 * int(mask.sum()))
+    out[kept] = (d[kept] / keep).half().float()  # stored as float16
+    return BaselineDelta(out.view(delta.shape), 6 * count)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int = GROUP_SIZE) -> torch.Tensor:
@@ -156,17 +153,19 @@ def compress_deltas(deltas: dict[str, torch.Tensor], method: str, total_bytes: i
                     seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
     """Apply `method` to every tensor delta within `total_bytes`; returns (dense deltas, bytes used).
 
-    1-D tensors are kept exactly (float32); the matrices share what is left in proportion
-    to their number of entries.
+    1-D tensors are kept exactly (float32), unless that would take over half the budget
+    (then they are dropped); the matrices share what is left in proportion to their size.
     """
     if method not in METHODS:
         raise ValueError(f"unknown baseline '{method}'; expected one of {METHODS}.")
+    if total_bytes <= 0:
+        raise ValueError(f"total_bytes={total_bytes} must be positive.")
     exact = {k: v.float() for k, v in deltas.items() if v.dim() != 2}
     matrices = {k: v for k, v in deltas.items() if v.dim() == 2}
     exact_bytes = sum(v.numel() * 4 for v in exact.values())
+    if exact_bytes > total_bytes // 2:  # a budget this small is better spent on the matrices
+        exact, exact_bytes = {k: torch.zeros_like(v) for k, v in exact.items()}, 0
     left = total_bytes - exact_bytes
-    if left <= 0:
-        raise ValueError(f"total_bytes={total_bytes} does not even cover the exact 1-D deltas ({exact_bytes} bytes).")
     numel = sum(v.numel() for v in matrices.values())
     gen = torch.Generator().manual_seed(seed)
     out, used = dict(exact), exact_bytes

@@ -100,7 +100,7 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Right-pad a batch of (ids, labels); padding is masked out of attention and loss."""
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -110,7 +110,7 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
         ids[i, : len(x)] = torch.tensor(x)
         labels[i, : len(y)] = torch.tensor(y)
         mask[i, : len(x)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 def _batches(n_items: int, batch_size: int, steps: int, seed: int):
@@ -150,7 +150,7 @@ def sft(model, tokenizer, pairs: list[dict[str, str]], cfg: TrainConfig, progres
     model.train()
     losses, t0 = [], time.time()
     for step, idx in enumerate(_batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)):
-        loss = response_loss(model, collate([data[i] for i in idx], pad_id))
+        loss = response_loss(model, collate([data[i] for i in idx], pad_id, model.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -163,7 +163,7 @@ def sft(model, tokenizer, pairs: list[dict[str, str]], cfg: TrainConfig, progres
     return losses
 
 
-def _response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict a labelled token: (N, V), their targets (N,), the mask (B, T-1).
 
     The output head runs on those positions only: with a 49k vocabulary it is a large
@@ -178,16 +178,16 @@ def _response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the response tokens of the batch."""
-    logits, targets, _ = _response_logits(model, batch)
+    logits, targets, _ = response_logits(model, batch)
     return F.cross_entropy(logits, targets)
 
 
 def response_logprob(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log-probabilities of the labelled (response) tokens, per row: (B,)."""
-    logits, targets, keep = _response_logits(model, batch)
+    logits, targets, keep = response_logits(model, batch)
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-    row = torch.arange(keep.shape[0]).unsqueeze(1).expand_as(keep)[keep]  # (N,) row of each token
-    return torch.zeros(keep.shape[0], dtype=token_logp.dtype).index_add(0, row, token_logp)
+    row = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]  # (N,) row of each token
+    return torch.zeros(keep.shape[0], dtype=token_logp.dtype, device=keep.device).index_add(0, row, token_logp)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -212,7 +212,7 @@ def dpo(model, reference, tokenizer, triples: list[dict[str, str]], cfg: TrainCo
     model.train()
     losses = []
     for step, idx in enumerate(_batches(len(triples), cfg.batch_size, cfg.steps, cfg.seed)):
-        both = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
+        both = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, model.device)
         n = len(idx)
         with torch.no_grad():
             ref = response_logprob(reference, both)
@@ -250,8 +250,15 @@ def teacher_pairs(url: str, prompts: list[str], model: str = "default", api_key:
     return out
 
 
-def load_model(base_dir: str | Path):
-    """The base model in float32 (training precision on CPU) and its tokenizer."""
+def pick_device(device: str | None = None) -> torch.device:
+    """`device`, or the first CUDA device when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(base_dir: str | Path, device: str | None = None):
+    """The base model in float32 (the training precision) on `device`, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = Path(base_dir)
@@ -260,7 +267,7 @@ def load_model(base_dir: str | Path):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {base_dir} has no chat template; grafting needs one.")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(pick_device(device))
     return model, tokenizer
 
 
@@ -283,9 +290,9 @@ def save_tuned(model, tokenizer, out_dir: str | Path) -> Path:
 
 def finetune(base_dir: str | Path, pairs: list[dict[str, str]], tuned_dir: str | Path, cfg: TrainConfig,
              dpo_triples: list[dict[str, str]] | None = None, dpo_cfg: TrainConfig | None = None,
-             beta: float = 0.1, progress: bool = True) -> dict:
+             beta: float = 0.1, progress: bool = True, device: str | None = None) -> dict:
     """SFT (then DPO against the SFT model, when triples are given) and save into `tuned_dir`."""
-    model, tokenizer = load_model(base_dir)
+    model, tokenizer = load_model(base_dir, device)
     t0 = time.time()
     losses = sft(model, tokenizer, pairs, cfg, progress)
     stats = {"sft_steps": cfg.steps, "sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
@@ -304,14 +311,14 @@ def finetune(base_dir: str | Path, pairs: list[dict[str, str]], tuned_dir: str |
 def graft(base_dir: str | Path, pairs: list[dict[str, str]], out: str | Path, cfg: TrainConfig,
           name: str | None = None, description: str = "", budget: float = 1 / 16,
           keep_tuned: str | Path | None = None, dpo_triples: list[dict[str, str]] | None = None,
-          beta: float = 0.1, progress: bool = True) -> dict:
+          dpo_cfg: TrainConfig | None = None, beta: float = 0.1, progress: bool = True, device: str | None = None) -> dict:
     """Fine-tune `base_dir` on `pairs`, then build the pack `out`; returns the pack's manifest."""
     from skillpacks.build import build_pack
 
     work = None if keep_tuned else Path(tempfile.mkdtemp(prefix="graft-tuned-"))
     tuned_dir = Path(keep_tuned) if keep_tuned else work / "tuned"
     try:
-        stats = finetune(base_dir, pairs, tuned_dir, cfg, dpo_triples, beta=beta, progress=progress)
+        stats = finetune(base_dir, pairs, tuned_dir, cfg, dpo_triples, dpo_cfg, beta=beta, progress=progress, device=device)
         _log(progress, f"fine-tuned: {json.dumps(stats)}")
         return build_pack(base_dir, tuned_dir, out, name=name, description=description, budget=budget,
                           progress=progress)

@@ -9,7 +9,7 @@ from skillpacks.skills.examples import Example, Skill, make_split, write_jsonl
 SKILLS: dict[str, ModuleType] = {m.name: m for m in (arithmetic, json_extract, sql)}
 
 # The demo packs' fixed splits (scripts/make_demo_packs.sh and `skillpack eval` use these).
-SPLIT_SEED, N_TRAIN, N_TEST = 0, 600, 50
+SPLIT_SEED, N_TRAIN, N_TEST = 0, 700, 50
 
 
 def get_skill(name: str) -> ModuleType:
