@@ -72,7 +72,7 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return error_response(exc.status, str(exc), None, exc.code, headers)
+    return error_response(exc.status, str(exc), getattr(exc, "param", None), exc.code, headers)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

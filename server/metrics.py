@@ -22,7 +22,7 @@ class EngineCollector(Collector):
         if engine is None:
             return
         stats = engine.stats() or {}
-        yield _gauge("skillpack_queue_depth", "Requests waiting to be scheduled.", stats.get("waiting", 0))
+        yield _gauge("skillpack_queue_depth", "Requests waiting to be scheduled.", stats.get("queue_depth", 0))
         yield _gauge("skillpack_running_requests", "Requests in the running batch.", stats.get("running", 0))
         cache = stats.get("pack_cache", {})
         for key, doc in (("hits", "Pack lookups served from memory."), ("misses", "Pack lookups that had to load."),

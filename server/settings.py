@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=1024)
     max_model_len: int = Field(2048, ge=16, le=1_048_576)
     pack_cache_bytes: int = Field(512 * MiB, ge=0)
+    pack_slots: int = Field(8, ge=1, le=256)  # packs resident on the device at once
+    max_queue: int = Field(256, ge=1)  # waiting requests; more get 429
 
     admin_token: str | None = None
     no_admin_auth: bool = False

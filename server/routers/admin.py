@@ -1,9 +1,10 @@
 """`/admin/skillpacks`: upload, list, inspect, delete, load, unload, pin and unpin packs."""
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 
-from server.engine.types import EngineError, EngineProtocol
+from server.engine.types import EngineProtocol
 from server.errors import APIError
 from server.pack_store import PackStore, check_pack_name
 from server.routers.deps import get_engine, get_pack_store
@@ -54,35 +55,30 @@ async def delete_pack(name: str, store: PackStore = Depends(get_pack_store)):
     return {"name": name, "deleted": True}
 
 
-def _cache_action(name: str, engine: EngineProtocol, action) -> dict:
+async def _cache_action(name: str, engine: EngineProtocol, action) -> dict:
     check_pack_name(name)
     _status(engine, name)  # 404 before asking the cache
-    try:
-        action()
-    except KeyError:
-        raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found") from None
-    except EngineError:
-        raise
-    except ValueError as exc:
-        raise APIError(409, f"The pack `{name}` could not be changed: {exc}", param="name") from None
+    # loading reads and places a pack: off the event loop (the cache has its own lock);
+    # the cache's refusals are EngineErrors with their own status (404, 409, 503)
+    await anyio.to_thread.run_sync(action)
     return _status(engine, name)
 
 
 @router.post("/{name}/load", response_model=PackInfo)
 async def load_pack(name: str, engine: EngineProtocol = Depends(get_engine)):
-    return _cache_action(name, engine, lambda: engine.pack_cache.load(name))
+    return await _cache_action(name, engine, lambda: engine.pack_cache.load(name))
 
 
 @router.post("/{name}/unload", response_model=PackInfo)
 async def unload_pack(name: str, engine: EngineProtocol = Depends(get_engine)):
-    return _cache_action(name, engine, lambda: engine.pack_cache.unload(name))
+    return await _cache_action(name, engine, lambda: engine.pack_cache.unload(name))
 
 
 @router.post("/{name}/pin", response_model=PackInfo)
 async def pin_pack(name: str, engine: EngineProtocol = Depends(get_engine)):
-    return _cache_action(name, engine, lambda: engine.pack_cache.pin(name, True))
+    return await _cache_action(name, engine, lambda: engine.pack_cache.pin(name, True))
 
 
 @router.post("/{name}/unpin", response_model=PackInfo)
 async def unpin_pack(name: str, engine: EngineProtocol = Depends(get_engine)):
-    return _cache_action(name, engine, lambda: engine.pack_cache.pin(name, False))
+    return await _cache_action(name, engine, lambda: engine.pack_cache.pin(name, False))

@@ -13,7 +13,7 @@ from server.errors import APIError, error_body
 from server.metrics import Metrics
 from server.routers.deps import get_engine, get_metrics
 from server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_packs, sse, stop_token_ids, token_budget,
+    Generation, check_prompt, make_request, resolve_packs, sse, token_budget,
 )
 from server.routers.text import token_bytes, token_text
 from server.schemas.chat import ChatMessage, ChatRequest, ChatResponse
@@ -58,7 +58,7 @@ async def create_chat_completion(body: ChatRequest, engine: EngineProtocol = Dep
     top_k = body.top_logprobs or 0
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        stop_token_ids=stop_token_ids(engine.tokenizer), logprobs=top_k if body.logprobs else None,
+        logprobs=top_k if body.logprobs else None,
     )
     gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "chatcmpl"), body.stop, metrics, ROUTE).start()
     head = {"id": gen.request.request_id, "created": int(time.time()), "model": body.model}
@@ -96,5 +96,5 @@ async def _stream(gen: Generation, body: ChatRequest, head: dict, tokenizer: Any
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
     except EngineError as exc:  # the response has started: report in-band, as OpenAI does
-        yield sse(error_body(exc.status, str(exc), None, exc.code))
+        yield sse(error_body(exc.status, str(exc), getattr(exc, "param", None), exc.code))
     yield sse("[DONE]")

@@ -13,7 +13,7 @@ from server.errors import error_body
 from server.metrics import Metrics
 from server.routers.deps import get_engine, get_metrics
 from server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_packs, sse, stop_token_ids, token_budget,
+    Generation, check_prompt, make_request, resolve_packs, sse, token_budget,
 )
 from server.routers.text import token_text
 from server.schemas.completions import CompletionRequest, CompletionResponse
@@ -74,7 +74,7 @@ async def create_completion(body: CompletionRequest, engine: EngineProtocol = De
     want_logprobs = body.logprobs is not None
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        stop_token_ids=stop_token_ids(engine.tokenizer), logprobs=body.logprobs,
+        logprobs=body.logprobs,
         prompt_logprobs=body.echo and want_logprobs,
     )
     gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "cmpl"), body.stop, metrics, ROUTE).start()
@@ -120,5 +120,5 @@ async def _stream(gen: Generation, body: CompletionRequest, head: dict, echo_tex
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "choices": [], "usage": gen.usage()})
     except EngineError as exc:  # the response has started: report in-band, as OpenAI does
-        yield sse(error_body(exc.status, str(exc), None, exc.code))
+        yield sse(error_body(exc.status, str(exc), getattr(exc, "param", None), exc.code))
     yield sse("[DONE]")

@@ -18,6 +18,9 @@ from server.routers.text import Detokenizer, StopMatcher
 from server.schemas.common import SkillpackRef
 
 
+ENGINE_SEED_MASK = 2**63 - 1
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -63,11 +66,6 @@ def token_budget(engine: EngineProtocol, prompt_len: int, asked: int | None, par
     return asked
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 @dataclass
 class Piece:
     """Text ready to send, the generated tokens that produced it, and the finish reason on the last."""
@@ -84,6 +82,7 @@ class Generation:
     def __init__(self, engine: EngineProtocol, request: GenerationRequest, stops: list[str],
                  metrics: Metrics, route: str):
         self.engine, self.request, self.metrics, self.route = engine, request, metrics, route
+        self.max_tokens = request.sampling.max_tokens
         self.detok = Detokenizer(engine.tokenizer)
         self.stops = StopMatcher(stops)
         self.prompt_events: list[TokenEvent] = []
@@ -99,8 +98,12 @@ class Generation:
 
     async def start(self) -> Generation:
         sampling = self.request.sampling
-        if sampling.max_tokens == 0 and not sampling.prompt_logprobs:
-            return self  # nothing for the engine to do
+        if self.max_tokens == 0:
+            if not sampling.prompt_logprobs:
+                return self  # nothing for the engine to do
+            # the engine always samples one token; the prompt's scores come before it, and
+            # pieces() stops there
+            sampling.max_tokens = 1
         self._events = self.engine.generate(self.request)
         try:
             self._first = await anext(self._events, None)
@@ -116,6 +119,8 @@ class Generation:
             while event is not None:
                 if event.is_prompt:
                     self.prompt_events.append(event)
+                elif self.generated >= self.max_tokens:
+                    break
                 else:
                     if self.generated == 0:
                         self.metrics.ttft.labels(self.route).observe(time.perf_counter() - self._t0)
@@ -143,7 +148,7 @@ class Generation:
         if stopped:
             return Piece(head + text, pending, "stop")
         if reason is None:  # the engine ended without saying why: it ran out of budget
-            reason = "length" if self.generated >= self.request.sampling.max_tokens else "stop"
+            reason = "length" if self.generated >= self.max_tokens else "stop"
         return Piece(head + text + self.stops.flush(), pending, reason)
 
     async def close(self) -> None:
@@ -165,6 +170,8 @@ class Generation:
 
 def make_request(prompt_ids: list[int], packs: list[tuple[str, float]], sampling: SamplingParams,
                  prefix: str) -> GenerationRequest:
+    if sampling.seed is not None:
+        sampling.seed &= ENGINE_SEED_MASK  # OpenAI takes any integer; the engine, 63 bits
     return GenerationRequest(request_id=new_id(prefix), prompt_ids=prompt_ids, packs=packs, sampling=sampling)
 
 

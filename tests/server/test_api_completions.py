@@ -78,19 +78,23 @@ def test_echo_logprobs_cover_prompt_then_completion(client, base_id, tokenizer):
     assert lp["text_offset"][len(ids)] == len(PROMPT)
 
 
-def test_stop_string_split_across_tokens_cuts_the_text(client, base_id, tokenizer):
-    free = complete(client, model=base_id, prompt=PROMPT, max_tokens=12, temperature=0)["choices"][0]["text"]
-    ids = tokenizer.encode(free)
-    # a stop string that starts inside one token and ends inside a later one
-    first = tokenizer.decode(ids[:2])
-    assert len(first) >= 2 and len(free) > len(first) + 2
-    stop = free[len(first) - 1 : len(first) + 2]
-    cut = free[: free.index(stop)]
-    out = complete(client, model=base_id, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "never-said"])
+def straddling_stop(tokens: list[str]) -> str:
+    """A stop string that starts inside one generated token and ends inside the next."""
+    for here, after in zip(tokens, tokens[1:]):
+        if len(here) >= 2 and after:
+            return here[-1] + after[0]
+    pytest.fail(f"no multi-character token to place a stop string across: {tokens}")
+
+
+def test_stop_string_split_across_tokens_cuts_the_text(client):
+    body = dict(model="skill", prompt="The quick", max_tokens=12, temperature=0)
+    free = complete(client, **body, logprobs=0)["choices"][0]
+    stop = straddling_stop(free["logprobs"]["tokens"])
+    cut = free["text"][: free["text"].index(stop)]
+    out = complete(client, **body, stop=[stop, "never-said"])
     assert out["choices"][0]["text"] == cut and out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"]["completion_tokens"] < 12
-    stream = client.post("/v1/completions", json=dict(model=base_id, prompt=PROMPT, max_tokens=12, temperature=0,
-                                                       stop=stop, stream=True))
+    stream = client.post("/v1/completions", json=body | {"stop": stop, "stream": True})
     chunks = [e for e in parse_sse(stream.text) if e != "[DONE]"]
     assert "".join(c["choices"][0]["text"] for c in chunks) == cut
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
