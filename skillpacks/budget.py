@@ -19,7 +19,6 @@ that opens them, with multi-rank bundles considered so a fixed cost is amortised
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -315,17 +314,3 @@ def uniform_plans(modules: list[Module], rank_fraction: float, bits: int, keep_f
         else:
             plans[m.name] = Plan("exact")
     return plans
-
-
-def round_stats(stats: dict, digits: int = 6) -> dict:
-    """Stats with floats rounded to `digits` significant digits (keeps the manifest small)."""
-    def rnd(v):
-        if isinstance(v, float):
-            return float(f"{v:.{digits}g}")
-        if isinstance(v, list):
-            return [rnd(x) for x in v]
-        if isinstance(v, dict):
-            return {k: rnd(x) for k, x in v.items()}
-        return v
-
-    return json.loads(json.dumps(rnd(stats)))

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from skillpacks.budget import (
-    ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, round_stats, sparse_grid,
+    ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, sparse_grid,
     sparse_spectrum,
 )
 from skillpacks.checkpoint import Checkpoint, open_checkpoint
@@ -119,6 +119,17 @@ def _output_error(delta: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor) 
     d, e = delta.double(), delta.double() - approx.double()
     num, den = float(torch.einsum("oi,ij,oj->", e, h, e)), float(torch.einsum("oi,ij,oj->", d, h, d))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+
+
+def _round_floats(value, digits: int = 6):
+    """`value` with every float rounded to `digits` significant digits (keeps the manifest small)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, list):
+        return [_round_floats(v, digits) for v in value]
+    if isinstance(value, dict):
+        return {k: _round_floats(v, digits) for k, v in value.items()}
+    return value
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -258,7 +269,7 @@ def _write(out: Path, name: str, description: str, fingerprint: dict, changed: l
             stats["calib_rel_error"] = _output_error(read_delta(base, tuned, info.name), approx, covs[info.name])
         if info.name == EMBEDDING_NAME and tied:
             stats["tied_lm_head"] = True  # this one delta also serves the tied output head
-        records.append(ModuleRecord(info.name, info.kind, stats["method"], list(info.shape), round_stats(stats)))
+        records.append(ModuleRecord(info.name, info.kind, stats["method"], list(info.shape), _round_floats(stats)))
         deltas[info.name] = delta_obj
     target = out if final else _staging(out)
     return write_pack(target, name, description, fingerprint, deltas, records, build)

@@ -173,8 +173,12 @@ def collect_input_covariances(base_dir: str | Path, texts: list[str], weight_nam
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"calibration runs the base model, but {base_dir} cannot be loaded with its "
+                         f"tokenizer by transformers ({str(e)[:300]}).") from e
     model.eval()
     modules = dict(model.named_modules())
     wanted = {name[: -len(".weight")]: name for name in weight_names if name.endswith(".weight")}

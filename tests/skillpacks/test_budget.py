@@ -84,7 +84,7 @@ def test_allocation_respects_the_budget_and_forms_valid_tiers(tiny_pairs, budget
     assert payload <= budget  # the estimate of payload bytes is exact, not just a guess
 
 
-@pytest.mark.parametrize("arch", ["llama_untied", "mistral"])
+@pytest.mark.parametrize("arch", ["llama_untied", "qwen2"])
 @pytest.mark.parametrize("rank_fraction,bits,keep", [(0.125, 4, 0.02), (0.25, 2, 0.05), (0.25, 8, 0.01)])
 def test_allocation_beats_a_uniform_split_at_equal_bytes(tiny_pairs, arch, rank_fraction, bits, keep):
     deltas = _deltas(tiny_pairs[arch])
