@@ -50,7 +50,8 @@ def sparse_delta(delta: torch.Tensor, keep: float = 0.1) -> SparseDelta:
 
 
 def make_test_pack(pair, out, name="skill", rank=8, tier_bits=(8, 4)):
-    """Build a pack from the real delta of a tiny (base, tuned) pair; returns (manifest, deltas)."""
+    """Build a pack from the real delta of a tiny (base, tuned) pair; returns (manifest, deltas).
+    `rank` is one rank for every linear, or a function of the tensor name."""
     base, tuned = open_checkpoint(pair.base), open_checkpoint(pair.tuned)
     deltas, records = {}, []
     for tname in base.names():
@@ -59,7 +60,8 @@ def make_test_pack(pair, out, name="skill", rank=8, tier_bits=(8, 4)):
         if kind in ("embedding", "lm_head"):
             d, method = sparse_delta(delta), "sparse"
         elif delta.dim() == 2:
-            d, method = lowrank_delta(delta, rank, tier_bits), "lowrank"
+            r = rank(tname) if callable(rank) else rank
+            d, method = lowrank_delta(delta, r, tier_bits), "lowrank"
         else:
             d, method = ExactDelta(delta), "exact"
         deltas[tname] = d
