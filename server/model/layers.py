@@ -18,6 +18,7 @@ from server.model.batch import PackRouting, StepBatch
 from server.model.config import ModelConfig
 from server.model.kv_cache import PagedKVCache
 from server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from server.model.sparse_rows import gather_rows, times_transposed
 
 
 class DeltaLinear(nn.Module):
@@ -72,7 +73,7 @@ class DeltaEmbedding(nn.Module):
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-        self.sparse: dict[int, torch.Tensor] = {}  # slot -> sparse COO ΔE (vocab, dim)
+        self.sparse: dict[int, torch.Tensor] = {}  # slot -> float32 CSR ΔE (vocab, dim)
 
     def forward(self, ids: torch.Tensor, packs: PackRouting | None) -> torch.Tensor:
         x = F.embedding(ids, self.weight)
@@ -80,8 +81,8 @@ class DeltaEmbedding(nn.Module):
             return x
         for slot in packs.active_slots & self.sparse.keys():
             rows, weights = packs.rows_of(slot)
-            delta_rows = self.sparse[slot].index_select(0, ids[rows]).to_dense()  # (n, dim)
-            x.index_add_(0, rows, (delta_rows.float() * weights[:, None]).to(x.dtype))
+            delta_rows = gather_rows(self.sparse[slot], ids[rows])  # (n, dim)
+            x.index_add_(0, rows, (delta_rows * weights[:, None]).to(x.dtype))
         return x
 
 
@@ -96,7 +97,7 @@ def project_to_vocab(
     for slot in packs.active_slots & sparse.keys():
         sub, weights = packs.rows_of(slot, rows)
         if sub.numel():
-            delta = torch.sparse.mm(sparse[slot], h[sub].T).T.float()  # (n, vocab)
+            delta = times_transposed(sparse[slot], h[sub])  # (n, vocab)
             logits.index_add_(0, sub, delta * weights[:, None])
     return logits
 

@@ -8,7 +8,7 @@ base checkpoint's names, so each maps to one module:
 - `*_proj.bias`           ExactDelta    -> that linear's bias table (num_slots, out)
 - `*norm.weight`          ExactDelta    -> that norm's table (num_slots, dim)
 - `model.embed_tokens.weight`, `lm_head.weight`
-                          SparseDelta (or ExactDelta) -> a sparse COO matrix per slot;
+                          SparseDelta (or ExactDelta) -> a float32 CSR matrix per slot;
                           with tied embeddings the embedding delta also changes the output.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from kernels.factors import LowRankDelta
 from kernels.lowrank_ops import LowRankSlots
 from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
+from server.model.sparse_rows import to_csr
 from skillpacks.deltas import ExactDelta, SparseDelta
 
 
@@ -85,7 +86,7 @@ class PackSlots:
                 module.delta[slot] = delta.delta.to(self.device, torch.float32)
                 module.loaded.add(slot)
             else:
-                module.sparse[slot] = self._sparse_matrix(delta)
+                module.sparse[slot] = to_csr(delta, self.device)
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
@@ -101,16 +102,6 @@ class PackSlots:
                 module.loaded.discard(slot)
             else:
                 module.sparse.pop(slot, None)
-
-    def _sparse_matrix(self, delta: SparseDelta | ExactDelta) -> torch.Tensor:
-        """A coalesced COO (rows, cols) matrix in the model's dtype on the device."""
-        if isinstance(delta, ExactDelta):
-            return delta.delta.to(self.device, self.dtype).to_sparse_coo().coalesce()
-        rows, cols = delta.shape
-        flat = delta.indices.long()
-        index = torch.stack([flat // cols, flat % cols])
-        values = delta.values.to(self.dtype)
-        return torch.sparse_coo_tensor(index, values, (rows, cols)).coalesce().to(self.device)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

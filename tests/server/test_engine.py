@@ -12,6 +12,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.sampling import sample_tokens, top_p_filter
 from server.engine.types import EngineError, GenerationRequest, SamplingParams
+from tests.tiny_models import build_tiny_pair
 
 PROMPTS = [[5, 17, 99, 3, 250, 11, 7, 42, 8, 12, 30], [8, 9, 10], [300, 2, 77, 77, 120, 64, 1], [44]]
 
@@ -44,8 +45,8 @@ def greedy(prompt, n=8, rid="r", packs=(), **kw):
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_pairs):
-    return tiny_pairs["qwen2"]
+def pair(tiny_root, tiny_tokenizer):
+    return build_tiny_pair("qwen2", tiny_root, tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")

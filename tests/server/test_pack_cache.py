@@ -16,15 +16,16 @@ from server.model.pack_slots import PackSlots
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import read_pack
+from tests.tiny_models import build_tiny_pair
 from tests.server.test_runtime import (
     ATOL, PROMPTS, merged_model, noise_delta, reference_logits, run_chunks, tuned_delta, write_test_pack,
 )
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_pairs, tmp_path_factory):
+def setup(tiny_root, tiny_tokenizer, tmp_path_factory):
     """The llama runtime and three packs (skill, noise A, noise B) written to disk."""
-    pair = tiny_pairs["llama"]
+    pair = build_tiny_pair("llama", tiny_root, tiny_tokenizer)
     folder = tmp_path_factory.mktemp("cache-packs")
     fp = base_fingerprint(open_checkpoint(pair.base))
     dense = tuned_delta(pair.base, pair.tuned)
@@ -166,8 +167,8 @@ def test_host_memory_stays_within_budget(setup):
     assert [s.state for s in cache.status()] == ["device"] * 3  # device copies are independent
 
 
-def test_pack_for_another_base_is_refused(setup, tiny_pairs):
-    other = tiny_pairs["llama_untied"]
+def test_pack_for_another_base_is_refused(setup, tiny_root, tiny_tokenizer):
+    other = build_tiny_pair("llama_untied", tiny_root, tiny_tokenizer)
     path = write_test_pack(setup[4] / "other.skillpack", "other", other.base,
                            tuned_delta(other.base, other.tuned))
     cache = make_cache(setup)

@@ -25,6 +25,7 @@ from skillpacks.deltas import ExactDelta, ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
 from skillpacks.module_kinds import module_kind
+from tests.tiny_models import build_tiny_pair
 
 ATOL = 2e-4  # fp32 logits of a 2-layer model: the runtime and transformers differ by ~1e-6
 
@@ -114,7 +115,8 @@ def run_chunks(model, kv, prompts, packs, split: int):
             if part:
                 chunks.append(SeqChunk(part, lo, pages[i], list(range(len(part))), packs[i]))
                 owners.append((i, len(part)))
-        logits = model(build_step(chunks, kv.page_size, max(model.num_pack_slots, 1), "cpu"), kv)
+        device = kv.k[0].device
+        logits = model(build_step(chunks, kv.page_size, max(model.num_pack_slots, 1), device), kv)
         row = 0
         for i, n in owners:
             out[i].append(logits[row : row + n])
@@ -135,33 +137,37 @@ def test_base_logits_match_transformers(tiny_pair, runtime_of):
         torch.testing.assert_close(logits, reference_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-def test_pack_rows_match_merged_models(tiny_pair, runtime_of):
+def check_pack_rows(pair, model, device, atol):
     """One batch: a base row, a row per pack and a fused row, each equal to its merged model."""
-    model = runtime_of(tiny_pair)
-    kv = PagedKVCache(model.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
+    kv = PagedKVCache(model.config, num_pages=16, page_size=4, device=device, dtype=model.model.norm.weight.dtype)
     slots = PackSlots(model, num_slots=4)
-    dense = tuned_delta(tiny_pair.base, tiny_pair.tuned)
+    dense = tuned_delta(pair.base, pair.tuned)
     skill, _ = compress_deltas(dense)
     noise, _ = compress_deltas(noise_delta(dense, seed=3))
     slots.load(1, skill)
     slots.load(3, noise)
-    try:
-        rows = [[], [(1, 1.0)], [(3, 1.0)], [(1, 0.6), (3, 0.4)]]
-        prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
-        got = run_chunks(model, kv, prompts, rows, split=4)
-        oracles = [[], [(skill, 1.0)], [(noise, 1.0)], [(skill, 0.6), (noise, 0.4)]]
-        for ids, logits, mix in zip(prompts, got, oracles):
-            torch.testing.assert_close(logits, reference_logits(merged_model(tiny_pair.base, mix), ids),
-                                       atol=ATOL, rtol=0)
-        # the pack really changes the output: a check that could not pass if deltas were ignored
-        assert (got[0] - got[1]).abs().max() > 100 * ATOL
-    finally:
-        slots.clear(1)
-        slots.clear(3)
+    rows = [[], [(1, 1.0)], [(3, 1.0)], [(1, 0.6), (3, 0.4)]]
+    prompts = [PROMPTS[0], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    got = [g.cpu() for g in run_chunks(model, kv, prompts, rows, split=4)]
+    oracles = [[], [(skill, 1.0)], [(noise, 1.0)], [(skill, 0.6), (noise, 0.4)]]
+    for ids, logits, mix in zip(prompts, got, oracles):
+        torch.testing.assert_close(logits, reference_logits(merged_model(pair.base, mix), ids), atol=atol, rtol=0)
+    # the pack really changes the output: a check that could not pass if deltas were ignored
+    assert (got[0] - got[1]).abs().max() > 100 * atol
 
 
-def test_cleared_slot_leaves_base_model(tiny_pairs, runtime_of):
-    pair = tiny_pairs["qwen2"]
+def test_pack_rows_match_merged_models(tiny_pair, runtime_of):
+    check_pack_rows(tiny_pair, runtime_of(tiny_pair), "cpu", ATOL)
+
+
+@pytest.mark.gpu
+def test_pack_rows_match_merged_models_on_cuda(tiny_pair):
+    """The same batch on CUDA in fp32: the Triton kernels' TF32 dots allow a looser bound."""
+    check_pack_rows(tiny_pair, load_model(tiny_pair.base, "cuda", torch.float32), "cuda", 2e-3)
+
+
+def test_cleared_slot_leaves_base_model(tiny_root, tiny_tokenizer, runtime_of):
+    pair = build_tiny_pair("qwen2", tiny_root, tiny_tokenizer)
     model = runtime_of(pair)
     kv = PagedKVCache(model.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
     slots = PackSlots(model, num_slots=2)
@@ -173,8 +179,8 @@ def test_cleared_slot_leaves_base_model(tiny_pairs, runtime_of):
     torch.testing.assert_close(got, reference_logits(hf, PROMPTS[0]), atol=ATOL, rtol=0)
 
 
-def test_sliding_window_matches_transformers(tiny_pairs, tmp_path):
-    pair = tiny_pairs["mistral"]
+def test_sliding_window_matches_transformers(tiny_root, tiny_tokenizer, tmp_path):
+    pair = build_tiny_pair("mistral", tiny_root, tiny_tokenizer)
     folder = tmp_path / "mistral-window"
     shutil.copytree(pair.base, folder)
     cfg = json.loads((folder / "config.json").read_text())
@@ -225,8 +231,8 @@ def test_unsupported_rope_type_is_refused():
         ModelConfig.from_dict(cfg)
 
 
-def test_pack_slots_refuse_foreign_deltas(tiny_pairs, runtime_of):
-    pair = tiny_pairs["llama"]
+def test_pack_slots_refuse_foreign_deltas(tiny_root, tiny_tokenizer, runtime_of):
+    pair = build_tiny_pair("llama", tiny_root, tiny_tokenizer)
     slots = PackSlots(runtime_of(pair), num_slots=1)
     with pytest.raises(ValueError, match="'lm_head.weight'.*does not have"):
         slots.load(0, {"lm_head.weight": ExactDelta(torch.zeros(384, 64))})  # tied base: no lm_head
@@ -234,3 +240,21 @@ def test_pack_slots_refuse_foreign_deltas(tiny_pairs, runtime_of):
         slots.load(0, {"model.norm.weight": ExactDelta(torch.zeros(32))})
     with pytest.raises(ValueError, match="q_proj.weight.*ExactDelta.*LowRankDelta"):
         slots.load(0, {"model.layers.0.self_attn.q_proj.weight": ExactDelta(torch.zeros(64, 64))})
+
+
+def test_sparse_rows_gather_and_product_match_dense():
+    from server.model.sparse_rows import gather_rows, times_transposed, to_csr
+    from skillpacks.deltas import SparseDelta
+
+    g = torch.Generator().manual_seed(0)
+    dense = torch.randn(40, 24, generator=g) * (torch.rand(40, 24, generator=g) < 0.15)
+    dense[7] = 0  # an empty row
+    flat = dense.flatten().nonzero().squeeze(1)
+    sparse = SparseDelta(flat.int(), dense.flatten()[flat].half(), (40, 24))
+    dense = sparse.dense()
+    ids = torch.tensor([7, 3, 3, 39, 0, 12])
+    h = torch.randn(5, 24, generator=g)
+    for delta in (sparse, ExactDelta(dense)):
+        csr = to_csr(delta, "cpu")
+        torch.testing.assert_close(gather_rows(csr, ids), dense[ids], atol=0, rtol=0)
+        torch.testing.assert_close(times_transposed(csr, h), h @ dense.T, atol=1e-5, rtol=0)
