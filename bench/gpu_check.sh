@@ -7,18 +7,18 @@ OUT="${OUT:?set OUT to the folder where results should be written}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 # tests/conftest.py turns the interpreter on unless told otherwise: compile for the GPU
-export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 
 start=$SECONDS
-timeout 200 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
+timeout 60 python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout 240 python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench-kernels.log"
+timeout 85 python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench-kernels.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc in $((SECONDS - start)) s"
 

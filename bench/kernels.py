@@ -101,7 +101,7 @@ def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
         y.index_add_(0, rows, ((t.to(x.dtype) @ b.T.to(x.dtype)) * w[:, None].to(x.dtype)))
 
 
-def gpu_cases(quick: bool) -> dict:
+def gpu_cases(quick: bool, out_dir: Path | None = None) -> dict:
     from triton.testing import do_bench
 
     from kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
@@ -113,7 +113,8 @@ def gpu_cases(quick: bool) -> dict:
     rows_out = []
     shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
     header = (f"{'in x out':>12} {'batch':>5} {'packs':>5} {'shape':>7} {'base us':>8} {'kern us':>8} "
-              f"{'graph us':>8} {'dec us':>7} {'seg us':>7} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5}")
+              f"{'graph us':>8} {'dec us':>7} {'seg us':>7} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5} "
+              f"{'stepG us':>8} {'baseG us':>8} {'step+%':>6}")
     print(header)
     for in_f, out_f in shapes:
         num_slots = max(PACK_COUNTS)
@@ -136,7 +137,10 @@ def gpu_cases(quick: bool) -> dict:
                 graph_ms = graph_timer(lambda: add_lowrank(y, x, slots, routing), device)
                 forced = {s: graph_timer(lambda: add_lowrank(y, x, slots, routing, shape=s), device)
                           for s in ("decode", "segment")}
-                deq_ms = do_bench(lambda: dequant_then_matmul(y, x, slots, routing), warmup=3, rep=20)
+                # the decode step as served: base GEMM then the deltas, one graph, against the GEMM alone
+                base_graph_ms = graph_timer(lambda: torch.matmul(x, w.T, out=y), device)
+                step_ms = graph_timer(lambda: (torch.matmul(x, w.T, out=y), add_lowrank(y, x, slots, routing)), device)
+                deq_ms = do_bench(lambda: dequant_then_matmul(y, x, slots, routing), warmup=3, rep=10)
                 per_slot = routing.num_pairs / len(used)
                 shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
                 gbs = must_read / (graph_ms * 1e-3) / 1e9
@@ -145,6 +149,8 @@ def gpu_cases(quick: bool) -> dict:
                     "base_us": base_ms * 1e3, "kernels_us": kern_ms * 1e3, "kernels_graph_us": graph_ms * 1e3,
                     "graph_decode_us": forced["decode"] * 1e3, "graph_segment_us": forced["segment"] * 1e3,
                     "deq_matmul_us": deq_ms * 1e3, "overhead_pct": 100 * graph_ms / base_ms,
+                    "base_graph_us": base_graph_ms * 1e3, "step_graph_us": step_ms * 1e3,
+                    "step_over_base_pct": 100 * (step_ms / base_graph_ms - 1),
                     "overhead_eager_pct": 100 * kern_ms / base_ms, "bytes_read": must_read,
                     "achieved_gbs": gbs, "pct_of_copy_bw": 100 * gbs / copy_gbs,
                 }
@@ -152,12 +158,19 @@ def gpu_cases(quick: bool) -> dict:
                 print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(used):>5} {shape:>7} {row['base_us']:>8.1f} "
                       f"{row['kernels_us']:>8.1f} {row['kernels_graph_us']:>8.1f} "
                       f"{row['graph_decode_us']:>7.1f} {row['graph_segment_us']:>7.1f} {row['deq_matmul_us']:>8.1f} "
-                      f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f}")
+                      f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f} "
+                      f"{row['step_graph_us']:>8.1f} {row['base_graph_us']:>8.1f} {row['step_over_base_pct']:>6.1f}")
         del slots, deltas, w
         torch.cuda.empty_cache()
+        write_json(_gpu_result(device, copy_gbs, rows_out), out_dir)  # a shape at a time, in case of a timeout
+    return _gpu_result(device, copy_gbs, rows_out)
+
+
+def _gpu_result(device, copy_gbs: float, rows_out: list) -> dict:
     return {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16", "copy_bandwidth_gbs": copy_gbs,
             "torch": torch.__version__, "triton": _triton_version(), "cases": rows_out,
-            "notes": "overhead_pct = kernels (CUDA graph) / base GEMM x 100; eager adds Python launch cost"}
+            "notes": ("overhead_pct = kernels (CUDA graph) / base GEMM x 100; eager adds Python launch cost; "
+                      "step_over_base_pct = (base GEMM + kernels in one graph) / (base GEMM alone in a graph) - 1")}
 
 
 def cpu_cases() -> dict:
@@ -222,8 +235,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON into this folder")
     ap.add_argument("--quick", action="store_true", help="GPU: only the 4096x4096 shape")
     args = ap.parse_args()
-    result = gpu_cases(args.quick) if torch.cuda.is_available() else cpu_cases()
-    write_json(result, args.out)
+    if torch.cuda.is_available():
+        gpu_cases(args.quick, args.out)
+    else:
+        write_json(cpu_cases(), args.out)
     return 0
 
 

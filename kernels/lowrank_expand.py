@@ -26,7 +26,7 @@ def _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, n
     sp = tl.arange(0, BLOCK_S)
     PER_WORD: tl.constexpr = 32 // BITS
     WN: tl.constexpr = BLOCK_N // PER_WORD
-    w = n0 // PER_WORD + tl.arange(0, WN)
+    w = tl.program_id(1) * WN + tl.arange(0, WN)  # n0 // PER_WORD, visibly aligned
     w_mask = w < words
     t_rows = (sp[:, None] * num_pairs + start + m[None, :]).to(tl.int64) * t_width + t_col  # (S, M)
     for r0 in range(0, rank, BLOCK_R):
@@ -34,9 +34,12 @@ def _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, n
         r_mask = r < rank
         vec = slot.to(tl.int64) * cap + r
         mr_mask = m_mask[:, None] & r_mask[None, :]
-        parts = tl.load(t_ptr + t_rows[:, :, None] + r[None, None, :],
-                        mask=(sp < num_splits)[:, None, None] & mr_mask[None, :, :], other=0.0)
-        c = tl.sum(parts, axis=0) * tl.load(s_ptr + vec, mask=r_mask, other=0.0)[None, :]  # (M, R)
+        tt = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):  # BLOCK_S splits per wide load
+            parts = tl.load(t_ptr + s0 * num_pairs * t_width + t_rows[:, :, None] + r[None, None, :],
+                            mask=(s0 + sp < num_splits)[:, None, None] & mr_mask[None, :, :], other=0.0)
+            tt += tl.sum(parts, axis=0)
+        c = tt * tl.load(s_ptr + vec, mask=r_mask, other=0.0)[None, :]  # (M, R)
         wt = tl.load(codes_ptr + vec[:, None] * words + w[None, :], mask=r_mask[:, None] & w_mask[None, :], other=0)
         q = unpack_words(wt, BLOCK_R, BLOCK_N, BITS)  # (R, N)
         if G >= BLOCK_N:
@@ -111,7 +114,8 @@ def expand(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], til
         p, col = (pools[i], t_cols[i]) if i < len(pools) else (pools[0], 0)
         args += [p.rank, p.s, p.b.codes, p.b.scales, p.b.zeros, p.cap, p.b.words, p.b.groups, col]
         consts.update({f"BITS{i}": p.bits, f"G{i}": p.group_size})
-    block_s = 1 << max(0, t.shape[0] - 1).bit_length()
+    # partial sums per wide load: (splits, rows, ranks) stays within ~32 registers a thread
+    block_s = max(1, min(1 << max(0, t.shape[0] - 1).bit_length(), 256 // block_m))
     for first, end in tiles.pass_ranges:
         grid = (end - first, triton.cdiv(y.shape[1], block_n))
         _expand_kernel[grid](

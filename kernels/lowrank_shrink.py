@@ -18,10 +18,10 @@ from kernels.dequant_tile import dot_acc, unpack_words
 
 
 @triton.jit
-def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, k_lo, in_features, stride_x,
+def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, split, in_features, stride_x,
                  rank_ptr, codes_ptr, scales_ptr, zeros_ptr, cap, words, groups,
-                 BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr, PREC: tl.constexpr):
+                 BITS: tl.constexpr, G: tl.constexpr, KC: tl.constexpr, k_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, PREC: tl.constexpr):
     """t columns of rank block `rb` of one pool for one tile and K split; blocks past the slot's rows do nothing."""
     rank = tl.load(rank_ptr + slot)
     if rb * BLOCK_R < rank:
@@ -31,9 +31,11 @@ def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, k_lo, in_features, stride_x
         PER_WORD: tl.constexpr = 32 // BITS
         WC: tl.constexpr = KC // PER_WORD
         acc = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32)
-        for c in range(0, K_SPLIT // KC):
+        # every index below is a multiple of a constant, so the compiler sees aligned, wide loads
+        k_lo = split * k_blocks * 128
+        for c in range(0, k_blocks * (128 // KC)):
             k0 = k_lo + c * KC
-            w = k0 // PER_WORD + tl.arange(0, WC)
+            w = split * k_blocks * (128 // PER_WORD) + c * WC + tl.arange(0, WC)
             wt = tl.load(codes_ptr + vec[:, None] * words + w[None, :],
                          mask=r_mask[:, None] & (w < words)[None, :], other=0)
             q = unpack_words(wt, BLOCK_R, KC, BITS)  # (R, KC)
@@ -62,14 +64,14 @@ def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, k_lo, in_features, stride_x
 @triton.jit
 def _shrink_kernel(
     x_ptr, t_ptr, pair_row_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr,
-    in_features, stride_x, num_pairs, t_width,
+    in_features, stride_x, num_pairs, t_width, k_blocks,
     rank0, codes0, scales0, zeros0, cap0, words0, groups0, tcol0, blocks0,
     rank1, codes1, scales1, zeros1, cap1, words1, groups1, tcol1, blocks1,
     rank2, codes2, scales2, zeros2, cap2, words2, groups2, tcol2,
     BITS0: tl.constexpr, G0: tl.constexpr, KC0: tl.constexpr,
     BITS1: tl.constexpr, G1: tl.constexpr, KC1: tl.constexpr,
     BITS2: tl.constexpr, G2: tl.constexpr, KC2: tl.constexpr,
-    NUM_POOLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, K_SPLIT: tl.constexpr,
+    NUM_POOLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     PREC: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -82,23 +84,22 @@ def _shrink_kernel(
     m_mask = m < count
     rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
     out = t_ptr + ((split * num_pairs + start + m).to(tl.int64) * t_width)
-    k_lo = split * K_SPLIT
     if j < blocks0:
-        _shrink_pool(x_ptr, out + tcol0, rows, m_mask, slot, j, k_lo, in_features, stride_x,
+        _shrink_pool(x_ptr, out + tcol0, rows, m_mask, slot, j, split, in_features, stride_x,
                      rank0, codes0, scales0, zeros0, cap0, words0, groups0,
-                     BITS0, G0, KC0, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
+                     BITS0, G0, KC0, k_blocks, BLOCK_M, BLOCK_R, PREC)
     else:
         if NUM_POOLS > 1:
             if j < blocks0 + blocks1:
-                _shrink_pool(x_ptr, out + tcol1, rows, m_mask, slot, j - blocks0, k_lo, in_features, stride_x,
+                _shrink_pool(x_ptr, out + tcol1, rows, m_mask, slot, j - blocks0, split, in_features, stride_x,
                              rank1, codes1, scales1, zeros1, cap1, words1, groups1,
-                             BITS1, G1, KC1, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
+                             BITS1, G1, KC1, k_blocks, BLOCK_M, BLOCK_R, PREC)
             else:
                 if NUM_POOLS > 2:
-                    _shrink_pool(x_ptr, out + tcol2, rows, m_mask, slot, j - blocks0 - blocks1, k_lo,
+                    _shrink_pool(x_ptr, out + tcol2, rows, m_mask, slot, j - blocks0 - blocks1, split,
                                  in_features, stride_x,
                                  rank2, codes2, scales2, zeros2, cap2, words2, groups2,
-                                 BITS2, G2, KC2, BLOCK_M, BLOCK_R, K_SPLIT, PREC)
+                                 BITS2, G2, KC2, k_blocks, BLOCK_M, BLOCK_R, PREC)
 
 
 def k_chunk(group_size: int) -> int:
@@ -129,6 +130,6 @@ def shrink(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], til
     grid = (tiles.start.numel(), sum(blocks), t.shape[0])
     _shrink_kernel[grid](
         x, t, routing.pair_row, tiles.start, tiles.count, tiles.slot,
-        x.shape[1], x.stride(0), routing.num_pairs, t.shape[2], *args,
-        NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, K_SPLIT=k_split, PREC=prec, **consts,
+        x.shape[1], x.stride(0), routing.num_pairs, t.shape[2], k_split // 128, *args,
+        NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, PREC=prec, **consts,
     )

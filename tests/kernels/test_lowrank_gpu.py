@@ -45,3 +45,21 @@ def test_compiled_kernels_at_real_shapes(cuda, in_f, out_f, dtype, shape, rows, 
     torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)
     base = [i for i, p in enumerate(mix) if not p]
     assert torch.equal(y_kernel[base], y[base])
+
+
+@pytest.mark.parametrize("group_size", [8, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_kernels_with_small_groups(cuda, group_size, dtype):
+    """Groups narrower than the K chunk / output block take the per-element scale path."""
+    in_f, out_f, rows = 4096, 4096, 37
+    ds = [make_delta(in_f, out_f, tiers, group_size=group_size, seed=i, device=cuda) for i, tiers in enumerate(TIERS)]
+    slots = load_slots(ds, dtype, device=cuda, max_rank=64, num_slots=8)
+    mix = row_mix("fused", rows, len(ds), seed=rows)
+    rp = RowPacks.build(mix, cuda)
+    g = torch.Generator(device=cuda).manual_seed(rows)
+    x = torch.randn(rows, in_f, device=cuda, generator=g).to(dtype)
+    y = torch.randn(rows, out_f, device=cuda, generator=g).to(dtype)
+    y_kernel = y.clone()
+    add_lowrank(y_kernel, x, slots, rp, backend="triton")
+    atol, rtol = GPU_TOLERANCES[dtype]
+    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)

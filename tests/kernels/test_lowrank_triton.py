@@ -71,20 +71,23 @@ def test_shrink_matches_float64_pool_by_pool(splits):
     torch.testing.assert_close(got[need].double(), want[need], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expand_matches_twin_and_float64(dtype):
+@pytest.mark.parametrize("dtype,splits,block_m", [(torch.float32, 2, 16), (torch.bfloat16, 2, 16),
+                                                  (torch.float32, 5, 64)])
+def test_expand_matches_twin_and_float64(dtype, splits, block_m):
     ds = make_deltas()
     slots = load_slots(ds, max_rank=24)
     mix = row_mix("fused", 13, len(ds))
     rp = RowPacks.build(mix, "cpu")
     x, y = batch(13, dtype, 2)
     want, need = pool_t64(x.float(), slots, rp)
-    # split the partial sums in two, with NaN past each pair's rows that the kernel must not read
-    t = torch.stack([0.25 * want, 0.75 * want]).float()
+    # split the partial sums (more splits than one wide load takes at block_m 64), with NaN past
+    # each pair's rows that the kernel must not read
+    shares = torch.linspace(1.0, 2.0, splits, dtype=torch.float64)
+    t = torch.stack([want * (c / shares.sum()) for c in shares]).float()
     t[:, ~need] = float("nan")
     y_kernel, y_twin = y.clone(), y.clone()
-    tiles = rp.tiles(16)
-    run_in_groups(lambda pools, cols: expand(y_kernel, t, pools, cols, tiles, rp, 16, 16, 16, 0), slots)
+    tiles = rp.tiles(block_m)
+    run_in_groups(lambda pools, cols: expand(y_kernel, t, pools, cols, tiles, rp, block_m, 16, 16, 0), slots)
     expand_torch(y_twin, shrink_torch(x, slots, rp), slots, rp)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(y_kernel.float(), y_twin.float(), atol=atol, rtol=rtol)
