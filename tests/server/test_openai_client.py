@@ -61,3 +61,17 @@ def test_errors_map_to_the_client_exceptions(api, base_id):
     bad = openai.OpenAI(base_url=api.base_url, api_key="wrong-key-000", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+
+
+@pytest.mark.slow
+def test_default_base_answers_through_the_client(tmp_path):
+    """The real default base (SmolLM2-135M-Instruct) behind uvicorn, asked a fact (run by hand)."""
+    from server.settings import Settings
+    from skillpacks.default_base import default_base_dir
+
+    settings = Settings(base=default_base_dir(), packs=tmp_path, admin_token="slow-test-token", device="cpu")
+    with live_server(settings) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        out = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
+                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in out.choices[0].message.content
