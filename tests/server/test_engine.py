@@ -266,3 +266,26 @@ def test_engine_config_bounds_are_checked(pair, tiny_tokenizer):
     with pytest.raises(ValueError, match="kv_budget_tokens=8 cannot hold one request of max_model_len=16"):
         Engine(pair.base, EngineConfig(device="cpu", max_model_len=16, kv_budget_tokens=8, page_size=4),
                tokenizer=tiny_tokenizer)
+
+
+@pytest.mark.slow
+def test_default_base_greedy_matches_transformers():
+    """SmolLM2-135M-Instruct (the default base, fp32): the engine's greedy completion of a
+    chat prompt equals transformers' token by token."""
+    from transformers import AutoTokenizer
+
+    from skillpacks.default_base import default_base_dir
+
+    base = default_base_dir()
+    tok = AutoTokenizer.from_pretrained(base)
+    prompt = list(tok.apply_chat_template([{"role": "user", "content": "Name three primary colors."}],
+                                          add_generation_prompt=True, tokenize=True)["input_ids"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    want_tokens, want_lp = greedy_reference(model, prompt, 16)
+    eng = Engine(base, EngineConfig(device="cpu", max_batch=2, max_model_len=256, max_step_tokens=64))
+    try:
+        events = run(collect(eng, greedy(prompt, 16)))
+    finally:
+        eng.close()
+    assert [e.token_id for e in events] == want_tokens
+    torch.testing.assert_close(torch.tensor([e.logprob for e in events]), torch.tensor(want_lp), atol=1e-3, rtol=0)
