@@ -269,7 +269,7 @@ def _pct(v: float | None) -> str:
 
 
 def format_row(s: Score) -> str:
-    kl = "—" if s.kl is None else f"{s.kl:.4f}"
+    kl = "—" if s.kl is None else f"{s.kl:.1e}"
     size = "—" if not s.nbytes else f"{s.nbytes / 2**20:.2f} MiB"
     ratio = "—" if s.ratio is None else f"{s.ratio:.1f}x"
     return (f"| {s.skill} | {s.label} | {size} | {ratio} | {_pct(s.accuracy)} | {_pct(s.retention)} | "
@@ -285,7 +285,9 @@ def markdown_table(scores: list[Score]) -> str:
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, torch {torch.__version__}".strip()
+    """The CPU count, the GPU when there is one, and torch's version."""
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch {torch.__version__}"
 
 
 def write_json(path: Path, payload: dict) -> None:
