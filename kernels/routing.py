@@ -1,12 +1,9 @@
 """Per-step routing metadata: which batch rows use which pack slots, with what weights.
 
 Built once per forward step on the host, moved to the device in one copy, and shared by
-every target linear of the step. The kernels read it in two launch shapes:
-
-- decode: one program per routed row walks that row's (slot, weight) pairs
-  (`routed_rows`, `row_pair_ptr`, `row_pairs`: a CSR index over the pairs);
-- segment (prefill): pairs sorted into per-slot segments, cut into tiles of at most
-  `block_m` pairs that share a slot (`tiles(block_m)`).
+every target linear of the step. The kernels read pairs sorted into per-slot segments,
+cut into tiles of at most `block_m` pairs that share a slot (`tiles(block_m)`); a CSR
+index by row (`routed_rows`, `row_pair_ptr`, `row_pairs`) serves the torch twin.
 
 A row listing several packs (weighted fusion) has one pair per pack. Pairs are ordered
 by (pass, slot, row), where a pair's pass is its position within its row's list: within
