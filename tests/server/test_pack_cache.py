@@ -53,9 +53,15 @@ def slot_logits(setup, lease):
     return run_chunks(model, kv, PROMPTS[:1], [lease.row_packs], split=4)[0]
 
 
+_ORACLES: dict = {}
+
+
 def oracle(setup, path):
+    """Logits of PROMPTS[0] from transformers with base + the pack's dense delta (cached)."""
     pair = setup[0]
-    return reference_logits(merged_model(pair.base, [(read_pack(path).deltas, 1.0)]), PROMPTS[0])
+    if path not in _ORACLES:
+        _ORACLES[path] = reference_logits(merged_model(pair.base, [(read_pack(path).deltas, 1.0)]), PROMPTS[0])
+    return _ORACLES[path]
 
 
 def state_of(cache, name):
