@@ -43,6 +43,13 @@ DEFAULT_MAX_MODEL_LEN = 4096
 MAX_STOP_TOKEN_IDS = 64
 
 
+def non_finite(seq: Sequence) -> EngineError:
+    packs = ", ".join(f"'{name}'" for name in seq.pack_names) or "none"
+    log.warning("request %s: non-finite logits (packs: %s)", seq.request.request_id, packs)
+    return EngineError(f"the model produced non-finite logits for this request (packs: {packs}); a pack's "
+                       "delta is too large for this base model.", status=500, code="non_finite_logits")
+
+
 @dataclass
 class _Planned:
     seq: Sequence
@@ -185,7 +192,7 @@ class Engine:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise EngineError(f"pack '{name}' has weight {weight!r}; expected a finite number.", param="skillpacks")
         self.pack_cache.check_known(sorted(names))
-        stop = frozenset(sp.stop_token_ids) | (frozenset() if getattr(sp, "ignore_eos", False) else self.eos_ids)
+        stop = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
         return Sequence(
             seq_id=next(self._ids), request=request,
             max_total=min(len(prompt) + sp.max_tokens, self.max_model_len), stop_ids=stop,
@@ -296,6 +303,12 @@ class Engine:
             if seq.num_computed == len(seq.tokens):
                 sampled.append((p, row + rows - 1))
             row += rows
+        if sampled:
+            finite = torch.isfinite(logits[[r for _, r in sampled]]).all(dim=-1).tolist()
+            for (p, _), ok in zip(sampled, finite):
+                if not ok:  # a pack overflowed this row: fail it alone, never sample from NaN
+                    self._fail_row(p.seq, non_finite(p.seq))
+            sampled = [s for s, ok in zip(sampled, finite) if ok]
         if not sampled:
             return
         rows = torch.tensor([r for _, r in sampled], device=logits.device)
@@ -365,13 +378,16 @@ class Engine:
         seq.finished = True
         seq.send(error)
 
+    def _fail_row(self, seq: Sequence, error: EngineError) -> None:
+        seq.finished = True
+        seq.send(error)
+        self._finish(seq)
+
     def _fail_running(self, error: EngineError) -> None:
         with self._lock:
             running = list(self._running)
         for seq in running:
-            seq.finished = True
-            seq.send(error)
-            self._finish(seq)
+            self._fail_row(seq, error)
 
     def _fail_all(self, error: EngineError) -> None:
         self._fail_running(error)
