@@ -23,12 +23,15 @@ def paged_attention(
     num_seqs, num_pages = batch.block_tables.shape
     offsets = torch.arange(page_size, device=q.device)
     ctx_slots = (batch.block_tables[:, :, None] * page_size + offsets).view(num_seqs, num_pages * page_size)
-    keys = k_cache[ctx_slots].transpose(1, 2)  # (B, KVH, K, D)
-    values = v_cache[ctx_slots].transpose(1, 2)
+    key_pos = torch.arange(num_pages * page_size, device=q.device)
+    # slots past a sequence's length hold stale or other requests' K/V, possibly non-finite;
+    # a masked score still meets its key and value (NaN + -inf, 0 * NaN are NaN): zero them
+    outside = (key_pos >= batch.context_lens[:, None])[:, None, :, None]  # (B, 1, K, 1)
+    keys = k_cache[ctx_slots].transpose(1, 2).masked_fill(outside, 0)  # (B, KVH, K, D)
+    values = v_cache[ctx_slots].transpose(1, 2).masked_fill(outside, 0)
     max_q = batch.query_pos.shape[1]
     q_pad = q.new_zeros(num_seqs, max_q, q.shape[1], q.shape[2])
     q_pad[batch.seq_index, batch.query_offset] = q
-    key_pos = torch.arange(num_pages * page_size, device=q.device)
     q_pos = batch.query_pos[:, :, None]  # (B, Tq, 1)
     # padded query rows sit at position 0 and so still see key 0: no all-masked (NaN) rows
     mask = (key_pos <= q_pos) & (key_pos < batch.context_lens[:, None, None])  # (B, Tq, K)
