@@ -27,6 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-admin-auth", action="store_true", default=None,
                         help="run the admin routes without a token (only on a trusted network)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--ray", action="store_true",
+                        help="run as Ray Serve replicas routed by pack (needs the `ray` extra; docs/SCALE.md)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="with --ray: this many replicas (default: autoscale, SKILLPACK_RAY_* settings)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.settings import Settings
 
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("log_level",)}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("log_level", "ray", "replicas")}
     try:
         settings = Settings(**given)  # explicit options win; the rest come from the environment
         settings.packs.mkdir(parents=True, exist_ok=True)
@@ -45,5 +49,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"skillpack serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replicas is not None and not args.ray:
+        print("skillpack serve: --replicas needs --ray (one process serves one replica).", file=sys.stderr)
+        return 2
+    if args.ray:
+        from server.ray_serve import serve_on_ray
+
+        return serve_on_ray(settings, replicas=args.replicas)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     return 0
