@@ -8,7 +8,9 @@ removes the temporary file and leaves the folder exactly as it was.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import tempfile
@@ -56,6 +58,13 @@ def check_pack_name(name: str) -> str:
     return name
 
 
+def storage_error(exc: OSError) -> APIError:
+    """A failed write to the store (a full disk, an I/O error) as the upload's answer."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return APIError(507 if full else 500, f"The pack store could not save the upload ({exc.strerror or exc}); "
+                    "nothing was stored.", param="file", code="storage_full" if full else "storage_error")
+
+
 class Staging:
     """One upload in progress: a bounded temporary file in the store folder."""
 
@@ -71,16 +80,22 @@ class Staging:
         if self.size > self.limit:
             raise APIError(413, f"The uploaded pack is larger than the limit of {self.limit} bytes.",
                            param="file", code="pack_too_large")
-        self.file.write(chunk)
+        try:
+            self.file.write(chunk)
+        except OSError as exc:
+            raise storage_error(exc) from None
 
     def finish(self) -> None:
         """Flush and fsync: what gets verified is what a crash would leave on disk."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        except OSError as exc:
+            raise storage_error(exc) from None
 
     def discard(self) -> None:
-        if not self.file.closed:
+        with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
             self.file.close()
         self.path.unlink(missing_ok=True)
 
@@ -127,7 +142,10 @@ class PackStore:
         return manifest_dict(_format().read_manifest(path))
 
     def staging(self) -> Staging:
-        return Staging(self.root, self.max_upload_bytes)
+        try:
+            return Staging(self.root, self.max_upload_bytes)
+        except OSError as exc:
+            raise storage_error(exc) from None
 
     async def commit(self, staging: Staging, name: str | None) -> tuple[str, dict, bool]:
         """Verify a finished upload and put it in place under `name` (default: its manifest's).
@@ -160,10 +178,14 @@ class PackStore:
         final = self.root / f"{name}{SUFFIX}"
         backup = self.root / f"{TEMP_PREFIX}{name}{BACKUP_SUFFIX}"
         had_old = final.is_file()
-        if had_old:
+        try:
+            if had_old:
+                backup.unlink(missing_ok=True)
+                os.link(final, backup)  # a second name for the old bytes, for the rollback
+            os.replace(temp, final)
+        except OSError as exc:  # nothing was renamed: the old version stays as it was
             backup.unlink(missing_ok=True)
-            os.link(final, backup)  # a second name for the old bytes, for the rollback
-        os.replace(temp, final)
+            raise storage_error(exc) from None
         _fsync_dir(self.root)
         try:
             self.pack_cache.register(name, str(final))
