@@ -15,6 +15,7 @@ steps, so a slot is never rewritten while a step reads the model's delta tables.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from server.engine.types import EngineError, PackStatus
 from server.model.pack_slots import PackSlots
 from skillpacks.fingerprint import check_base
 from skillpacks.format import PackError, SkillPack, read_pack
+
+log = logging.getLogger(__name__)
 
 
 def pack_bytes(pack: SkillPack) -> int:
@@ -240,6 +243,7 @@ class PackCache:
         try:
             pack = self._reader(version.path)
         except (PackError, OSError) as e:
+            log.error("pack '%s' cannot be read from %s: %s", version.name, version.path, e)
             raise EngineError(f"pack '{version.name}' cannot be read from {version.path}: {e}", status=500) from None
         try:
             check_base(pack.manifest["base"], self.base_fingerprint)
