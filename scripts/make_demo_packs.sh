@@ -5,7 +5,7 @@
 #   TUNED_ROOT  where the fine-tuned checkpoints go, one folder per skill (default /work/cache/tuned)
 #   PACKS       where the packs go (default packs/), as SKILL.skillpack
 #   DEVICE      cpu / cuda (default: cuda when present); JOBS=3 trains the skills in parallel
-# The recipe below is the one the committed packs were made with (docs/RESULTS.md).
+# The recipe below made the committed packs (with JOBS=3 DEVICE=cuda on one H200; see docs/RESULTS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

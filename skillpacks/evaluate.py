@@ -311,34 +311,41 @@ def results_payload(scores: list[Score], command: str) -> dict:
 
 
 def plot(scores: list[Score], path: Path) -> None:
-    """Accuracy against stored size, one panel per skill: packs as a curve, baselines as markers."""
+    """Per skill, accuracy (top) and KL to the fine-tune (bottom) against stored size: packs as a
+    curve, each baseline as its own markers, base and fine-tune accuracy as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     skills = sorted({s.skill for s in scores})
-    fig, axes = plt.subplots(1, len(skills), figsize=(5 * len(skills), 4), squeeze=False)
-    markers = {"lowrank_fp16": "s", "bitdelta": "^", "dare": "x", "delta_come": "D"}
-    for ax, skill in zip(axes[0], skills):
+    fig, axes = plt.subplots(2, len(skills), figsize=(5 * len(skills), 7.5), squeeze=False)
+    series = {"SkillPack": ("o-", lambda s: s.family == "pack")}
+    for method, marker in {"lowrank_fp16": "s--", "bitdelta": "^", "dare": "x--", "delta_come": "D--"}.items():
+        series[method] = (marker, lambda s, m=method: s.label.startswith(m + " "))
+    for col, skill in enumerate(skills):
         rows = [s for s in scores if s.skill == skill]
-        packs = sorted((s for s in rows if s.family == "pack"), key=lambda s: s.nbytes)
-        ax.plot([s.nbytes / 2**20 for s in packs], [100 * s.accuracy for s in packs], "o-", label="SkillPack")
-        for method, m in markers.items():
-            pts = sorted((s for s in rows if s.label.startswith(method + " ")), key=lambda s: s.nbytes)
-            if pts:
-                ax.plot([s.nbytes / 2**20 for s in pts], [100 * s.accuracy for s in pts], m + "--", label=method)
+        acc_ax, kl_ax = axes[0][col], axes[1][col]
+        for name, (style, chosen) in series.items():
+            pts = sorted((s for s in rows if chosen(s)), key=lambda s: s.nbytes)
+            if not pts:
+                continue
+            mib = [s.nbytes / 2**20 for s in pts]
+            acc_ax.plot(mib, [100 * s.accuracy for s in pts], style, label=name)
+            kl_ax.plot(mib, [max(s.kl or 0.0, 1e-8) for s in pts], style, label=name)
         for s in rows:
             if s.family in ("base", "finetune"):
-                ax.axhline(100 * s.accuracy, ls=":", color="gray" if s.family == "base" else "green",
-                           label=s.label)
-        ax.set_xscale("log")
-        ax.set_xlabel("stored delta (MiB, log)")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(skill)
-        ax.set_ylim(-5, 105)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+                acc_ax.axhline(100 * s.accuracy, ls=":", color="gray" if s.family == "base" else "green", label=s.label)
+        acc_ax.set_title(skill)
+        acc_ax.set_ylabel("held-out accuracy (%)")
+        acc_ax.set_ylim(-5, 105)
+        kl_ax.set_yscale("log")
+        kl_ax.set_ylabel("KL(fine-tune ‖ variant) per token")
+        for ax in (acc_ax, kl_ax):
+            ax.set_xscale("log")
+            ax.set_xlabel("stored delta (MiB, log)")
+    axes[0][0].legend(fontsize=7, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
