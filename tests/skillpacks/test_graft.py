@@ -192,3 +192,27 @@ def test_graft_cli_names_a_bad_combination(tmp_path, capsys):
     assert rc == 2 and "exactly one source" in capsys.readouterr().err
     rc = cli.main(["graft", "--teacher", "http://h", "--out", str(tmp_path / "x.skillpack")])
     assert rc == 2 and "--teacher and --prompts go together" in capsys.readouterr().err
+
+
+def test_teacher_can_be_our_own_server_with_another_architecture(tiny_root, tiny_tokenizer, tmp_path):
+    """A qwen2 fine-tune served by this project teaches a llama student: the pairs are its greedy answers."""
+    from tests.server.test_api_common import live_server, settings_for
+    from tests.tiny_models import TinyPair
+
+    qwen = build_tiny_pair("qwen2", tiny_root, tiny_tokenizer)
+    teacher = TinyPair("qwen2", qwen.tuned, qwen.tuned)
+    (tmp_path / "packs").mkdir()
+    prompts = ["3 plus 4 is", "def parse(text):"]
+    with live_server(settings_for(teacher, tmp_path / "packs")) as url:
+        import openai
+
+        model_id = openai.OpenAI(base_url=f"{url}/v1", api_key="none").models.list().data[0].id
+        pairs = teacher_pairs(f"{url}/v1", prompts, model=model_id, max_tokens=6)
+    model = load(qwen.tuned)
+    for pair, prompt in zip(pairs, prompts):
+        ids = tiny_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tiny_tokenizer.pad_token_id)  # transformers' own greedy decode
+        want = tiny_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert pair == {"prompt": prompt, "response": want}
