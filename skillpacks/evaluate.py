@@ -200,7 +200,8 @@ def evaluate_skill(skill: str, base_dir: Path, tuned_dir: Path, packs_dir: Path,
     module = get_skill(skill)
     _, examples = demo_split(skill, n_test=n_test)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(pick_device(device)).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).to(
+        pick_device(device)).eval()
     base = read_state(base_dir)
     deltas = exact_deltas(base, read_state(tuned_dir))
     fp16_bytes = sum(d.numel() * 2 for d in deltas.values())
