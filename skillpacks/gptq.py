@@ -175,7 +175,7 @@ def collect_input_covariances(base_dir: str | Path, texts: list[str], weight_nam
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"calibration runs the base model, but {base_dir} cannot be loaded with its "
                          f"tokenizer by transformers ({str(e)[:300]}).") from e
