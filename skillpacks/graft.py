@@ -267,7 +267,8 @@ def load_model(base_dir: str | Path, device: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     if tokenizer.chat_template is None:
         raise ValueError(f"the tokenizer in {base_dir} has no chat template; grafting needs one.")
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(pick_device(device))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
+    model = model.to(pick_device(device))
     return model, tokenizer
 
 
