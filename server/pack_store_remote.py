@@ -101,6 +101,7 @@ class SharedPackStore(PackStore):
 
     def _list_shared(self) -> dict[str, dict[str, Any]]:
         listing = {}
+        self.fs.invalidate_cache(self.shared_root)  # object-store clients cache listings; others' writes must show
         for info in self.fs.ls(self.shared_root, detail=True):
             file_name = info["name"].rstrip("/").rsplit("/", 1)[-1]
             if info.get("type") != "file" or not file_name.endswith(SUFFIX) or file_name.startswith(TEMP_PREFIX):
@@ -188,7 +189,8 @@ class SharedPackStore(PackStore):
             if self.fs.exists(temp):
                 self.fs.rm(temp)
             raise
-        return file_version(self.fs.info(final))
+        # the version as a listing reports it (a file system's `info` may format fields differently)
+        return file_version(self._list_shared()[name])
 
     async def delete(self, name: str) -> None:
         """Remove the pack from the shared store, then from this replica."""
