@@ -1,0 +1,329 @@
+"""`model: "auto"`: pick the pack(s) for a prompt with the router stored next to the packs.
+
+The router (`skillpacks.router`, file `router.safetensors` in the packs folder) scores a
+prompt from the served base model's own hidden states, computed here on the runtime's
+weights without packs and without touching the KV cache. The decision is:
+
+- top-1 (default) or top-k: the k most probable classes whose packs are registered now,
+  fused with weights proportional to their probabilities;
+- the base model alone when the top probability is below `min_confidence`, or when the
+  prompt lies farther from its class's training examples than `ood_margin` times the
+  farthest one (a prompt unlike any pack's examples).
+
+Versioning: the router's manifest records the base weight hash and every pack's payload
+and examples hashes. When the registered packs or their sidecars differ, the router is
+stale: a deleted pack is never chosen again (its class is masked, not renormalised
+away, so its prompts fall back to the base), and a rebuild runs in the background
+from the sidecars (when `auto_rebuild` is on); the new file replaces the old atomically
+with `version + 1`. A router built for another base is never used.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.types import EngineError
+from skillpacks.router import (
+    EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, TrainConfig, build_router,
+    file_sha256, load_router,
+)
+
+log = logging.getLogger("skillpack.router")
+AUTO_MODEL = "auto"
+MAX_TOP_K = 8
+
+
+class RouterSettings(BaseSettings):
+    """The router's knobs, read from SKILLPACK_ROUTER_* environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SKILLPACK_ROUTER_", extra="ignore")
+
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    ood_margin: float = Field(1.5, gt=0.0)  # 0 < margin; larger lets farther prompts through
+    top_k: int = Field(1, ge=1, le=MAX_TOP_K)
+    auto_rebuild: bool = True
+    max_examples: int = Field(256, ge=1, le=100_000)
+    hidden: int = Field(64, ge=0, le=4096)
+
+
+def parse_auto_model(model: str) -> int | None:
+    """`auto` -> 0 (the configured k), `auto:K` -> K; None when `model` is not the router."""
+    if model == AUTO_MODEL:
+        return 0
+    head, sep, k = model.partition(":")
+    if head != AUTO_MODEL or not sep:
+        return None
+    if not k.isdigit() or not 1 <= int(k) <= MAX_TOP_K:
+        raise EngineError(f"model `{model}`: expected `auto` or `auto:K` with K in 1..{MAX_TOP_K}.", param="model")
+    return int(k)
+
+
+# ---- features on the runtime model ------------------------------------------------------
+
+def runtime_feature_fn(model) -> FeatureFn:
+    """Mean final-norm hidden state per prompt from the runtime `Transformer` (base weights
+    only: every module is called with packs=None; attention is plain causal SDPA, so the
+    paged KV cache the engine thread uses is never touched)."""
+    from server.model.rope import apply_rope, rope_cos_sin
+
+    cfg = model.config
+    device = model.model.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def one(ids: list[int]) -> torch.Tensor:
+        tokens = torch.tensor(ids[-MAX_FEATURE_TOKENS:], device=device)
+        n = tokens.numel()
+        x = model.model.embed_tokens(tokens, None)  # (T, dim)
+        pos = torch.arange(n, device=device)
+        cos, sin = rope_cos_sin(model.inv_freq, pos, x.dtype)
+        mask = pos[None, :] <= pos[:, None]  # (T, T) causal
+        if cfg.sliding_window is not None:
+            mask &= pos[None, :] > pos[:, None] - cfg.sliding_window
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            h = layer.input_layernorm(x, None)
+            q = apply_rope(attn.q_proj(h, None).view(n, attn.num_heads, attn.head_dim), cos, sin)
+            k = apply_rope(attn.k_proj(h, None).view(n, attn.num_kv_heads, attn.head_dim), cos, sin)
+            v = attn.v_proj(h, None).view(n, attn.num_kv_heads, attn.head_dim)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                 attn_mask=mask, scale=attn.scale,
+                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)  # (H, T, D)
+            x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1), None)
+            x = x + layer.mlp(layer.post_attention_layernorm(x, None), None)
+        return model.model.norm(x, None).float().mean(0).cpu()  # (dim,)
+
+    def features(prompts: list[list[int]]) -> torch.Tensor:
+        return torch.stack([one(p) for p in prompts])
+
+    return features
+
+
+# ---- decisions ---------------------------------------------------------------------------
+
+@dataclass
+class RoutingDecision:
+    packs: list[tuple[str, float]]  # empty = the base model
+    confidence: float  # probability of the top live class
+    probabilities: dict[str, float]  # every live class
+    fallback: str | None = None  # None | "low_confidence" | "out_of_distribution" | "no_live_pack"
+    router_version: int = 0
+    stale: bool = False
+
+    def response_field(self) -> dict:
+        """The `skillpack_routing` object a response carries."""
+        return {"packs": [{"name": n, "weight": round(w, 6)} for n, w in self.packs],
+                "confidence": round(self.confidence, 6), "fallback": self.fallback,
+                "probabilities": {n: round(p, 6) for n, p in self.probabilities.items()},
+                "router_version": self.router_version, "stale": self.stale}
+
+    def header(self) -> str:
+        """The `X-SkillPack-Packs` header: pack names, comma-separated; empty = the base."""
+        return ",".join(n for n, _ in self.packs)
+
+
+def decide(router: Router, feature: torch.Tensor, live: set[str], top_k: int, min_confidence: float,
+           ood_margin: float) -> RoutingDecision:
+    """The routing decision for one prompt's feature (dim,) among the `live` classes."""
+    probs = router.probabilities(feature[None])[0]
+    dist = router.distances(feature[None])[0]
+    alive = torch.tensor([name in live for name in router.labels])
+    probabilities = {n: float(p) for n, p, a in zip(router.labels, probs, alive) if a}
+    version = int(router.manifest.get("version", 0))
+    if not alive.any():
+        return RoutingDecision([], 0.0, probabilities, "no_live_pack", version)
+    masked = torch.where(alive, probs, torch.full_like(probs, -1.0))  # deleted packs' mass is not handed on
+    order = masked.argsort(descending=True)[: min(top_k, int(alive.sum()))]
+    best = int(order[0])
+    confidence = float(probs[best])
+    if confidence < min_confidence:
+        return RoutingDecision([], confidence, probabilities, "low_confidence", version)
+    if float(dist[best]) > ood_margin * float(router.radii[best]):
+        return RoutingDecision([], confidence, probabilities, "out_of_distribution", version)
+    chosen = [int(i) for i in order]
+    total = float(probs[chosen].sum())
+    packs = [(router.labels[i], float(probs[i]) / total) for i in chosen]
+    return RoutingDecision(packs, confidence, probabilities, None, version)
+
+
+# ---- the serving-side router ---------------------------------------------------------------
+
+@dataclass
+class _Cached:
+    key: tuple
+    sha: str
+
+
+@dataclass
+class AutoRouter:
+    """The router a server uses: loaded from the packs folder, checked against the packs
+    registered now, rebuilt in the background when they change."""
+
+    packs_dir: Path
+    pack_cache: object  # PackCacheProtocol
+    tokenizer: object
+    features: FeatureFn
+    base_weights_sha256: str
+    settings: RouterSettings = field(default_factory=RouterSettings)
+    router: Router | None = None
+    last_error: str | None = None
+    _hashes: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _rebuilding: threading.Thread | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.packs_dir) / ROUTER_FILE
+
+    def reload(self) -> None:
+        """Load the router file, if there is one built for this base."""
+        if not self.path.is_file():
+            self.router = None
+            return
+        try:
+            router = load_router(self.path)
+        except RouterError as e:
+            self.router, self.last_error = None, str(e)
+            log.warning("router %s is unusable: %s", self.path, e)
+            return
+        if router.manifest["base_weights_sha256"] != self.base_weights_sha256:
+            self.router, self.last_error = None, f"{self.path} was built for another base model."
+            log.warning("%s", self.last_error)
+            return
+        self.router, self.last_error = router, None
+
+    # -- staleness -------------------------------------------------------------------------
+
+    def _sha(self, kind: str, path: Path) -> str | None:
+        """A file's hash, recomputed only when its size or mtime changes."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = (st.st_size, st.st_mtime_ns)
+        cached = self._hashes.get((kind, path))
+        if cached is None or cached.key != key:
+            if kind == "payload":
+                from skillpacks.format import read_manifest
+
+                sha = str(read_manifest(path)["payload_sha256"])
+            else:
+                sha = file_sha256(path)
+            cached = self._hashes[(kind, path)] = _Cached(key, sha)
+        return cached.sha
+
+    def current_packs(self) -> dict[str, dict]:
+        """Registered packs that have an examples sidecar: name -> their hashes now."""
+        out = {}
+        for status in self.pack_cache.status():
+            examples = Path(self.packs_dir) / f"{status.name}{EXAMPLES_SUFFIX}"
+            if not examples.is_file():
+                continue
+            try:
+                payload = self._sha("payload", Path(status.path))
+                ex = self._sha("examples", examples)
+            except (ValueError, OSError):
+                continue
+            if payload is not None and ex is not None:
+                out[status.name] = {"payload_sha256": payload, "examples_sha256": ex}
+        return out
+
+    def stale_reasons(self) -> list[str]:
+        if self.router is None:
+            return ["no router has been built"]
+        recorded = self.router.manifest["packs"]
+        now = self.current_packs()
+        reasons = [f"pack `{n}` was added" for n in sorted(set(now) - set(recorded))]
+        reasons += [f"pack `{n}` was removed" for n in sorted(set(recorded) - set(now))]
+        reasons += [f"pack `{n}` changed" for n in sorted(set(now) & set(recorded)) if now[n] != {
+            k: recorded[n][k] for k in ("payload_sha256", "examples_sha256")}]
+        return reasons
+
+    def status(self) -> dict:
+        reasons = self.stale_reasons()
+        return {"state": "missing" if self.router is None else "stale" if reasons else "fresh",
+                "version": int(self.router.manifest["version"]) if self.router else 0,
+                "labels": list(self.router.labels) if self.router else [], "stale_reasons": reasons,
+                "rebuilding": self._rebuilding is not None and self._rebuilding.is_alive(),
+                "error": self.last_error}
+
+    # -- rebuilding ------------------------------------------------------------------------
+
+    def rebuild(self) -> Router:
+        """Train a new router from the registered packs' sidecars and swap it in."""
+        with self._lock:
+            names = sorted(self.current_packs())
+            if not names:
+                raise RouterError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) in "
+                                  f"{self.packs_dir}; the router needs at least one.")
+            s = self.settings
+            router, _ = build_router(self.packs_dir, self.tokenizer, self.features, self.base_weights_sha256,
+                                     TrainConfig(hidden=s.hidden), max_examples=s.max_examples, names=names)
+            self.router, self.last_error = router, None
+            log.info("router version %d built over %s", router.manifest["version"], names)
+            return router
+
+    def _rebuild_in_background(self) -> None:
+        if not self.settings.auto_rebuild or (self._rebuilding is not None and self._rebuilding.is_alive()):
+            return
+
+        def work():
+            try:
+                self.rebuild()
+            except (RouterError, ValueError, OSError) as e:
+                self.last_error = f"rebuilding the router failed: {e}"
+                log.warning("%s", self.last_error)
+
+        self._rebuilding = threading.Thread(target=work, name="skillpack-router-build", daemon=True)
+        self._rebuilding.start()
+
+    def wait_for_rebuild(self, timeout: float | None = None) -> None:
+        if self._rebuilding is not None:
+            self._rebuilding.join(timeout)
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def route(self, prompt_ids: list[int], top_k: int = 0) -> RoutingDecision:
+        """The decision for one prompt (top_k 0 = the configured k). Raises a 503 EngineError
+        when no router can be used yet."""
+        reasons = self.stale_reasons()
+        if reasons:
+            self._rebuild_in_background()
+        router = self.router
+        if router is None:
+            why = self.last_error or f"no router has been built for the packs in {self.packs_dir}"
+            building = " (one is being built; retry shortly)" if self._rebuilding and self._rebuilding.is_alive() else ""
+            raise EngineError(f"`model: auto` is unavailable: {why}{building}. Run `skillpack router build` "
+                              "or add NAME.examples.jsonl files next to the packs.", status=503,
+                              code="router_unavailable", param="model")
+        # a deleted pack is never chosen; a replaced one keeps its class until the rebuild
+        live = {s.name for s in self.pack_cache.status()} & set(router.labels)
+        feature = self.features([prompt_ids])[0]
+        s = self.settings
+        decision = decide(router, feature, live, top_k or s.top_k, s.min_confidence, s.ood_margin)
+        decision.stale = bool(reasons)
+        return decision
+
+
+def auto_router_for(app_state, engine) -> AutoRouter:
+    """The app's AutoRouter, built on first use from the engine and the pack store's folder."""
+    existing = getattr(app_state, "auto_router", None)
+    if existing is not None and existing.pack_cache is engine.pack_cache:
+        return existing
+    model = getattr(engine, "model", None)
+    store = getattr(app_state, "pack_store", None)
+    fingerprint = getattr(engine, "base_fingerprint", None) or {}
+    if model is None or store is None or "weights_sha256" not in fingerprint:
+        raise EngineError("`model: auto` needs the serving engine's own model; this engine has none.",
+                          status=503, code="router_unavailable", param="model")
+    router = AutoRouter(Path(store.root), engine.pack_cache, engine.tokenizer, runtime_feature_fn(model),
+                        fingerprint["weights_sha256"])
+    router.reload()
+    app_state.auto_router = router
+    return router

@@ -1,0 +1,490 @@
+"""The pack router: a small classifier over the base model's pooled hidden states of a prompt.
+
+Each pack that wants to be routable carries example prompts in a sidecar file
+`NAME.examples.jsonl` next to `NAME.skillpack` (one JSON object per line with a
+`"prompt"` string; other keys such as `"response"` are ignored, so a skill's training
+file works as is). A prompt's feature is the mean over its tokens of the base model's
+last hidden state (after the final norm), taken for both ways the server sees a prompt:
+rendered through the chat template as one user turn, and as raw completion text.
+
+The classifier standardises features, then applies a one-hidden-layer FFN (or a linear
+layer when `hidden=0`) trained full-batch with a seeded AdamW. It also keeps, per
+class, the centroid of the standardised training features and the largest distance of
+a training example to it: a prompt far outside every class goes to the base model.
+
+A router is stored as one safetensors file (tensors + a JSON manifest in the metadata,
+never a pickle). The manifest names the base (its weight hash) and every pack it was
+built from (payload hash, examples hash), so a server can tell when it is stale.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from skillpacks.checkpoint import CheckpointError, read_header, write_safetensors
+from skillpacks.format import PackError, read_manifest, validate_pack_name
+
+ROUTER_FORMAT = "skillpack-router"
+ROUTER_FORMAT_VERSION = 1
+ROUTER_FILE = "router.safetensors"
+MANIFEST_KEY = "skillpack_router"
+EXAMPLES_SUFFIX = ".examples.jsonl"
+PACK_SUFFIX = ".skillpack"
+
+MAX_EXAMPLE_LINES = 100_000  # lines read from one sidecar
+MAX_EXAMPLES_BYTES = 64 << 20
+MAX_PROMPT_CHARS = 20_000
+MAX_FEATURE_TOKENS = 512  # a prompt's feature pools its last 512 tokens
+MAX_CLASSES = 256
+MAX_HIDDEN = 4096
+MAX_FEATURE_DIM = 65_536
+MAX_MANIFEST_CHARS = 1 << 20
+MAX_ROUTER_BYTES = 256 << 20
+RENDERINGS = ("chat", "raw")
+
+FeatureFn = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (B, dim) float32
+
+
+class RouterError(ValueError):
+    """A router file or its inputs are unusable; the message says what and why."""
+
+
+# ---- examples ------------------------------------------------------------------------
+
+def examples_path(packs_dir: str | os.PathLike, name: str) -> Path:
+    return Path(packs_dir) / f"{validate_pack_name(name)}{EXAMPLES_SUFFIX}"
+
+
+def read_examples(path: str | os.PathLike) -> list[str]:
+    """The prompts of a sidecar JSONL file, checked and bounded."""
+    path = Path(path)
+    if not path.is_file():
+        raise RouterError(f"examples file {path} does not exist.")
+    size = path.stat().st_size
+    if size > MAX_EXAMPLES_BYTES:
+        raise RouterError(f"examples file {path} is {size} bytes; the limit is {MAX_EXAMPLES_BYTES}.")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if i > MAX_EXAMPLE_LINES:
+                raise RouterError(f"examples file {path} has more than {MAX_EXAMPLE_LINES} lines.")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RouterError(f"{path} line {i} is not JSON ({e.msg}); expected an object with a 'prompt'.") from None
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RouterError(f"{path} line {i} has no non-empty 'prompt' string.")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise RouterError(f"{path} line {i}: the prompt has {len(prompt)} characters; the limit is "
+                                  f"{MAX_PROMPT_CHARS}.")
+            prompts.append(prompt)
+    if not prompts:
+        raise RouterError(f"examples file {path} holds no prompts; expected at least one.")
+    return prompts
+
+
+def write_examples(path: str | os.PathLike, prompts: list[str]) -> Path:
+    """Write a sidecar atomically (temp + fsync + rename)."""
+    from skillpacks.skills.examples import Example, write_jsonl
+
+    write_jsonl([Example(p, "") for p in prompts], path)
+    return Path(path)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class PackSource:
+    """One routable pack: its name, file, examples file and their hashes."""
+
+    name: str
+    pack_path: Path
+    examples_path: Path
+    payload_sha256: str
+    examples_sha256: str
+
+
+def pack_source(packs_dir: str | os.PathLike, name: str) -> PackSource:
+    pack = Path(packs_dir) / f"{validate_pack_name(name)}{PACK_SUFFIX}"
+    ex = examples_path(packs_dir, name)
+    try:
+        manifest = read_manifest(pack)
+    except (PackError, CheckpointError, OSError) as e:
+        raise RouterError(f"pack {pack} cannot be read: {e}") from None
+    return PackSource(name, pack, ex, str(manifest["payload_sha256"]), file_sha256(ex))
+
+
+def routable_packs(packs_dir: str | os.PathLike) -> list[str]:
+    """Names of the packs in the folder that have an examples sidecar, sorted."""
+    folder = Path(packs_dir)
+    if not folder.is_dir():
+        raise RouterError(f"packs folder {folder} does not exist.")
+    return sorted(p.name.removesuffix(PACK_SUFFIX) for p in folder.glob(f"*{PACK_SUFFIX}")
+                  if p.is_file() and examples_path(folder, p.name.removesuffix(PACK_SUFFIX)).is_file())
+
+
+# ---- features ------------------------------------------------------------------------
+
+def prompt_ids(tokenizer, prompt: str, rendering: str) -> list[int]:
+    """The token ids the server sees for `prompt`: a chat user turn, or raw completion text."""
+    if rendering == "chat":
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    elif rendering == "raw":
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+    else:
+        raise ValueError(f"rendering {rendering!r}; expected one of {RENDERINGS}.")
+    return ids[-MAX_FEATURE_TOKENS:]
+
+
+def renderings(tokenizer) -> tuple[str, ...]:
+    return RENDERINGS if getattr(tokenizer, "chat_template", None) else ("raw",)
+
+
+def hf_feature_fn(model, batch_size: int = 16) -> FeatureFn:
+    """Mean final-norm hidden state per prompt from a transformers causal LM (right-padded
+    batches: with causal attention the padding never reaches the real tokens)."""
+    body = model.base_model
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def features(prompts: list[list[int]]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = [p[-MAX_FEATURE_TOKENS:] for p in prompts[i:i + batch_size]]
+            width = max(len(p) for p in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, p in enumerate(chunk):
+                ids[j, :len(p)] = torch.tensor(p)
+                mask[j, :len(p)] = 1
+            h = body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
+            m = mask.to(device)[..., None].float()
+            out.append(((h * m).sum(1) / m.sum(1)).cpu())  # (B, dim)
+        return torch.cat(out)
+
+    return features
+
+
+def example_features(tokenizer, features: FeatureFn, prompts_by_pack: dict[str, list[str]]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features (N, dim), labels (N,), example index (N,)) over every pack's prompts and
+    every rendering; rows of one example share its index (splits keep them together)."""
+    rows, labels, index = [], [], []
+    n = 0
+    for label, name in enumerate(sorted(prompts_by_pack)):
+        for prompt in prompts_by_pack[name]:
+            for rendering in renderings(tokenizer):
+                rows.append(prompt_ids(tokenizer, prompt, rendering))
+                labels.append(label)
+                index.append(n)
+            n += 1
+    return features(rows), torch.tensor(labels), torch.tensor(index)
+
+
+# ---- the classifier ------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    hidden: int = 64  # 0 = a linear (logistic) classifier
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 1e-2
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.hidden <= MAX_HIDDEN:
+            raise ValueError(f"hidden={self.hidden}; expected 0..{MAX_HIDDEN}.")
+        if not 1 <= self.steps <= 100_000:
+            raise ValueError(f"steps={self.steps}; expected 1..100000.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr={self.lr}; expected a positive finite number.")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction={self.val_fraction}; expected a fraction in [0, 1).")
+
+
+@dataclass
+class Router:
+    """A trained router: weights, normalisation, class geometry and its manifest."""
+
+    labels: list[str]
+    mean: torch.Tensor  # (dim,)
+    std: torch.Tensor  # (dim,)
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # (weight (out, in), bias (out,)) per layer
+    centroids: torch.Tensor  # (C, dim) in standardised space
+    radii: torch.Tensor  # (C,) largest training distance to the class centroid
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.mean.numel())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) class logits of raw features x (B, dim)."""
+        h = (x.float() - self.mean) / self.std
+        for i, (w, b) in enumerate(self.layers):
+            h = F.linear(h, w, b)
+            if i < len(self.layers) - 1:
+                h = F.gelu(h)
+        return h
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x), dim=-1)
+
+    def distances(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) distance of each standardised feature to each class centroid."""
+        return torch.cdist((x.float() - self.mean) / self.std, self.centroids)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"feature_mean": self.mean, "feature_std": self.std, "centroids": self.centroids, "radii": self.radii}
+        for i, (w, b) in enumerate(self.layers):
+            out[f"layers.{i}.weight"], out[f"layers.{i}.bias"] = w, b
+        return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _init_layers(dim: int, classes: int, hidden: int, generator: torch.Generator) -> list[torch.Tensor]:
+    sizes = [dim, hidden, classes] if hidden else [dim, classes]
+    params = []
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        bound = 1 / math.sqrt(fan_in)
+        params.append((torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound)
+        params.append(torch.zeros(fan_out))
+    return params
+
+
+@contextmanager
+def _one_thread():
+    """Train on one intra-op thread: the problem is tiny, and on a busy CPU several threads
+    spin-wait on each other (measured 5-20x slower than one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, labels: list[str], cfg: TrainConfig) -> Router:
+    """Train on features x (N, dim) with class ids y (N,); classes are weighted equally."""
+    if x.dim() != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"features {tuple(x.shape)} and labels {tuple(y.shape)}; expected (N, dim) and (N,).")
+    classes = len(labels)
+    if not 1 <= classes <= MAX_CLASSES:
+        raise RouterError(f"{classes} classes; a router needs 1..{MAX_CLASSES} packs with examples.")
+    x = x.float()
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(1e-6)
+    z = (x - mean) / std
+    g = torch.Generator().manual_seed(cfg.seed)
+    params = [p.requires_grad_() for p in _init_layers(x.shape[1], classes, cfg.hidden, g)]
+    counts = torch.bincount(y, minlength=classes).float()
+    weight = torch.where(counts > 0, counts.sum() / (classes * counts.clamp_min(1)), torch.zeros(()))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    with torch.enable_grad(), _one_thread():
+        for _ in range(cfg.steps):
+            h = z
+            for i in range(0, len(params), 2):
+                h = F.linear(h, params[i], params[i + 1])
+                if i < len(params) - 2:
+                    h = F.gelu(h)
+            loss = F.cross_entropy(h, y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    layers = [(params[i].detach().clone(), params[i + 1].detach().clone()) for i in range(0, len(params), 2)]
+    centroids = torch.zeros(classes, x.shape[1])
+    radii = torch.zeros(classes)
+    for c in range(classes):
+        zc = z[y == c]
+        if len(zc):
+            centroids[c] = zc.mean(0)
+            radii[c] = (zc - centroids[c]).norm(dim=1).max()
+    return Router(list(labels), mean, std, layers, centroids, radii)
+
+
+def accuracy(router: Router, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((router.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
+
+
+def split_by_example(index: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (train, val) row masks; every rendering of an example falls on the same side."""
+    examples = int(index.max()) + 1 if len(index) else 0
+    perm = torch.randperm(examples, generator=torch.Generator().manual_seed(seed))
+    val_examples = perm[: int(round(fraction * examples))]
+    val = torch.isin(index, val_examples)
+    return ~val, val
+
+
+def train_router(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, labels: list[str],
+                 cfg: TrainConfig) -> tuple[Router, dict]:
+    """Measure held-out accuracy on a split by example, then fit on everything."""
+    stats = {"examples": int(index.max()) + 1 if len(index) else 0, "rows": int(len(y))}
+    if cfg.val_fraction > 0:
+        train, val = split_by_example(index, cfg.val_fraction, cfg.seed)
+        if val.any() and train.any():
+            probe = fit(x[train], y[train], labels, cfg)
+            stats["val_rows"] = int(val.sum())
+            stats["val_accuracy"] = round(accuracy(probe, x[val], y[val]), 6)
+    router = fit(x, y, labels, cfg)
+    stats["train_accuracy"] = round(accuracy(router, x, y), 6)
+    return router, stats
+
+
+# ---- building from a packs folder ------------------------------------------------------
+
+def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, base_weights_sha256: str,
+                 cfg: TrainConfig | None = None, max_examples: int = 256, out: str | os.PathLike | None = None,
+                 names: list[str] | None = None) -> tuple[Router, Path]:
+    """Train a router over every pack in `packs_dir` with an examples sidecar (or `names`),
+    write it (default `packs_dir/router.safetensors`) and return it with its path.
+
+    The version is one more than that of the router already at `out`, if any.
+    """
+    cfg = cfg or TrainConfig()
+    if not 1 <= max_examples <= MAX_EXAMPLE_LINES:
+        raise ValueError(f"max_examples={max_examples}; expected 1..{MAX_EXAMPLE_LINES}.")
+    folder = Path(packs_dir)
+    names = sorted(names) if names is not None else routable_packs(folder)
+    if not names:
+        raise RouterError(f"no pack in {folder} has an examples file (NAME{EXAMPLES_SUFFIX}); "
+                          "a router needs at least one.")
+    sources = {n: pack_source(folder, n) for n in names}
+    prompts = {n: read_examples(s.examples_path)[:max_examples] for n, s in sources.items()}
+    x, y, index = example_features(tokenizer, features, prompts)
+    router, stats = train_router(x, y, index, names, cfg)
+    out = Path(out) if out is not None else folder / ROUTER_FILE
+    previous = 0
+    if out.is_file():
+        try:
+            previous = int(read_router_manifest(out).get("version", 0))
+        except RouterError:
+            previous = 0
+    router.manifest = {
+        "format": ROUTER_FORMAT,
+        "format_version": ROUTER_FORMAT_VERSION,
+        "version": previous + 1,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": names,
+        "hidden": cfg.hidden,
+        "feature": {"pooling": "mean", "state": "final_norm", "max_tokens": MAX_FEATURE_TOKENS,
+                    "renderings": list(renderings(tokenizer)), "dim": router.feature_dim},
+        "base_weights_sha256": base_weights_sha256,
+        "packs": {n: {"payload_sha256": s.payload_sha256, "examples_sha256": s.examples_sha256,
+                      "examples": len(prompts[n])} for n, s in sources.items()},
+        "training": {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
+                     **stats},
+    }
+    save_router(router, out)
+    return router, out
+
+
+# ---- storage -----------------------------------------------------------------------------
+
+def save_router(router: Router, path: str | os.PathLike) -> None:
+    """Write tensors + manifest as one safetensors file, atomically."""
+    tensors = router.tensors()
+    specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    write_safetensors(path, specs, tensors.__getitem__, {MANIFEST_KEY: json.dumps(router.manifest, allow_nan=False)})
+
+
+def read_router_manifest(path: str | os.PathLike) -> dict:
+    try:
+        header = read_header(path, max_header_bytes=MAX_MANIFEST_CHARS + 65_536)
+    except CheckpointError as e:
+        raise RouterError(str(e)) from None
+    text = header.metadata.get(MANIFEST_KEY)
+    if text is None:
+        raise RouterError(f"{path} has no '{MANIFEST_KEY}' manifest; expected a file written by "
+                          "`skillpack router build`.")
+    if len(text) > MAX_MANIFEST_CHARS:
+        raise RouterError(f"{path}: the router manifest has {len(text)} characters; the limit is {MAX_MANIFEST_CHARS}.")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RouterError(f"{path}: the router manifest is not JSON ({e.msg}).") from None
+    return _check_manifest(path, manifest)
+
+
+def _check_manifest(path, m: object) -> dict:
+    def require(cond: bool, what: str) -> None:
+        if not cond:
+            raise RouterError(f"{path}: router manifest {what}.")
+
+    require(isinstance(m, dict), "is not a JSON object")
+    require(m.get("format") == ROUTER_FORMAT, f"format is {m.get('format')!r}; expected {ROUTER_FORMAT!r}")
+    require(m.get("format_version") == ROUTER_FORMAT_VERSION,
+            f"format_version is {m.get('format_version')!r}; this reader knows {ROUTER_FORMAT_VERSION}")
+    require(isinstance(m.get("version"), int) and m["version"] >= 1, "version must be a positive integer")
+    labels = m.get("labels")
+    require(isinstance(labels, list) and 1 <= len(labels) <= MAX_CLASSES and len(set(labels)) == len(labels),
+            f"labels must be 1..{MAX_CLASSES} distinct pack names")
+    for name in labels:
+        try:
+            validate_pack_name(name)
+        except PackError as e:
+            raise RouterError(f"{path}: router label: {e}") from None
+    require(isinstance(m.get("hidden"), int) and 0 <= m["hidden"] <= MAX_HIDDEN, f"hidden must be 0..{MAX_HIDDEN}")
+    feature = m.get("feature")
+    require(isinstance(feature, dict) and isinstance(feature.get("dim"), int)
+            and 1 <= feature["dim"] <= MAX_FEATURE_DIM, f"feature.dim must be 1..{MAX_FEATURE_DIM}")
+    require(isinstance(m.get("base_weights_sha256"), str), "base_weights_sha256 must be a string")
+    packs = m.get("packs")
+    require(isinstance(packs, dict) and set(packs) == set(labels), "packs must describe exactly the labels")
+    for name, info in packs.items():
+        require(isinstance(info, dict) and isinstance(info.get("payload_sha256"), str)
+                and isinstance(info.get("examples_sha256"), str), f"packs.{name} needs payload and examples hashes")
+    return m
+
+
+def load_router(path: str | os.PathLike) -> Router:
+    """Read and check a router file: manifest schema, tensor names, shapes, finite values."""
+    from safetensors import safe_open
+
+    size = os.path.getsize(path)
+    if size > MAX_ROUTER_BYTES:
+        raise RouterError(f"{path} is {size} bytes; a router file is at most {MAX_ROUTER_BYTES}.")
+    manifest = read_router_manifest(path)
+    classes, hidden, dim = len(manifest["labels"]), manifest["hidden"], manifest["feature"]["dim"]
+    sizes = [dim, hidden, classes] if hidden else [dim, classes]
+    want = {"feature_mean": (dim,), "feature_std": (dim,), "centroids": (classes, dim), "radii": (classes,)}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        want[f"layers.{i}.weight"], want[f"layers.{i}.bias"] = (fan_out, fan_in), (fan_out,)
+    with safe_open(str(path), framework="pt") as f:
+        have = set(f.keys())
+        if have != set(want):
+            raise RouterError(f"{path}: tensors {sorted(have)} do not match a router with hidden={hidden}; "
+                              f"expected {sorted(want)}.")
+        tensors = {}
+        for name, shape in want.items():
+            t = f.get_tensor(name)
+            if t.dtype != torch.float32 or tuple(t.shape) != shape:
+                raise RouterError(f"{path}: tensor '{name}' is {t.dtype} {list(t.shape)}; expected float32 {list(shape)}.")
+            if not torch.isfinite(t).all():
+                raise RouterError(f"{path}: tensor '{name}' holds non-finite values.")
+            tensors[name] = t
+    if (tensors["feature_std"] <= 0).any():
+        raise RouterError(f"{path}: feature_std must be positive.")
+    layers = [(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"]) for i in range(len(sizes) - 1)]
+    return Router(list(manifest["labels"]), tensors["feature_mean"], tensors["feature_std"], layers,
+                  tensors["centroids"], tensors["radii"], manifest)
