@@ -62,9 +62,11 @@ for which, tensors in (("base", base), ("tuned", tuned)):
 _BUILD = r"""
 import json, resource, sys, time
 t0 = time.monotonic()
+import torch
 from skillpacks.build import build_pack
+torch.set_num_threads(int(sys.argv[-1]))
 if sys.argv[1] == "idle":
-    import torch, transformers  # the same imports, no build: the interpreter's own footprint
+    import transformers  # the same imports, no build: the interpreter's own footprint
     print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
     sys.exit(0)
 m = build_pack(sys.argv[1], sys.argv[2], sys.argv[3], budget=1/16, report=sys.argv[4], progress=False)
@@ -95,11 +97,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", help="folder for the synthetic checkpoints (default: a temp folder)")
     parser.add_argument("--sizes", default="small,large")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in the build (1: steady on a shared machine)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="build-memory-"))
     from skillpacks.checkpoint import open_checkpoint
 
-    idle = _run(_BUILD, "idle")["maxrss_kib"] * 1024
+    idle = _run(_BUILD, "idle", str(args.threads))["maxrss_kib"] * 1024
     rows = []
     for size in args.sizes.split(","):
         pair = work / size
@@ -113,7 +116,8 @@ def main() -> int:
             largest_elems *= d
         report = pair / "report.json"
         t0 = time.monotonic()
-        child = _run(_BUILD, str(pair / "base"), str(pair / "tuned"), str(pair / "skill.skillpack"), str(report))
+        child = _run(_BUILD, str(pair / "base"), str(pair / "tuned"), str(pair / "skill.skillpack"), str(report),
+                     str(args.threads))
         wall = time.monotonic() - t0
         summary = json.loads(report.read_text())
         peak = child["maxrss_kib"] * 1024
@@ -125,7 +129,7 @@ def main() -> int:
             "pack_size_fraction": summary["size_fraction"], "total_rel_error": summary["total_rel_error"],
         })
     mib = 1 << 20
-    print(f"machine: {_machine()}")
+    print(f"machine: {_machine()}; torch threads: {args.threads}")
     print(f"{'size':<6} {'ckpt MiB':>9} {'largest fp32 MiB':>16} {'peak RSS MiB':>12} {'build RSS MiB':>13} "
           f"{'/largest':>8} {'/ckpt':>6} {'seconds':>8} {'pack/fp16':>9} {'rel_err':>8}")
     for r in rows:
@@ -136,7 +140,7 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
-        json.dump({"machine": _machine(), "budget": 1 / 16, "rows": rows}, f, indent=1)
+        json.dump({"machine": _machine(), "threads": args.threads, "budget": 1 / 16, "rows": rows}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, RESULTS)

@@ -30,7 +30,7 @@ from skillpacks.budget import (
 from skillpacks.checkpoint import Checkpoint, open_checkpoint
 from skillpacks.compress import (
     DEFAULT_TIERS, Recipe, choose_group_size, compress_with_recipe, delta_svd, exact_delta, exact_stats,
-    lowrank_delta, lowrank_stats, sparse_delta, sparse_stats,
+    lowrank_delta, lowrank_stats, sparse_delta, sparse_stats, squared_norm,
 )
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
@@ -81,7 +81,8 @@ def check_pair(base: Checkpoint, tuned: Checkpoint) -> list[str]:
 
 def read_delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor:
     """tuned − base of one tensor, in float32 (bf16 differences are exact in float32)."""
-    delta = tuned.get(name).to(torch.float32) - base.get(name).to(torch.float32)
+    delta = tuned.get(name).to(torch.float32)
+    delta -= base.get(name)  # in place, upcasting as it goes: no float32 copy of the base tensor
     if not torch.isfinite(delta).all():
         raise BuildError(f"tensor '{name}' has non-finite values in the base or tuned checkpoint.")
     return delta
@@ -94,7 +95,7 @@ def _spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int):
         s = torch.linalg.svdvals(delta.to(dtype))
         return LowRankModule(info.name, info.kind, out_f, in_f, (s.double() ** 2).tolist(),
                              choose_group_size(in_f, out_f, max_group_size))
-    total = float(delta.double().square().sum())
+    total = squared_norm(delta)
     if info.method == "sparse":
         counts = sparse_grid(delta.numel())
         return SparseModule(info.name, info.kind, delta.numel(), counts, sparse_spectrum(delta, counts), total)
@@ -194,7 +195,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         if not torch.any(delta):
             continue
         changed.append(info)
-        norms[info.name] = float(torch.linalg.vector_norm(delta.double()))
+        norms[info.name] = math.sqrt(squared_norm(delta))
         if recipe is not None:
             preset_results[info.name] = compress_with_recipe(info.kind, delta, recipe, covs.get(info.name))
         else:

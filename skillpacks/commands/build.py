@@ -29,12 +29,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--preset", choices=sorted(PRESETS), help="a fixed per-module recipe instead of a budget")
     parser.add_argument("--calib", help="calibration text (one per line, or .jsonl with \"text\") for GPTQ")
     parser.add_argument("--report", help="write the build report (sizes, errors per module) to this JSON file")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a "
+                        "machine shared with other jobs, 1 avoids threads spinning against each other")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
 
 
 def run(args: argparse.Namespace) -> int:
     from skillpacks.build import build_pack
 
+    if args.threads is not None:
+        if not 1 <= args.threads <= 1024:
+            print(f"skillpack build: --threads {args.threads} is out of range; expected 1 to 1024.", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         manifest = build_pack(args.base, args.tuned, args.out, name=args.name, description=args.description,
                               budget=args.budget, preset=args.preset, calib=args.calib, report=args.report,
