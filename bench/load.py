@@ -360,7 +360,9 @@ async def rss_loop(sample, deadline: float, every: float, res: LoadResult, t0: f
         await asyncio.sleep(every)
 
 
-async def _run(url: str, pack_files: dict[str, bytes], cfg: LoadConfig, rss_sample) -> tuple[LoadResult, list]:
+async def drive(url: str, pack_files: dict[str, bytes], cfg: LoadConfig, rss_sample) -> tuple[LoadResult, list]:
+    """Run the clients, the admin churn and the RSS sampler until the deadline; returns the
+    result and the greedy responses kept for checking."""
     res, checks = LoadResult(), []
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         base_id = next(m["id"] for m in (await http.get("/v1/models")).json()["data"] if not m.get("parent"))
@@ -388,7 +390,7 @@ def check_sample(res: LoadResult, checks: list, reference: Reference, atol: floa
 def run_load(url: str, pack_paths: dict[str, Path], cfg: LoadConfig, rss_sample, reference: Reference) -> LoadResult:
     """Drive a server already serving the STABLE packs; the churn pack is managed here."""
     pack_files = {name: Path(p).read_bytes() for name, p in pack_paths.items()}
-    res, checks = asyncio.run(_run(url, pack_files, cfg, rss_sample))
+    res, checks = asyncio.run(drive(url, pack_files, cfg, rss_sample))
     check_sample(res, checks, reference)
     return res
 
