@@ -207,7 +207,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         "tool": "skillpack build", "mode": "preset" if recipe else "budget",
         "preset": preset, "budget": None if recipe else budget, "calibrated": calib is not None,
         "tier_bits": [b for b, _ in (recipe.tiers if recipe else DEFAULT_TIERS)],
-        "fp16_delta_bytes_all_changed": fp16_bytes, "modules_changed": len(changed),
+        "modules_changed": len(changed),
     }
     if recipe is not None:
         results = preset_results
@@ -273,7 +273,8 @@ def _write(out: Path, name: str, description: str, fingerprint: dict, changed: l
         records.append(ModuleRecord(info.name, info.kind, stats["method"], list(info.shape), _round_floats(stats)))
         deltas[info.name] = delta_obj
     target = out if final else _staging(out)
-    return write_pack(target, name, description, fingerprint, deltas, records, build)
+    fp16_bytes = sum(math.prod(i.shape) * 2 for i in changed)  # the whole delta, dropped modules too
+    return write_pack(target, name, description, fingerprint, deltas, records, build, fp16_delta_bytes=fp16_bytes)
 
 
 def build_summary(manifest: dict, changed: list[ModuleInfo], norms: dict[str, float], file_bytes: int,

@@ -247,8 +247,13 @@ def _check_record(record: ModuleRecord, delta: ModuleDelta, base_tensors: dict) 
 
 
 def write_pack(path: str | os.PathLike, name: str, description: str, base_fp: dict,
-               deltas: dict[str, ModuleDelta], records: list[ModuleRecord], build: dict) -> dict:
-    """Write a pack atomically (temp file + fsync + rename) and return its manifest."""
+               deltas: dict[str, ModuleDelta], records: list[ModuleRecord], build: dict,
+               fp16_delta_bytes: int | None = None) -> dict:
+    """Write a pack atomically (temp file + fsync + rename) and return its manifest.
+
+    `fp16_delta_bytes` is the fp16 size of the whole delta the pack replaces (every changed
+    tensor, also those the pack drops); by default the stored modules' own fp16 size.
+    """
     validate_pack_name(name)
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise PackError(f"description has {len(description)} characters; the limit is {MAX_DESCRIPTION_CHARS}.")
@@ -272,7 +277,7 @@ def write_pack(path: str | os.PathLike, name: str, description: str, base_fp: di
     for tname in layout_order(specs):  # the checksum covers the data section as written
         digest.update(tensor_bytes(tensors[tname]))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    fp16_bytes = sum(math.prod(r.shape) * 2 for r in records)
+    fp16_bytes = fp16_delta_bytes or sum(math.prod(r.shape) * 2 for r in records)
     manifest = {
         "format": "skillpack",
         "format_version": FORMAT_VERSION,
