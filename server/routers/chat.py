@@ -5,15 +5,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.types import EngineError, EngineProtocol, SamplingParams, TokenEvent
 from server.errors import APIError, error_body
 from server.metrics import Metrics
 from server.routers.deps import get_engine, get_metrics
 from server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_packs, sse, token_budget,
+    Generation, check_prompt, make_request, resolve_model, routing_headers, sse, token_budget,
 )
 from server.routers.text import token_bytes, token_text
 from server.schemas.chat import ChatMessage, ChatRequest, ChatResponse
@@ -45,7 +45,7 @@ def content_logprobs(tokenizer: Any, events: list[TokenEvent], top_k: int) -> li
 
 
 @router.post("/v1/chat/completions", response_model=ChatResponse)
-async def create_chat_completion(body: ChatRequest, engine: EngineProtocol = Depends(get_engine),
+async def create_chat_completion(body: ChatRequest, request: Request, engine: EngineProtocol = Depends(get_engine),
                                  metrics: Metrics = Depends(get_metrics)):
     prompt_ids = render_prompt(engine.tokenizer, body.messages)
     check_prompt(engine, prompt_ids, "messages")
@@ -54,7 +54,7 @@ async def create_chat_completion(body: ChatRequest, engine: EngineProtocol = Dep
     if max_tokens < 1:
         raise APIError(400, f"The prompt fills the model's whole context ({engine.max_model_len} tokens); "
                             "no room is left for a reply.", param="messages", code="context_length_exceeded")
-    packs = resolve_packs(engine, body.model, body.skillpacks)
+    packs, routing = await resolve_model(request.app.state, engine, body.model, body.skillpacks, prompt_ids)
     top_k = body.top_logprobs or 0
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -62,9 +62,12 @@ async def create_chat_completion(body: ChatRequest, engine: EngineProtocol = Dep
     )
     gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "chatcmpl"), body.stop, metrics, ROUTE).start()
     head = {"id": gen.request.request_id, "created": int(time.time()), "model": body.model}
+    if routing is not None:
+        head["skillpack_routing"] = routing.response_field()
     if body.stream:
         stream = _stream(gen, body, head, engine.tokenizer, top_k)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **routing_headers(routing)})
 
     text, reason, events = "", "length", []
     async for piece in gen.pieces():
@@ -74,7 +77,9 @@ async def create_chat_completion(body: ChatRequest, engine: EngineProtocol = Dep
     logprobs = {"content": content_logprobs(engine.tokenizer, events, top_k)} if body.logprobs else None
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
               "finish_reason": reason}
-    return {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()}
+    payload = {**head, "object": "chat.completion", "choices": [choice], "usage": gen.usage()}
+    # routed answers carry the extension field, which the OpenAI response model would drop
+    return payload if routing is None else JSONResponse(payload, headers=routing_headers(routing))
 
 
 async def _stream(gen: Generation, body: ChatRequest, head: dict, tokenizer: Any, top_k: int) -> AsyncIterator[str]:

@@ -5,15 +5,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.engine.types import EngineError, EngineProtocol, SamplingParams, TokenEvent
 from server.errors import error_body
 from server.metrics import Metrics
 from server.routers.deps import get_engine, get_metrics
 from server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_packs, sse, token_budget,
+    Generation, check_prompt, make_request, resolve_model, routing_headers, sse, token_budget,
 )
 from server.routers.text import token_text
 from server.schemas.completions import CompletionRequest, CompletionResponse
@@ -65,12 +65,12 @@ def _prompt_events(gen: Generation) -> list[TokenEvent]:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False)
-async def create_completion(body: CompletionRequest, engine: EngineProtocol = Depends(get_engine),
+async def create_completion(body: CompletionRequest, request: Request, engine: EngineProtocol = Depends(get_engine),
                             metrics: Metrics = Depends(get_metrics)):
     prompt_ids = _prompt_ids(engine, body.prompt)
     check_prompt(engine, prompt_ids, "prompt")
     max_tokens = token_budget(engine, len(prompt_ids), body.max_tokens, "max_tokens")
-    packs = resolve_packs(engine, body.model, body.skillpacks)
+    packs, routing = await resolve_model(request.app.state, engine, body.model, body.skillpacks, prompt_ids)
     want_logprobs = body.logprobs is not None
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
@@ -81,9 +81,12 @@ async def create_completion(body: CompletionRequest, engine: EngineProtocol = De
     echo_text = "" if not body.echo else (
         body.prompt if isinstance(body.prompt, str) else engine.tokenizer.decode(prompt_ids, skip_special_tokens=False))
     head = {"id": gen.request.request_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
+    if routing is not None:
+        head["skillpack_routing"] = routing.response_field()
     if body.stream:
         stream = _stream(gen, body, head, echo_text, engine.tokenizer)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **routing_headers(routing)})
 
     text, reason, logprobs = echo_text, "length", LogprobsBuilder(engine.tokenizer) if want_logprobs else None
     pieces = [piece async for piece in gen.pieces()]
@@ -96,7 +99,9 @@ async def create_completion(body: CompletionRequest, engine: EngineProtocol = De
         if logprobs is not None:
             logprobs.add(piece.tokens)
     choice = {"index": 0, "text": text, "logprobs": logprobs.out if logprobs else None, "finish_reason": reason}
-    return {**head, "choices": [choice], "usage": gen.usage()}
+    payload = {**head, "choices": [choice], "usage": gen.usage()}
+    # routed answers carry the extension field, which the OpenAI response model would drop
+    return payload if routing is None else JSONResponse(payload, headers=routing_headers(routing))
 
 
 async def _stream(gen: Generation, body: CompletionRequest, head: dict, echo_text: str, tokenizer) -> AsyncIterator[str]:

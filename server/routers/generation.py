@@ -14,6 +14,7 @@ from server.engine.types import EngineProtocol, GenerationRequest, SamplingParam
 from server.errors import APIError, model_not_found
 from server.metrics import Metrics
 from server.routers.text import Detokenizer, StopMatcher
+from server.routing_auto import RoutingDecision, auto_router_for, parse_auto_model
 from server.schemas.common import SkillpackRef
 
 
@@ -41,6 +42,24 @@ def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | 
     if model in known:
         return [(model, 1.0)]
     raise model_not_found(model)
+
+
+async def resolve_model(app_state, engine: EngineProtocol, model: str, mix: list[SkillpackRef] | None,
+                        prompt_ids: list[int]) -> tuple[list[tuple[str, float]], RoutingDecision | None]:
+    """Like `resolve_packs`, plus `model: "auto"` / `"auto:K"`: the router picks from the prompt."""
+    top_k = parse_auto_model(model)
+    if top_k is None:
+        return resolve_packs(engine, model, mix), None
+    if mix is not None:
+        raise APIError(400, f"`skillpacks` names the packs itself; it cannot be combined with `model: {model}`.",
+                       param="skillpacks")
+    router = auto_router_for(app_state, engine)
+    decision = await anyio.to_thread.run_sync(router.route, prompt_ids, top_k)  # a base forward: off the loop
+    return decision.packs, decision
+
+
+def routing_headers(decision: RoutingDecision | None) -> dict[str, str]:
+    return {} if decision is None else {"X-SkillPack-Packs": decision.header()}
 
 
 def check_prompt(engine: EngineProtocol, prompt_ids: list[int], param: str) -> None:
