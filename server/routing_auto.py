@@ -107,6 +107,11 @@ def runtime_feature_fn(model) -> FeatureFn:
 
 # ---- decisions ---------------------------------------------------------------------------
 
+def _digits(value: float) -> float:
+    """Six significant digits: small probabilities keep their order."""
+    return float(f"{value:.6g}")
+
+
 @dataclass
 class RoutingDecision:
     packs: list[tuple[str, float]]  # empty = the base model
@@ -118,9 +123,9 @@ class RoutingDecision:
 
     def response_field(self) -> dict:
         """The `skillpack_routing` object a response carries."""
-        return {"packs": [{"name": n, "weight": round(w, 6)} for n, w in self.packs],
-                "confidence": round(self.confidence, 6), "fallback": self.fallback,
-                "probabilities": {n: round(p, 6) for n, p in self.probabilities.items()},
+        return {"packs": [{"name": n, "weight": _digits(w)} for n, w in self.packs],
+                "confidence": _digits(self.confidence), "fallback": self.fallback,
+                "probabilities": {n: _digits(p) for n, p in self.probabilities.items()},
                 "router_version": self.router_version, "stale": self.stale}
 
     def header(self) -> str:
