@@ -293,18 +293,18 @@ def replica_deployment():
             self.owns_mirror = self.scale.mirror is None
             mirror = Path(tempfile.mkdtemp(prefix="skillpack-mirror-")) if self.owns_mirror else self.scale.mirror
             self.settings = replica_settings(Settings(**settings_fields), gpus, mirror)
-            self.app: FastAPI | None = None
+            self.served_app: FastAPI | None = None
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             packs = self.scale.packs_per_replica or self.settings.pack_slots
-            self.app = replica_app(self.settings, self.scale.shared_store, self.scale.rescan_seconds, self.replica,
+            self.served_app = replica_app(self.settings, self.scale.shared_store, self.scale.rescan_seconds, self.replica,
                                    wrap_loader=serve.multiplexed(max_num_models_per_replica=packs),
                                    requested_pack=lambda scope: serve.get_multiplexed_model_id())
-            self.load_pack = self.app.state.load_pack  # where Ray looks for a multiplexed loader
-            return self.app
+            self.load_pack = self.served_app.state.load_pack  # where Ray looks for a multiplexed loader
+            return self.served_app
 
         def check_health(self) -> None:
-            if self.app is not None and self.app.state.engine is None:
+            if self.served_app is not None and self.served_app.state.engine is None:
                 raise RuntimeError(f"replica {self.replica} has no engine (it failed to start or has stopped)")
 
         def __del__(self):
