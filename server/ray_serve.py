@@ -58,7 +58,7 @@ class ScaleConfig(BaseSettings):
     num_cpus: float = Field(1.0, gt=0, le=1024)
     num_gpus: float | None = Field(None, ge=0, le=16)  # unset = 1 when the replica runs on CUDA, else 0
     shared_store: str | None = None  # a folder or an fsspec URI; unset = the server's --packs folder
-    mirror: Path | None = None  # each replica's local copy of the store; unset = a fresh temporary folder
+    mirror: Path | None = None  # where replicas make their local copies of the store; unset = the temp folder
     rescan_seconds: float = Field(5.0, ge=0.1, le=3600)  # how often replicas pick up others' changes
     app_name: str = "skillpack"
     route_prefix: str = "/"
@@ -149,8 +149,8 @@ async def _rescan(store: SharedPackStore, every_seconds: float) -> None:
         await asyncio.sleep(every_seconds)
         try:
             await store.sync()
-        except OSError as exc:  # the shared store is unreachable for now: keep serving what is mirrored
-            log.warning("pack store rescan of %s failed: %s", store.shared, exc)
+        except Exception as exc:  # noqa: BLE001  any client's error: the store is unreachable for now,
+            log.warning("pack store rescan of %s failed: %s", store.shared, exc)  # keep serving the mirror
 
 
 def multiplex_header(scope: dict) -> str:
@@ -224,7 +224,7 @@ class PackAffinity:
         if (scope["method"], scope["path"].rstrip("/")) in LISTING_ROUTES or names - known:
             try:
                 await store.sync()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001  unreachable store: the request runs on what is mirrored
                 log.warning("pack store sync from %s failed: %s", store.shared, exc)
             known = {s.name for s in engine.pack_cache.status()}
         if routing in known:
@@ -290,16 +290,17 @@ def replica_deployment():
         def __init__(self, settings_fields: dict, scale_fields: dict, gpus: float):
             self.scale = ScaleConfig(**scale_fields)
             self.replica = serve.get_replica_context().replica_id.unique_id
-            self.owns_mirror = self.scale.mirror is None
-            mirror = Path(tempfile.mkdtemp(prefix="skillpack-mirror-")) if self.owns_mirror else self.scale.mirror
+            # its own folder even when replicas share a node and a mirror parent; removed when it stops
+            mirror = Path(tempfile.mkdtemp(prefix=f"skillpack-mirror-{self.replica}-", dir=self.scale.mirror))
             self.settings = replica_settings(Settings(**settings_fields), gpus, mirror)
             self.served_app: FastAPI | None = None
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             packs = self.scale.packs_per_replica or self.settings.pack_slots
-            self.served_app = replica_app(self.settings, self.scale.shared_store, self.scale.rescan_seconds, self.replica,
-                                   wrap_loader=serve.multiplexed(max_num_models_per_replica=packs),
-                                   requested_pack=lambda scope: serve.get_multiplexed_model_id())
+            self.served_app = replica_app(
+                self.settings, self.scale.shared_store, self.scale.rescan_seconds, self.replica,
+                wrap_loader=serve.multiplexed(max_num_models_per_replica=packs),
+                requested_pack=lambda scope: serve.get_multiplexed_model_id())
             self.load_pack = self.served_app.state.load_pack  # where Ray looks for a multiplexed loader
             return self.served_app
 
@@ -308,8 +309,7 @@ def replica_deployment():
                 raise RuntimeError(f"replica {self.replica} has no engine (it failed to start or has stopped)")
 
         def __del__(self):
-            if self.owns_mirror:
-                shutil.rmtree(self.settings.packs, ignore_errors=True)
+            shutil.rmtree(self.settings.packs, ignore_errors=True)
 
     return serve.deployment(serve.ingress()(SkillPackReplica))
 
