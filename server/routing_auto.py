@@ -31,8 +31,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engine.types import EngineError
 from skillpacks.router import (
-    EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, TrainConfig, build_router,
-    file_sha256, load_router,
+    EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
+    build_router, decide, file_sha256, load_router,
 )
 
 log = logging.getLogger("skillpack.router")
@@ -103,58 +103,6 @@ def runtime_feature_fn(model) -> FeatureFn:
         return torch.stack([one(p) for p in prompts])
 
     return features
-
-
-# ---- decisions ---------------------------------------------------------------------------
-
-def _digits(value: float) -> float:
-    """Six significant digits: small probabilities keep their order."""
-    return float(f"{value:.6g}")
-
-
-@dataclass
-class RoutingDecision:
-    packs: list[tuple[str, float]]  # empty = the base model
-    confidence: float  # probability of the top live class
-    probabilities: dict[str, float]  # every live class
-    fallback: str | None = None  # None | "low_confidence" | "out_of_distribution" | "no_live_pack"
-    router_version: int = 0
-    stale: bool = False
-
-    def response_field(self) -> dict:
-        """The `skillpack_routing` object a response carries."""
-        return {"packs": [{"name": n, "weight": _digits(w)} for n, w in self.packs],
-                "confidence": _digits(self.confidence), "fallback": self.fallback,
-                "probabilities": {n: _digits(p) for n, p in self.probabilities.items()},
-                "router_version": self.router_version, "stale": self.stale}
-
-    def header(self) -> str:
-        """The `X-SkillPack-Packs` header: pack names, comma-separated; empty = the base."""
-        return ",".join(n for n, _ in self.packs)
-
-
-def decide(router: Router, feature: torch.Tensor, live: set[str], top_k: int, min_confidence: float,
-           ood_margin: float) -> RoutingDecision:
-    """The routing decision for one prompt's feature (dim,) among the `live` classes."""
-    probs = router.probabilities(feature[None])[0]
-    dist = router.distances(feature[None])[0]
-    alive = torch.tensor([name in live for name in router.labels])
-    probabilities = {n: float(p) for n, p, a in zip(router.labels, probs, alive) if a}
-    version = int(router.manifest.get("version", 0))
-    if not alive.any():
-        return RoutingDecision([], 0.0, probabilities, "no_live_pack", version)
-    masked = torch.where(alive, probs, torch.full_like(probs, -1.0))  # deleted packs' mass is not handed on
-    order = masked.argsort(descending=True)[: min(top_k, int(alive.sum()))]
-    best = int(order[0])
-    confidence = float(probs[best])
-    if confidence < min_confidence:
-        return RoutingDecision([], confidence, probabilities, "low_confidence", version)
-    if float(dist[best]) > ood_margin * float(router.radii[best]):
-        return RoutingDecision([], confidence, probabilities, "out_of_distribution", version)
-    chosen = [int(i) for i in order]
-    total = float(probs[chosen].sum())
-    packs = [(router.labels[i], float(probs[i]) / total) for i in chosen]
-    return RoutingDecision(packs, confidence, probabilities, None, version)
 
 
 # ---- the serving-side router ---------------------------------------------------------------

@@ -19,6 +19,7 @@ COMMANDS = {
     "export-peft": ("skillpacks.commands.export_peft", "write a pack's low-rank part as a PEFT LoRA adapter"),
     "graft": ("skillpacks.commands.graft", "fine-tune a base on a skill's data, then build its pack"),
     "eval": ("skillpacks.commands.eval", "score base, fine-tune, packs and baselines on demo skills"),
+    "fusion-eval": ("skillpacks.commands.fusion_eval", "score auto routing, oracle, best single pack and merges"),
     "router": ("skillpacks.commands.router", "train the router that picks packs for `model: auto`"),
     "serve": ("server.cli", "run the OpenAI-compatible SkillPack server"),
 }

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from server.model.loader import load_model
-from server.routing_auto import decide, runtime_feature_fn
+from server.routing_auto import runtime_feature_fn
 from skillpacks.checkpoint import write_safetensors
 from skillpacks.router import (
-    MANIFEST_KEY, Router, RouterError, TrainConfig, fit, hf_feature_fn, load_router, prompt_ids, read_examples,
+    MANIFEST_KEY, Router, RouterError, TrainConfig, decide, fit, hf_feature_fn, load_router, prompt_ids, read_examples,
     read_router_manifest, renderings, save_router, train_router,
 )
 from tests.tiny_models import build_tiny_pair
