@@ -381,6 +381,7 @@ def write_json(result: dict, out_dir: Path = RESULTS) -> Path:
         json.dump(result, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # a temp file is private; a results file is for everyone
     os.replace(f.name, path)
     return path
 
