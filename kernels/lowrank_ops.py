@@ -8,6 +8,12 @@ slot's row count. Bits and group size are therefore compile-time constants of th
 code that reads a pool, so codes load as wide words unpacked with constant shifts and
 each group's scale/zero loads once. Pools appear and grow on demand (to the most rows any
 slot holds at that width), so memory follows the bit widths actually used.
+
+On a CPU the slots also keep every slot's factors dequantized once, concatenated in the
+serving dtype (kernels/lowrank_cpu.py): the torch path runs on them as two GEMMs. Slots
+built with `packed=False` keep only that form (the engine's CPU runtime: the Triton
+kernels never read them there). Dequantizing is `prepare`'s job, which changes nothing,
+so callers can run it outside the lock that `load` needs.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.factors import LowRankDelta
+from kernels.lowrank_cpu import ConcatFactors
 from kernels.quant import QuantTensor, dequantize_groupwise, padded_cols
 from kernels.routing import RowPacks
 
@@ -126,7 +133,8 @@ class LowRankSlots:
     """Device-resident stacked storage of quantized low-rank deltas for ONE target linear (in -> out),
     up to num_slots packs; each slot holds one pack's LowRankDelta (mixed ranks, tiers, bits per slot)."""
 
-    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int, device, dtype):
+    def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int, device, dtype,
+                 packed: bool = True):
         for name, value, hi in (("in_features", in_features, MAX_FEATURES), ("out_features", out_features, MAX_FEATURES),
                                 ("num_slots", num_slots, MAX_SLOTS), ("max_rank", max_rank, MAX_RANK)):
             if not isinstance(value, int) or not 1 <= value <= hi:
@@ -138,19 +146,22 @@ class LowRankSlots:
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
+        self.packed = packed
+        if not packed and self.device.type != "cpu":
+            raise ValueError(f"packed=False keeps only the CPU form; slots on {self.device} need packed=True.")
         self.pools: dict[tuple[int, int], BitPool] = {}  # (bits, group_size) -> pool
         self.rank = torch.zeros(num_slots, dtype=torch.int32, device=self.device)  # total rank per slot
         self._places: dict[int, list[_TierPlace]] = {}
-        # CPU path only: float32 (A (r, in), s (r,), B (out, r)) per loaded slot
-        self._dense: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._loaded: set[int] = set()
+        # the CPU path's storage: each loaded slot's factors once, dequantized, in `dtype`
+        self.concat = ConcatFactors(in_features, out_features, dtype) if self.device.type == "cpu" else None
 
     @property
     def loaded(self) -> frozenset[int]:
-        return frozenset(self._places)
+        return frozenset(self._loaded)
 
-    def load(self, slot: int, delta: LowRankDelta) -> None:
-        """Copy `delta`'s packed codes, scales, zeros and singular values into `slot`."""
-        self._check_slot(slot)
+    def prepare(self, delta: LowRankDelta) -> "PreparedLowRank":
+        """Check `delta` against these slots and dequantize what `load` will copy (changes nothing)."""
         delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):
             raise ValueError(
@@ -159,7 +170,24 @@ class LowRankSlots:
             )
         if delta.rank > self.max_rank:
             raise ValueError(f"delta rank {delta.rank} exceeds these slots' max_rank={self.max_rank}.")
+        if self.concat is None:
+            return PreparedLowRank(delta, None, None)
+        a, b = delta.factors(torch.float32)  # (r, in), (out, r)
+        return PreparedLowRank(delta, a.to(self.dtype), b.T.to(self.dtype).contiguous())
+
+    def load(self, slot: int, delta: "LowRankDelta | PreparedLowRank") -> None:
+        """Copy `delta` (or its `prepare`d form) into `slot`: packed codes, scales, zeros and
+        singular values into the pools, and on a CPU its dequantized factors."""
+        self._check_slot(slot)
+        prepared = delta if isinstance(delta, PreparedLowRank) else self.prepare(delta)
+        delta = prepared.delta
         self.clear(slot)
+        self._loaded.add(slot)
+        self.rank[slot] = delta.rank
+        if self.concat is not None:
+            self.concat.insert(slot, prepared.a, delta.s, prepared.bt)
+        if not self.packed:
+            return
         groups: dict[tuple[int, int], list[int]] = {}  # pool key -> tier indices, in tier order
         for k, t in enumerate(delta.a_tiers):
             groups.setdefault((t.bits, t.group_size), []).append(k)
@@ -176,10 +204,7 @@ class LowRankSlots:
             for k in ks:
                 places[k] = _TierPlace(key, row, delta.a_tiers[k].rows)
                 row += delta.a_tiers[k].rows
-        self.rank[slot] = delta.rank
         self._places[slot] = places
-        if self.device.type == "cpu":
-            self._dense[slot] = self.factors(slot)
 
     def clear(self, slot: int) -> None:
         """Forget the pack in `slot` (its rank becomes 0; pools no slot uses any more are dropped)."""
@@ -189,14 +214,17 @@ class LowRankSlots:
             pool.clear(slot)
         self.pools = {k: p for k, p in self.pools.items() if any(p.rows)}
         self._places.pop(slot, None)
-        self._dense.pop(slot, None)
+        self._loaded.discard(slot)
+        if self.concat is not None:
+            self.concat.remove(slot)
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float32 (A (rank, in), s (rank,), B (out, rank)) of `slot` in tier order, dequantized from the pools."""
-        if slot not in self._places:
+        """Float32 (A (rank, in), s (rank,), B (out, rank)) of `slot` in tier order, dequantized from
+        the pools (from the CPU form when the slots keep no pools)."""
+        if slot not in self._loaded:
             raise ValueError(f"slot {slot} holds no pack; load one first.")
-        if slot in self._dense:
-            return self._dense[slot]
+        if not self.packed:
+            return self.concat.factors(slot)
         a, b, s = [], [], []
         for p in self._places[slot]:
             pool = self.pools[p.key]
@@ -207,12 +235,21 @@ class LowRankSlots:
 
     @property
     def nbytes(self) -> int:
-        dense = sum(t.numel() * t.element_size() for f in self._dense.values() for t in f)
+        dense = self.concat.nbytes if self.concat is not None else 0
         return sum(p.nbytes for p in self.pools.values()) + self.rank.numel() * 4 + dense
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot={slot!r} is out of range; expected an integer in [0, {self.num_slots}).")
+
+
+@dataclass
+class PreparedLowRank:
+    """A checked delta and, for slots with a CPU form, its dequantized A (r, in) and Bᵀ (r, out)."""
+
+    delta: LowRankDelta
+    a: torch.Tensor | None
+    bt: torch.Tensor | None
 
 
 def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, routing: RowPacks,
@@ -232,14 +269,21 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, routing: 
     if backend == "torch":
         add_lowrank_torch(y, x, slots, routing)
     else:
+        if not slots.packed:
+            raise ValueError("these slots keep only the CPU form (packed=False); the triton backend needs packed=True.")
         from kernels.lowrank_triton import add_lowrank_triton
 
         add_lowrank_triton(y, x, slots, routing, shape)
 
 
 def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, routing: RowPacks) -> None:
-    """The torch twin of the kernels (CPU path and test oracle): shrink, then expand."""
-    expand_torch(y, shrink_torch(x, slots, routing), slots, routing)
+    """The torch path: on a CPU, two GEMMs over the concatenated factors (kernels/lowrank_cpu.py);
+    elsewhere the per-slot twin of the kernels (shrink, then expand)."""
+    if slots.concat is not None and x.device.type == "cpu":
+        rows = None if routing.num_routed_rows == routing.num_rows else routing.routed_rows.long()
+        slots.concat.add(y, x, routing.slot_order, routing.slot_weights(), rows)
+    else:
+        expand_torch(y, shrink_torch(x, slots, routing), slots, routing)
 
 
 def shrink_torch(x: torch.Tensor, slots: LowRankSlots, routing: RowPacks) -> torch.Tensor:

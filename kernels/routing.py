@@ -3,7 +3,8 @@
 Built once per forward step on the host, moved to the device in one copy, and shared by
 every target linear of the step. The kernels read pairs sorted into per-slot segments,
 cut into tiles of at most `block_m` pairs that share a slot (`tiles(block_m)`); a CSR
-index by row (`routed_rows`, `row_pair_ptr`, `row_pairs`) serves the torch twin.
+index by row (`routed_rows`, `row_pair_ptr`, `row_pairs`) serves the torch twin; the CPU
+path reads the same routing as a dense (rows, packs) weight table (`slot_weights`).
 
 A row listing several packs (weighted fusion) has one pair per pack. Pairs are ordered
 by (pass, slot, row), where a pair's pass is its position within its row's list: within
@@ -52,6 +53,7 @@ class RowPacks:
     num_passes: int
     device: torch.device
     _tiles: dict[int, SegmentTiles] = field(default_factory=dict, repr=False)
+    _weights: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, row_packs: list[list[tuple[int, float]]], device) -> "RowPacks":
@@ -134,6 +136,22 @@ class RowPacks:
     @property
     def num_routed_rows(self) -> int:
         return int(self.routed_rows.numel())
+
+    @property
+    def slot_order(self) -> tuple[int, ...]:
+        """The slots the step uses, ascending: the columns of `slot_weights`."""
+        return tuple(sorted(self.slots_used))
+
+    def slot_weights(self) -> torch.Tensor:
+        """float32 (num_rows, k + 1): [i, j] = weight of slot_order[j] in row i (0 when unused);
+        the last column is all zeros (columns that belong to no pack of the step read it)."""
+        if self._weights is None:
+            order = torch.tensor(self.slot_order, dtype=torch.int32, device=self.device)
+            col = torch.searchsorted(order, self.pair_slot)
+            w = torch.zeros(self.num_rows, len(order) + 1, dtype=torch.float32, device=self.device)
+            w[self.pair_row.long(), col] = self.pair_weight  # (row, slot) pairs are unique: no accumulation
+            self._weights = w
+        return self._weights
 
     def tiles(self, block_m: int) -> SegmentTiles:
         """Segments cut into tiles of at most `block_m` pairs (cached per block size)."""

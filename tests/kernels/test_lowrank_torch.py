@@ -1,7 +1,9 @@
-"""The torch twin and the slot storage against a float64 dense reference built from dequantize_groupwise."""
+"""The torch path (CPU concatenated factors), its twin and the slot storage against a float64 dense
+reference built from dequantize_groupwise."""
 import pytest
 import torch
 
+from kernels.lowrank_cpu import FULL_BUFFER_SLACK, MIN_GROWTH_COLUMNS
 from kernels.lowrank_ops import LowRankSlots, add_lowrank, expand_torch, shrink_torch
 from kernels.routing import RowPacks
 from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
@@ -61,8 +63,7 @@ def test_storage_reads_back_every_tier_and_survives_growth_and_clear():
     slots.load(1, wide)  # the 2-bit pool grows; slot 0 must keep its bytes
     assert slots.pools[(2, 32)].cap > before
     for slot, d in ((0, small), (2, big), (1, wide)):
-        slots._dense.pop(slot)  # read through the pools, not the CPU copy
-        a, s, b = slots.factors(slot)
+        a, s, b = slots.factors(slot)  # read through the pools
         ra, rb = d.factors()
         assert torch.equal(a, ra) and torch.equal(b, rb) and torch.equal(s, d.s)
     slots.clear(2)
@@ -104,3 +105,146 @@ def test_empty_routing_leaves_y_alone():
     y = torch.full((3, OUT_F), float("nan"))
     add_lowrank(y, torch.zeros(3, IN_F), slots, RowPacks.build([[], [], []], "cpu"))
     assert y.isnan().all()
+
+
+def many_deltas(n: int, seed: int = 0):
+    """n deltas of ranks 1..9 and mixed tiers, bits and group sizes."""
+    mixes = [[(1, 8)], [(2, 8), (3, 4)], [(4, 4), (5, 2)], [(1, 8), (2, 4), (6, 2)], [(9, 2)]]
+    return [make_delta(IN_F, OUT_F, mixes[i % len(mixes)], group_size=(16, 32, 8)[i % 3], seed=seed + i)
+            for i in range(n)]
+
+
+def spread_mix(rows: int, used: list[int]) -> list[list[tuple[int, float]]]:
+    """Rows cycling over `used`: one pack, a weighted fusion of two, or none (base only)."""
+    out = []
+    for i in range(rows):
+        p, q = used[i % len(used)], used[(i + 1) % len(used)]
+        out.append([[(p, 1.0)], [(p, 0.7), (q, -0.4)] if p != q else [(p, 0.3)], []][i % 3])
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("used", ["all", "one", "adjacent", "spread"])
+def test_cpu_path_matches_dense_reference_with_many_slots(used, rows, dtype, packed):
+    """24 slots of mixed ranks; the step uses all, one, a contiguous run, or a few spread out of
+    them (views of contiguous columns, or a gathered copy), with fused and base-only rows."""
+    ds = many_deltas(24)
+    slots = LowRankSlots(IN_F, OUT_F, 24, 9, "cpu", dtype, packed=packed)
+    for i, d in enumerate(ds):
+        slots.load(i, d)
+    which = {"all": list(range(24)), "one": [5], "adjacent": [6, 7, 8], "spread": [1, 9, 17, 22]}[used]
+    mix = spread_mix(rows, which)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, IN_F, generator=g).to(dtype)
+    y = torch.randn(rows, OUT_F, generator=g).to(dtype)
+    y0 = y.clone()
+    routing = RowPacks.build(mix, "cpu")
+    add_lowrank(y, x, slots, routing, backend="torch")
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), dense_reference(y0, x, ds, mix), atol=atol, rtol=rtol)
+    base = [i for i, p in enumerate(mix) if not p]
+    assert torch.equal(y[base], y0[base])
+    plan = slots.concat._plans[routing.slot_order]
+    assert plan.mode == {"all": "view", "one": "view", "adjacent": "view", "spread": "gathered"}[used] or (
+        rows == 1 and plan.mode == "view")  # one row routes one pack: a view
+
+
+def test_duplicate_slots_in_a_row_add_up_on_the_cpu_path():
+    ds = many_deltas(3)
+    slots = load_slots(ds)
+    x = torch.randn(2, IN_F)
+    mix = [[(1, 0.5), (1, 0.25), (2, 1.0)], [(0, 1.0), (0, 1.0)]]
+    summed = [[(1, 0.75), (2, 1.0)], [(0, 2.0)]]
+    y = torch.zeros(2, OUT_F)
+    add_lowrank(y, x, slots, RowPacks.build(mix, "cpu"), backend="torch")
+    torch.testing.assert_close(y.double(), dense_reference(torch.zeros(2, OUT_F), x, ds, summed),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_storage_survives_churn_and_stays_compact():
+    """Loads, replacements and clears in a random order: every slot still reads back its own
+    factors exactly, the step still matches the reference, and freed columns get reused."""
+    ds = many_deltas(40, seed=3)
+    slots = LowRankSlots(IN_F, OUT_F, 12, 9, "cpu", torch.float32, packed=False)
+    g = torch.Generator().manual_seed(0)
+    held: dict[int, int] = {}  # slot -> index into ds
+    for step in range(60):
+        slot = int(torch.randint(12, (1,), generator=g))
+        if step % 4 == 3 and held:
+            slot = sorted(held)[int(torch.randint(len(held), (1,), generator=g))]
+            slots.clear(slot)
+            held.pop(slot)
+        else:
+            k = int(torch.randint(len(ds), (1,), generator=g))
+            slots.load(slot, ds[k])
+            held[slot] = k
+        loaded_rank = sum(ds[k].rank for k in held.values())
+        assert loaded_rank <= slots.concat.end <= loaded_rank + 9  # at most one largest-rank hole
+    assert slots.loaded == set(held)
+    for slot, k in held.items():
+        a, s, b = slots.factors(slot)
+        ra, rb = ds[k].factors()
+        assert torch.equal(a, ra) and torch.equal(b, rb) and torch.equal(s, ds[k].s)
+    order = sorted(held)
+    mix = spread_mix(9, order)
+    x, y = torch.randn(9, IN_F), torch.zeros(9, OUT_F)
+    add_lowrank(y, x, slots, RowPacks.build(mix, "cpu"))
+    ref_deltas = {slot: ds[k] for slot, k in held.items()}
+    dense = [ref_deltas.get(i, ds[0]) for i in range(12)]
+    torch.testing.assert_close(y.double(), dense_reference(torch.zeros(9, OUT_F), x, dense, mix),
+                               atol=2e-4, rtol=2e-4)
+    for slot in list(held):
+        slots.clear(slot)
+    assert slots.concat.end == 0 and slots.concat.capacity <= 64  # memory goes back after unloads
+
+
+def test_prepare_changes_nothing_and_load_takes_its_result():
+    ds = many_deltas(2)
+    slots = LowRankSlots(IN_F, OUT_F, 2, 9, "cpu", torch.float32, packed=False)
+    slots.load(0, ds[0])
+    before = slots.nbytes
+    prepared = slots.prepare(ds[1])
+    assert slots.loaded == {0} and slots.nbytes == before
+    slots.load(1, prepared)
+    a, s, b = slots.factors(1)
+    ra, rb = ds[1].factors()
+    assert torch.equal(a, ra) and torch.equal(b, rb)
+    with pytest.raises(ValueError, match="rank 9 exceeds"):
+        LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).prepare(ds[0] if ds[0].rank > 4 else many_deltas(5)[4])
+
+
+def test_unpacked_slots_hold_each_pack_once_in_the_serving_dtype():
+    ds = many_deltas(4)
+    slots = LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.bfloat16, packed=False)
+    for i, d in enumerate(ds):
+        slots.load(i, d)
+    ranks = sum(d.rank for d in ds)
+    assert not slots.pools
+    assert slots.concat.a.dtype == torch.bfloat16
+    cap = slots.concat.capacity
+    assert ranks <= cap <= ranks + MIN_GROWTH_COLUMNS
+    assert slots.nbytes == cap * (IN_F + OUT_F) * 2 + cap * 4 + 4 * 4  # bf16 factors, float32 s, int32 ranks
+    add_lowrank(torch.zeros(1, OUT_F, dtype=torch.bfloat16), torch.zeros(1, IN_F, dtype=torch.bfloat16),
+                slots, RowPacks.build([[(0, 1.0)]], "cpu"))
+    working = slots.concat._plans[(0,)].a.numel() + slots.concat._plans[(0,)].b.numel()
+    assert working == ds[0].rank * (IN_F + OUT_F)  # a float32 copy of only the step's columns
+    assert slots.nbytes == cap * (IN_F + OUT_F) * 2 + cap * 4 + 4 * 4 + working * 4
+    with pytest.raises(ValueError, match="packed=True"):
+        add_lowrank(torch.zeros(1, OUT_F, dtype=torch.bfloat16), torch.zeros(1, IN_F, dtype=torch.bfloat16),
+                    slots, RowPacks.build([[(0, 1.0)]], "cpu"), backend="triton")
+    with pytest.raises(ValueError, match="packed=False"):
+        LowRankSlots(IN_F, OUT_F, 1, 4, "meta", torch.float32, packed=False)
+
+
+def test_whole_buffer_is_used_only_when_the_step_fills_most_of_it():
+    ds = many_deltas(10)
+    slots = load_slots(ds, max_rank=9)
+    most = list(range(10))
+    most.remove(4)  # a hole in the middle: not contiguous
+    add_lowrank(torch.zeros(9, OUT_F), torch.zeros(9, IN_F), slots, RowPacks.build([[(p, 1.0)] for p in most], "cpu"))
+    used = sum(ds[p].rank for p in most)
+    plan = slots.concat._plans[tuple(most)]
+    assert slots.concat.end <= FULL_BUFFER_SLACK * used and plan.mode == "whole"
+    assert plan.a.shape[0] == slots.concat.end
