@@ -24,18 +24,18 @@ import torch
 from tqdm import tqdm
 
 from skillpacks.budget import (
-    ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, sparse_grid,
+    ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, group_size_options, sparse_grid,
     sparse_spectrum,
 )
 from skillpacks.checkpoint import Checkpoint, open_checkpoint
 from skillpacks.compress import (
-    DEFAULT_TIERS, Recipe, choose_group_size, compress_with_recipe, delta_svd, exact_delta, exact_stats,
+    DEFAULT_TIERS, Recipe, compress_with_recipe, delta_svd, exact_delta, exact_stats,
     lowrank_delta, lowrank_stats, sparse_delta, sparse_stats, squared_norm,
 )
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
-from skillpacks.module_kinds import EMBEDDING_NAME, LM_HEAD_NAME, module_kind, storage_method
+from skillpacks.module_kinds import ALWAYS_STORED_KINDS, EMBEDDING_NAME, LM_HEAD_NAME, module_kind, storage_method
 
 DEFAULT_BUDGET = 1 / 16
 PRESETS = {"graftllm": Recipe()}
@@ -88,24 +88,26 @@ def read_delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor:
     return delta
 
 
-def _spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int):
+def module_spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int = 128):
+    """What the allocator needs to know of one delta: σ² (low-rank), top-k energies (sparse) or size (exact)."""
     if info.method == "lowrank":
         out_f, in_f = info.shape
         dtype = torch.float64 if delta.numel() <= 1 << 20 else torch.float32
         s = torch.linalg.svdvals(delta.to(dtype))
         return LowRankModule(info.name, info.kind, out_f, in_f, (s.double() ** 2).tolist(),
-                             choose_group_size(in_f, out_f, max_group_size))
+                             group_size_options(in_f, out_f, max_group_size))
     total = squared_norm(delta)
     if info.method == "sparse":
         counts = sparse_grid(delta.numel())
         return SparseModule(info.name, info.kind, delta.numel(), counts, sparse_spectrum(delta, counts), total)
-    return ExactModule(info.name, info.kind, delta.numel() * 4, total)
+    return ExactModule(info.name, info.kind, delta.numel() * 4, total, required=info.kind in ALWAYS_STORED_KINDS)
 
 
-def _compress_planned(delta: torch.Tensor, plan: Plan, cov: torch.Tensor | None):
+def compress_planned(delta: torch.Tensor, plan: Plan, cov: torch.Tensor | None = None):
+    """Compress one delta as its plan says: (ModuleDelta, stats)."""
     if plan.method == "lowrank":
         u, s, vh = delta_svd(delta)
-        ld = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, cov)
+        ld = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, cov, clip=True)
         return ld, lowrank_stats(delta, s, ld, plan.group_size)
     if plan.method == "sparse":
         sd = sparse_delta(delta, plan.count)
@@ -199,7 +201,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         if recipe is not None:
             preset_results[info.name] = compress_with_recipe(info.kind, delta, recipe, covs.get(info.name))
         else:
-            spectra.append(_spectrum(info, delta, Recipe().max_group_size))
+            spectra.append(module_spectrum(info, delta, Recipe().max_group_size))
     if not changed:
         raise BuildError(f"the tuned checkpoint {tuned.path} equals the base {base.path}: no tensor changed.")
     fp16_bytes = sum(math.prod(i.shape) * 2 for i in changed)
@@ -221,13 +223,17 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
             if allowance <= 0:
                 raise BuildError(f"budget {budget} allows {limit} bytes, not enough for the pack's header "
                                  f"(~{fixed} bytes); use a larger --budget.")
-            plans = allocate(spectra, allowance, tuple(b for b, _ in DEFAULT_TIERS), HeaderCost())
+            try:
+                plans = allocate(spectra, allowance, tuple(b for b, _ in DEFAULT_TIERS), HeaderCost())
+            except ValueError as e:
+                raise BuildError(f"budget {budget} allows {limit} bytes ({allowance} after the header): {e} "
+                                 "Use a larger --budget.") from e
             results = {}
             for info in tqdm(changed, desc=f"pass 2: compress (try {attempt + 1})", **show):
                 plan = plans[info.name]
                 if plan.method != "none":
                     delta = read_delta(base, tuned, info.name)
-                    results[info.name] = _compress_planned(delta, plan, covs.get(info.name))
+                    results[info.name] = compress_planned(delta, plan, covs.get(info.name))
             if not results:
                 raise BuildError(f"budget {budget} allows {limit} bytes, too few to store any module; "
                                  "use a larger --budget.")

@@ -24,6 +24,8 @@ METHOD_OF_KIND = {
     "embedding": "sparse", "lm_head": "sparse", "attention": "lowrank", "mlp": "lowrank",
     "norm": "exact", "bias": "exact", "other": "exact",
 }
+# stored exactly whatever the budget: tiny, and a norm weight scales a whole channel
+ALWAYS_STORED_KINDS = ("norm", "bias")
 
 
 def module_kind(name: str) -> str:

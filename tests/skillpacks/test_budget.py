@@ -4,13 +4,12 @@ import torch
 from safetensors.torch import load_file
 
 from skillpacks.budget import (
-    ExactModule, HeaderCost, LowRankModule, SparseModule, allocate, sparse_grid, sparse_spectrum, uniform_plans,
-    vector_error,
+    ExactModule, HeaderCost, LowRankModule, SparseModule, allocate, group_size_options, sparse_grid, sparse_spectrum,
+    rank_error, uniform_plans, vector_error,
 )
-from skillpacks.compress import (
-    choose_group_size, delta_svd, exact_delta, lowrank_delta, sparse_delta,
-)
-from skillpacks.module_kinds import module_kind, storage_method
+from skillpacks.baselines import compress_deltas
+from skillpacks.compress import delta_svd, exact_delta, lowrank_delta, rank_bytes, sparse_delta
+from skillpacks.module_kinds import ALWAYS_STORED_KINDS, module_kind, storage_method
 
 
 def _deltas(pair):
@@ -25,12 +24,13 @@ def _spectra(deltas):
         method = storage_method(kind, tuple(d.shape))
         if method == "lowrank":
             sq = (torch.linalg.svdvals(d.double()) ** 2).tolist()
-            modules.append(LowRankModule(name, kind, d.shape[0], d.shape[1], sq, choose_group_size(d.shape[1], d.shape[0])))
+            modules.append(LowRankModule(name, kind, d.shape[0], d.shape[1], sq, group_size_options(d.shape[1], d.shape[0])))
         elif method == "sparse":
             counts = sparse_grid(d.numel())
             modules.append(SparseModule(name, kind, d.numel(), counts, sparse_spectrum(d, counts), float(d.double().square().sum())))
         else:
-            modules.append(ExactModule(name, kind, d.numel() * 4, float(d.double().square().sum())))
+            modules.append(ExactModule(name, kind, d.numel() * 4, float(d.double().square().sum()),
+                                       required=kind in ALWAYS_STORED_KINDS))
     return modules
 
 
@@ -41,7 +41,7 @@ def _compress(deltas, plans):
         plan = plans[name]
         if plan.method == "lowrank":
             u, s, vh = delta_svd(d)
-            obj = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size)
+            obj = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, clip=True)
         elif plan.method == "sparse":
             obj = sparse_delta(d, plan.count)
         elif plan.method == "exact":
@@ -69,7 +69,7 @@ def test_sparse_spectrum_matches_sorting():
     assert sparse_spectrum(d, counts) == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.parametrize("budget", [3_000, 20_000, 80_000])
+@pytest.mark.parametrize("budget", [9_000, 20_000, 80_000])
 @pytest.mark.parametrize("header", [None, HeaderCost()])
 def test_allocation_respects_the_budget_and_forms_valid_tiers(tiny_pairs, budget, header):
     deltas = _deltas(tiny_pairs["qwen2"])
@@ -106,3 +106,72 @@ def test_estimated_error_tracks_measured_error(tiny_pairs):
 def test_allocation_rejects_negative_budget():
     with pytest.raises(ValueError, match="budget_bytes=-1"):
         allocate([], -1)
+
+
+@pytest.mark.parametrize("header", [None, HeaderCost()])
+def test_norms_and_biases_are_always_stored_exactly(tiny_pairs, header):
+    deltas = _deltas(tiny_pairs["qwen2"])
+    spectra = _spectra(deltas)
+    required = [m for m in spectra if isinstance(m, ExactModule) and m.required]
+    assert {module_kind(m.name) for m in required} == {"norm", "bias"}
+    need = sum(m.nbytes + (header.module(m.name, "exact") if header else 0) for m in required)
+    for budget in (need, need + 2_000, 40_000):
+        plans = allocate(spectra, budget, header=header)
+        assert all(plans[m.name].method == "exact" for m in required)
+        assert sum(p.est_bytes for p in plans.values()) <= budget
+    with pytest.raises(ValueError, match=f"norms and biases alone need {need} bytes.*budget_bytes={need - 1}"):
+        allocate(spectra, need - 1, header=header)
+
+
+def _model_error(m, tiers, g):
+    """Estimated Σ squared error of keeping `tiers` [(bits, rank)] of module m (the error model, by hand)."""
+    err, start = sum(m.sq), 0
+    for bits, r in tiers:
+        err -= sum(m.sq[start:start + r]) * (1 - rank_error(bits, g, m.out_features, m.in_features))
+        start += r
+    return err
+
+
+@pytest.mark.parametrize("fraction", [1 / 32, 1 / 16, 1 / 4])
+@pytest.mark.parametrize("decay", [0.3, 1.0])
+def test_allocation_is_near_the_brute_force_optimum(fraction, decay):
+    out_f, in_f, g = 40, 64, 32
+    sq = [(i + 1) ** (-2 * decay) for i in range(out_f)]
+    m = LowRankModule("m", "mlp", out_f, in_f, sq, (g,))
+    budget = int(out_f * in_f * 2 * fraction)
+    cost = {b: rank_bytes(in_f, out_f, b, g) for b in (8, 4, 2)}
+    best = sum(sq)
+    for n8 in range(out_f + 1):
+        for n4 in range(out_f + 1 - n8):
+            left = budget - n8 * cost[8] - n4 * cost[4]
+            if left < 0:
+                break
+            n2 = min(out_f - n8 - n4, left // cost[2])
+            best = min(best, _model_error(m, [(8, n8), (4, n4), (2, n2)], g))
+    plan = allocate([m], budget)["m"]
+    assert plan.est_bytes <= budget
+    assert plan.est_error_sq == pytest.approx(_model_error(m, plan.tier_ranks, g), rel=1e-9)
+    assert plan.est_error_sq <= best * 1.02 + 1e-12, (plan.tier_ranks, plan.est_error_sq, best)
+
+
+def _synthetic_delta(out_f, in_f, seed, decay=0.6, noise=0.3):
+    """A fine-tune-like delta: power-law singular spectrum plus dense noise."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=gen, dtype=torch.float64))
+    d = (u * torch.arange(1, k + 1, dtype=torch.float64) ** -decay) @ v.T
+    n = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    return (d + noise * n * d.norm() / n.norm()).float()
+
+
+@pytest.mark.parametrize("fraction,decay,noise", [(1 / 16, 0.6, 0.3), (1 / 32, 0.3, 0.5)])
+def test_allocation_beats_delta_come_at_equal_bytes(fraction, decay, noise):
+    deltas = {f"model.layers.0.mlp.{p}_proj.weight": _synthetic_delta(o, i, seed, decay, noise)
+              for seed, (p, o, i) in enumerate([("up", 384, 128), ("down", 128, 384), ("gate", 384, 128)])}
+    budget = int(sum(d.numel() * 2 for d in deltas.values()) * fraction)
+    ours_bytes, ours_err = _compress(deltas, allocate(_spectra(deltas), budget))
+    theirs, theirs_bytes = compress_deltas(deltas, "delta_come", budget)
+    theirs_err = sum(float((d.double() - theirs[n].double()).square().sum()) for n, d in deltas.items())
+    assert ours_bytes <= budget and theirs_bytes <= budget
+    assert ours_err <= theirs_err, (ours_err, theirs_err)
