@@ -9,8 +9,16 @@
   old version keep it (and its slot) until they finish, then it is dropped.
 
 Every pack is checked against the served base's fingerprint when it is read from disk.
+Its payload checksum is verified on the first read of each registered version (or by the
+caller before `register(..., verified=True)`); later reads skip the hash while the file
+is unchanged: same device, inode, size, mtime and ctime as when it was verified (ctime
+changes on any write and cannot be set back, so an in-place edit that restores the mtime
+is still caught).
+
 One lock guards the bookkeeping; `device_lock` serialises slot writes with forward
-steps, so a slot is never rewritten while a step reads the model's delta tables.
+steps, so a slot is never rewritten while a step reads the model's delta tables. The
+slow part of placing a pack (dequantizing it, `PackSlots.prepare`) runs before either
+lock is taken; under `device_lock` only copies remain.
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from server.engine.types import EngineError, PackStatus
-from server.model.pack_slots import PackSlots
+from server.model.pack_slots import PackSlots, PreparedPack
 from skillpacks.fingerprint import check_base
 from skillpacks.format import PackError, SkillPack, read_pack
 
@@ -32,6 +40,12 @@ log = logging.getLogger(__name__)
 
 def pack_bytes(pack: SkillPack) -> int:
     return sum(d.nbytes for d in pack.deltas.values())
+
+
+def file_identity(path: str) -> tuple[int, ...]:
+    """What changes whenever the file's bytes can have changed: (device, inode, size, mtime, ctime)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def unknown_pack(name: str) -> EngineError:
@@ -50,6 +64,7 @@ class PackVersion:
     refs: int = 0  # running requests holding this version
     retired: bool = False  # replaced or unregistered: dropped when its last user leaves
     last_used: int = 0
+    verified_file: tuple[int, ...] | None = None  # file_identity when its checksum last matched
 
 
 @dataclass
@@ -90,14 +105,17 @@ class PackCache:
 
     # ---- the HTTP layer's side (PackCacheProtocol) ----------------------------------
 
-    def register(self, name: str, path: str) -> None:
-        """Add a pack, or replace the current version of `name` by the file at `path`."""
+    def register(self, name: str, path: str, verified: bool = False) -> None:
+        """Add a pack, or replace the current version of `name` by the file at `path`.
+        `verified`: the caller has just checked the file's checksum (`verify_pack`), so its
+        loads skip the hash until the file changes."""
         if not os.path.isfile(path):
             raise EngineError(f"pack file {path!r} for '{name}' does not exist.", status=400)
+        identity = file_identity(path) if verified else None
         with self._lock:
             old = self._current.get(name)
             self._current[name] = PackVersion(name, str(path), old.version + 1 if old else 1,
-                                              pinned=bool(old and old.pinned))
+                                              pinned=bool(old and old.pinned), verified_file=identity)
             if old is not None:
                 self._retire(old)
 
@@ -112,8 +130,9 @@ class PackCache:
         """Bring `name` to a device slot now (503 when every slot is held or pinned)."""
         version = self._version(name)
         pack = self._read_if_needed(version)
+        prepared = self._prepare(version, pack) if version.slot is None else None
         with self._lock:
-            if version.slot is None and not self._place(version, pack):
+            if version.slot is None and not self._place(version, prepared or self._prepare(version, pack)):
                 raise EngineError(
                     f"cannot load pack '{name}': all {self.slots.num_slots} pack slots are in use or pinned.",
                     status=503,
@@ -180,6 +199,7 @@ class PackCache:
                     f"{self.slots.num_slots} slots are not pinned by other packs.", status=503,
                 )
         parsed = {v: self._read_if_needed(v) for v in versions}
+        prepared = {v: self._prepare(v, parsed[v]) for v in versions if v.slot is None}
         with self._lock:
             taken = []
             for v in versions:
@@ -189,7 +209,7 @@ class PackCache:
                     self.counters.hits += 1
                 else:
                     self.counters.misses += 1
-                    if not self._place(v, parsed[v]):
+                    if not self._place(v, prepared.get(v) or self._prepare(v, parsed[v])):
                         return self._undo(taken)
                 v.refs += 1
                 v.last_used = next(self._clock)
@@ -241,7 +261,9 @@ class PackCache:
                 return version.host
         start = time.perf_counter()
         try:
-            pack = self._reader(version.path)
+            identity = file_identity(version.path)
+            trusted = identity == version.verified_file
+            pack = self._reader(version.path, verify_checksum=False) if trusted else self._reader(version.path)
         except (PackError, OSError) as e:
             log.error("pack '%s' cannot be read from %s: %s", version.name, version.path, e)
             raise EngineError(f"pack '{version.name}' cannot be read from {version.path}: {e}", status=500) from None
@@ -256,6 +278,7 @@ class PackCache:
             raise EngineError(f"pack '{version.name}' does not fit this base model: {e}", status=409) from None
         size = pack_bytes(pack)
         with self._lock:
+            version.verified_file = identity  # taken before the read: a write during it shows next time
             self.counters.loads += 1
             self.counters.load_seconds += time.perf_counter() - start
             # a pack bigger than the whole budget goes to the device without a host copy
@@ -280,8 +303,19 @@ class PackCache:
             self._host_bytes -= version.host_bytes
         version.host = None
 
-    def _place(self, version: PackVersion, pack: SkillPack) -> bool:
-        """Copy `pack` into a free or evictable slot; False when every slot is held."""
+    def _prepare(self, version: PackVersion, pack: SkillPack) -> PreparedPack:
+        """The pack in the form slots copy (dequantized): slow, so callers hold no lock."""
+        start = time.perf_counter()
+        try:
+            prepared = self.slots.prepare(pack.deltas)
+        except ValueError as e:
+            raise EngineError(f"pack '{version.name}' does not fit this base model: {e}", status=409) from None
+        with self._lock:
+            self.counters.load_seconds += time.perf_counter() - start
+        return prepared
+
+    def _place(self, version: PackVersion, pack: PreparedPack) -> bool:
+        """Copy prepared `pack` into a free or evictable slot; False when every slot is held."""
         slot = next((i for i, v in enumerate(self._slot_owner) if v is None), None)
         if slot is None:
             idle = [v for v in self._slot_owner if v.refs == 0 and not v.pinned]
@@ -293,7 +327,7 @@ class PackCache:
             self.counters.evictions += 1
         start = time.perf_counter()
         with self.device_lock:
-            self.slots.load(slot, pack.deltas)
+            self.slots.load(slot, pack)
         self.counters.load_seconds += time.perf_counter() - start
         self._slot_owner[slot] = version
         version.slot = slot

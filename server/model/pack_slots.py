@@ -10,16 +10,29 @@ base checkpoint's names, so each maps to one module:
 - `model.embed_tokens.weight`, `lm_head.weight`
                           SparseDelta (or ExactDelta) -> a float32 CSR matrix per slot;
                           with tied embeddings the embedding delta also changes the output.
+
+Loading is two steps so that the slow one runs without the device lock: `prepare`
+checks a pack and converts its deltas (dequantized factors on a CPU, CSR matrices)
+without touching the slots; `load` copies a prepared pack in.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from kernels.factors import LowRankDelta
-from kernels.lowrank_ops import LowRankSlots
+from kernels.lowrank_ops import LowRankSlots, PreparedLowRank
 from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
 from server.model.sparse_rows import to_csr
 from skillpacks.deltas import ExactDelta, SparseDelta
+
+
+@dataclass
+class PreparedPack:
+    """A pack checked against these slots, each delta in the form `PackSlots.load` copies."""
+
+    deltas: dict[str, PreparedLowRank | torch.Tensor]  # low-rank: prepared; bias/norm: float32; sparse: CSR
 
 
 class PackSlots:
@@ -32,9 +45,11 @@ class PackSlots:
         self.targets: dict[str, tuple[str, torch.nn.Module]] = {}  # tensor name -> (role, module)
         for name, module in model.named_modules():
             if isinstance(module, DeltaLinear):
+                # on a CPU the torch path reads only the dequantized factors: keep no packed copy
                 module.lowrank = LowRankSlots(
                     module.in_features, module.out_features, num_slots,
                     min(module.in_features, module.out_features), self.device, self.dtype,
+                    packed=self.device.type != "cpu",
                 )
                 self.targets[f"{name}.weight"] = ("lowrank", module)
                 if module.bias is not None:
@@ -69,24 +84,38 @@ class PackSlots:
             if have != expected:
                 raise ValueError(f"the pack's delta for '{name}' has shape {have}; the base tensor has {expected}.")
 
-    def load(self, slot: int, deltas: dict) -> None:
-        """Copy a pack's deltas into `slot`, replacing whatever it held (checked first)."""
-        self._check_slot(slot)
+    def prepare(self, deltas: dict) -> PreparedPack:
+        """Check a pack's deltas and convert them for `load`; changes no slot (safe without the device lock)."""
         self.check(deltas)
-        self.clear(slot)
+        out: dict[str, PreparedLowRank | torch.Tensor] = {}
         for name, delta in deltas.items():
+            role, module = self.targets[name]
+            if role == "lowrank":
+                out[name] = module.lowrank.prepare(delta)
+            elif role == "sparse":
+                out[name] = to_csr(delta, self.device)
+            else:
+                out[name] = delta.delta.to(self.device, torch.float32)
+        return PreparedPack(out)
+
+    def load(self, slot: int, pack: dict | PreparedPack) -> None:
+        """Copy a pack's deltas (or its `prepare`d form) into `slot`, replacing whatever it held."""
+        self._check_slot(slot)
+        prepared = pack if isinstance(pack, PreparedPack) else self.prepare(pack)
+        self.clear(slot)
+        for name, delta in prepared.deltas.items():
             role, module = self.targets[name]
             if role == "lowrank":
                 module.lowrank.load(slot, delta)
                 module.lowrank_loaded.add(slot)
             elif role == "bias":
-                module.bias_delta[slot] = delta.delta.to(self.device, torch.float32)
+                module.bias_delta[slot] = delta
                 module.bias_loaded.add(slot)
             elif role == "norm":
-                module.delta[slot] = delta.delta.to(self.device, torch.float32)
+                module.delta[slot] = delta
                 module.loaded.add(slot)
             else:
-                module.sparse[slot] = to_csr(delta, self.device)
+                module.sparse[slot] = delta
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)

@@ -5,6 +5,9 @@ the slot must equal the merged model of the pack that should be there.
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 import torch
 
@@ -189,3 +192,81 @@ def test_register_refuses_a_missing_file(setup, tmp_path):
     cache = make_cache(setup)
     with pytest.raises(EngineError, match="does not exist"):
         cache.register("ghost", str(tmp_path / "ghost.skillpack"))
+
+
+class CountingReader:
+    """read_pack that records whether each read verified the checksum."""
+
+    def __init__(self):
+        self.verified: list[bool] = []
+
+    def __call__(self, path, verify_checksum=True):
+        self.verified.append(verify_checksum)
+        return read_pack(path, verify_checksum=verify_checksum)
+
+
+def flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # tensor data: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("verified_at_register", [False, True])
+def test_checksum_is_verified_once_per_unchanged_file(setup, tmp_path, verified_at_register):
+    pair, model, fp, paths, _ = setup
+    path = tmp_path / "skill.skillpack"
+    path.write_bytes(paths["skill"].read_bytes())
+    reader = CountingReader()
+    cache = PackCache(PackSlots(model, 2), fp, 0, reader=reader)  # no host copy: every load reads the file
+    cache.register("skill", str(path), verified=verified_at_register)
+    for _ in range(3):
+        cache.load("skill")
+        cache.unload("skill")
+    assert reader.verified == [not verified_at_register, False, False]
+    lease = cache.acquire([("skill", 1.0)])
+    torch.testing.assert_close(slot_logits(setup, lease), oracle(setup, paths["skill"]), atol=ATOL, rtol=0)
+    cache.release(lease)
+
+
+def test_a_file_changed_in_place_is_verified_again_even_with_its_mtime_restored(setup, tmp_path):
+    pair, model, fp, paths, _ = setup
+    path = tmp_path / "skill.skillpack"
+    path.write_bytes(paths["skill"].read_bytes())
+    reader = CountingReader()
+    cache = PackCache(PackSlots(model, 2), fp, 0, reader=reader)
+    cache.register("skill", str(path), verified=True)
+    cache.load("skill")
+    cache.unload("skill")
+    before = path.stat()
+    flip_last_byte(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime: only ctime tells
+    for _ in range(2):  # refused every time, never remembered as good
+        with pytest.raises(EngineError, match="checksum mismatch") as e:
+            cache.load("skill")
+        assert e.value.status == 500
+    assert reader.verified == [False, True, True]
+
+
+def test_packs_are_dequantized_outside_the_device_lock(setup):
+    """A load does its slow part while a step holds the device lock; only the copy waits."""
+    cache = make_cache(setup)
+    prepared = threading.Event()
+    prepare = cache.slots.prepare
+
+    def recording_prepare(deltas):
+        out = prepare(deltas)
+        prepared.set()
+        return out
+
+    cache.slots.prepare = recording_prepare
+    with cache.device_lock:  # a forward step in progress
+        loader = threading.Thread(target=cache.load, args=("skill",))
+        loader.start()
+        assert prepared.wait(timeout=60)
+        # the copy waits for the step (read without the cache's lock, which the loader holds)
+        assert cache._current["skill"].slot is None
+    loader.join(timeout=60)
+    assert state_of(cache, "skill").state == "device"
+    lease = cache.acquire([("skill", 1.0)])
+    torch.testing.assert_close(slot_logits(setup, lease), oracle(setup, setup[3]["skill"]), atol=ATOL, rtol=0)
+    cache.release(lease)
