@@ -113,7 +113,7 @@ class ConcatFactors:
         if rows is not None:
             x, weights = x.index_select(0, rows), weights.index_select(0, rows)
         t = x.float() @ plan.a.T  # (n, R)
-        t.mul_(weights[:, plan.pack_of_col] * plan.s)
+        t.mul_(weights.index_select(1, plan.pack_of_col).mul_(plan.s))  # each column's row weight × s
         if y.dtype == torch.float32 and rows is None:
             y.addmm_(t, plan.b)
         elif y.dtype == torch.float32:
