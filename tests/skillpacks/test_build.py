@@ -10,6 +10,7 @@ from skillpacks.build import BuildError, build_pack
 from skillpacks.cli import main as cli_main
 from skillpacks.compress import lowrank_bytes
 from skillpacks.format import read_pack
+from skillpacks.module_kinds import module_kind
 
 
 def _true_deltas(pair):
@@ -42,6 +43,11 @@ def test_default_budget_build_fits_one_sixteenth_of_the_fp16_delta(tiny_pair, tm
     pack = read_pack(out)
     assert pack.manifest["payload_sha256"] == manifest["payload_sha256"]
     _check_recorded_errors(pack, deltas)
+    # norms and biases are always stored, exactly, whatever the budget
+    records = {r.name: r for r in pack.records}
+    kept_exactly = [n for n in deltas if module_kind(n) in ("norm", "bias")]
+    assert kept_exactly and all(records[n].method == "exact" for n in kept_exactly)
+    assert all(torch.equal(pack.deltas[n].delta, deltas[n].float()) for n in kept_exactly)
     for record in pack.records:
         assert record.stats["bytes"] == pack.deltas[record.name].nbytes
     summary = json.loads(report.read_text())

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.quant import dequantize_groupwise, padded_cols
+from kernels.quant import QuantTensor, dequantize_groupwise, padded_cols, quantize_groupwise
 from skillpacks.compress import (
-    DEFAULT_TIERS, Recipe, cap_rank_to_dense, choose_group_size, compress_with_recipe, delta_svd, energy_rank,
+    CLIP_GRID, DEFAULT_TIERS, Recipe, cap_rank_to_dense, choose_group_size, compress_with_recipe, delta_svd, energy_rank,
     exact_delta, exact_stats, fitted_rank, keep_count, lowrank_bytes, lowrank_delta, lowrank_stats, rank_bytes,
-    sparse_delta, sparse_stats, split_tiers,
+    quantize_clipped, sparse_delta, sparse_stats, split_tiers,
 )
 from skillpacks.format import delta_tensors
 from skillpacks.module_kinds import module_kind, storage_method
@@ -100,6 +100,36 @@ def test_sparse_delta_keeps_the_largest_magnitudes():
     assert stats["rel_error"] == pytest.approx(float(residual.norm() / delta.double().norm()), rel=1e-9)
     assert stats["kept_fraction"] == 50 / delta.numel()
     assert stats["bytes"] == _stored_bytes("m", sd) == 50 * 6
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("rows,cols,group_size", [(5, 64, 32), (3, 50, 16), (4, 200, 128)])
+def test_clipped_quantization_takes_the_best_range_of_each_group(bits, rows, cols, group_size):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(bits + cols))
+    w[0, 3] = 6.0  # an outlier, so clipping matters
+    qt = quantize_clipped(w, bits, group_size)
+    qt.validate()
+    got = dequantize_groupwise(qt).double()
+    plain = dequantize_groupwise(quantize_groupwise(w, bits, group_size)).double()
+    pc = padded_cols(cols, group_size)
+    got_padded = dequantize_groupwise(QuantTensor(qt.codes, qt.scales, qt.zeros, bits, group_size, pc)).double()
+    # oracle: each group on its own, every shrink of its range, rounded the obvious way
+    padded = torch.cat([w, w[:, -1:].expand(rows, pc - cols)], dim=1).double()
+    maxq = (1 << bits) - 1
+    for r in range(rows):
+        for start in range(0, pc, group_size):
+            x = padded[r, start:start + group_size]
+            errors = []
+            for shrink in CLIP_GRID:
+                scale = torch.tensor(float((x.max() - x.min()) * shrink) / maxq).half().double()
+                zero = torch.tensor(float(x.min() * shrink)).half().double()
+                q = torch.round((x - zero) / scale).clamp(0, maxq) if scale > 0 else torch.zeros_like(x)
+                errors.append(float((q * scale + zero - x).square().sum()))
+            got_err = float((got_padded[r, start:start + group_size] - x).square().sum())
+            assert got_err == pytest.approx(min(errors), rel=1e-4, abs=1e-9)
+    assert torch.equal(got, got_padded[:, :cols])
+    worse = float((plain - w.double()).square().sum())
+    assert float((got - w.double()).square().sum()) <= worse * (0.8 if bits == 2 else 1.0)
 
 
 def test_exact_delta_is_exact():
