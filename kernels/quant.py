@@ -9,7 +9,7 @@ Layout of a `QuantTensor` for a float matrix `w` of shape (rows, cols):
   last real column (so padding never widens a group's range);
 - every row is cut into groups of `group_size` consecutive columns; group g of row r
   has a float16 `scales[r, g]` and `zeros[r, g]`, where `zeros` is the value that code 0
-  stands for (the group minimum): `w[r, c] ≈ codes[r, c] * scales[r, g] + zeros[r, g]`;
+  stands for (the group minimum here; a builder may clip the range): `w[r, c] ≈ codes[r, c] * scales[r, g] + zeros[r, g]`;
 - codes are unsigned `bits`-bit integers, `8 // bits` of them per byte, the element with
   the lowest column index in the lowest bits: column c of a row lives in byte
   `c // (8 // bits)` at bit offset `(c % (8 // bits)) * bits`.

@@ -2,7 +2,7 @@
 which logits are wanted, and each row's packs. Built once per step, read by every layer."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,23 @@ class PackRouting:
     mix: torch.Tensor  # (N, num_slots) float32: weight of slot s in row i (0 = unused)
     row_packs: RowPacks  # the kernel's routing for the same N rows
     active_slots: set[int]
+    row_pack_lists: list[list[tuple[int, float]]] = field(default_factory=list)  # what row_packs was built from
+    _by_loaded: dict = field(default_factory=dict, repr=False)
+
+    def routing_for(self, loaded: set[int]) -> RowPacks:
+        """The routing restricted to the slots that hold a delta for one linear.
+
+        A budget build may drop a module from a pack; rows of that pack then get no delta
+        on that linear. Built once per step for each distinct set of slots, shared by every
+        linear with that set (usually all of them).
+        """
+        if self.active_slots <= loaded:
+            return self.row_packs
+        key = frozenset(self.active_slots & loaded)
+        if key not in self._by_loaded:
+            lists = [[(s, w) for s, w in packs if s in key] for packs in self.row_pack_lists]
+            self._by_loaded[key] = RowPacks.build(lists, self.mix.device)
+        return self._by_loaded[key]
 
     def rows_of(self, slot: int, rows: torch.Tensor | None = None):
         """(row indices, weights) of the rows (optionally a subset) that use `slot`."""
@@ -95,6 +112,7 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
             mix=mix.to(device),
             row_packs=RowPacks.build(row_packs, device),
             active_slots={s for c in chunks for s, _ in c.packs},
+            row_pack_lists=row_packs,
         )
     return StepBatch(
         token_ids=as_tensor(tokens), positions=as_tensor(positions), slot_mapping=as_tensor(slots),

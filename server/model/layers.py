@@ -39,7 +39,7 @@ class DeltaLinear(nn.Module):
         if packs is None:
             return y
         if self.lowrank_loaded & packs.active_slots:
-            add_lowrank(y, x, self.lowrank, packs.row_packs)
+            add_lowrank(y, x, self.lowrank, packs.routing_for(self.lowrank_loaded))
         if self.bias_loaded & packs.active_slots:
             y += (packs.mix @ self.bias_delta).to(y.dtype)
         return y

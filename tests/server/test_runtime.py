@@ -258,3 +258,24 @@ def test_sparse_rows_gather_and_product_match_dense():
         csr = to_csr(delta, "cpu")
         torch.testing.assert_close(gather_rows(csr, ids), dense[ids], atol=0, rtol=0)
         torch.testing.assert_close(times_transposed(csr, h), h @ dense.T, atol=1e-5, rtol=0)
+
+
+def test_a_pack_without_some_modules_mixes_with_packs_that_have_them(tiny_root, tiny_tokenizer, runtime_of):
+    """Budget builds drop modules: a batch that mixes such a pack with a complete one must
+    apply, per linear, only the packs that hold a delta for it."""
+    pair = build_tiny_pair("llama", tiny_root, tiny_tokenizer)
+    model = runtime_of(pair)
+    kv = PagedKVCache(model.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
+    slots = PackSlots(model, num_slots=2)
+    dense = tuned_delta(pair.base, pair.tuned)
+    full, _ = compress_deltas(dense)
+    partial = {n: d for n, d in compress_deltas(noise_delta(dense, seed=5))[0].items()
+               if "q_proj" not in n and "layers.1.mlp" not in n}
+    slots.load(0, full)
+    slots.load(1, partial)
+    rows = [[(0, 1.0)], [(1, 1.0)], [(0, 0.5), (1, 0.5)]]
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    got = run_chunks(model, kv, prompts, rows, split=4)
+    oracles = [[(full, 1.0)], [(partial, 1.0)], [(full, 0.5), (partial, 0.5)]]
+    for ids, logits, mix in zip(prompts, got, oracles):
+        torch.testing.assert_close(logits, reference_logits(merged_model(pair.base, mix), ids), atol=ATOL, rtol=0)
