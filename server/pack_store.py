@@ -127,7 +127,7 @@ class PackStore:
             try:
                 check_pack_name(name)
                 _format().verify_pack(path, self.base_fingerprint)
-                self.pack_cache.register(name, str(path))
+                self.pack_cache.register(name, str(path), verified=True)
             except (APIError, ValueError, OSError) as exc:
                 log.warning("skipping pack %s: %s", path, getattr(exc, "message", exc))
                 continue
@@ -188,7 +188,7 @@ class PackStore:
             raise storage_error(exc) from None
         _fsync_dir(self.root)
         try:
-            self.pack_cache.register(name, str(final))
+            self.pack_cache.register(name, str(final), verified=True)  # verified as the temp file
         except Exception as exc:
             if had_old:
                 os.replace(backup, final)

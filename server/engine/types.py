@@ -68,7 +68,8 @@ class PackStatus:
 class PackCacheProtocol(Protocol):
     """What the HTTP layer asks of the engine's pack cache (the disk store is the API's)."""
 
-    def register(self, name: str, path: str) -> None: ...  # add or replace (new version) a stored pack
+    # add or replace (new version) a stored pack; verified=True: the caller has just checked its checksum
+    def register(self, name: str, path: str, verified: bool = False) -> None: ...
     def unregister(self, name: str) -> None: ...  # forget it; in-flight requests finish on it
     def load(self, name: str) -> None: ...  # bring to the device now
     def unload(self, name: str) -> None: ...  # drop from device and host memory (stays registered)

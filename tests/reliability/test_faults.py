@@ -129,7 +129,7 @@ class Registry:
     def __init__(self):
         self.paths: dict[str, str] = {}
 
-    def register(self, name: str, path: str) -> None:
+    def register(self, name: str, path: str, verified: bool = False) -> None:
         self.paths[name] = path
 
     def unregister(self, name: str) -> None:
@@ -181,7 +181,7 @@ def test_a_crash_at_any_step_of_a_commit_leaves_old_or_new_never_half(pair, pack
     monkeypatch.setattr(Path, "unlink", unlink)
     registry = Registry()
     if point == "register":
-        registry.register = lambda name, path: crash_here()
+        registry.register = lambda name, path, verified=False: crash_here()
     store = PackStore(root, registry, fingerprint, max_upload_bytes=len(new) + 1)
     staging = store.staging()
     with pytest.raises(Crash):

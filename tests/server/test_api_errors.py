@@ -15,7 +15,7 @@ class _NoPacks:
     def status(self) -> list[PackStatus]:
         return []
 
-    def register(self, name, path):
+    def register(self, name, path, verified=False):
         raise AssertionError("the error tests use an empty store")
 
 
