@@ -186,7 +186,7 @@ def run_fusion_eval(base_dir: Path, packs_dir: Path, skills: list[str], n_test: 
     if missing:
         raise ValueError(f"no pack for skill(s) {missing} in {packs_dir}; expected SKILL.skillpack for each.")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
     base = read_state(base_dir)
     manifest = ensure_router(packs_dir, skills, tokenizer, model, weights_sha256(open_checkpoint(base_dir)),
                              n_examples, log)
@@ -277,7 +277,7 @@ def run_fusion_eval(base_dir: Path, packs_dir: Path, skills: list[str], n_test: 
             for e, f in zip(test[s], feats([prompt_ids(tokenizer, e.prompt, "chat") for e in test[s]])):
                 d = decide(router, f, set(router.labels), ensemble_k, 0.0, math.inf)
                 while len(ensemble_models) < len(d.packs):
-                    ensemble_models.append(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval())
+                    ensemble_models.append(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval())
                 for m, (name, _) in zip(ensemble_models, d.packs):
                     set_weights(m, base, deltas[name])
                 out = ensemble_generate(ensemble_models[:len(d.packs)], [w for _, w in d.packs], tokenizer,

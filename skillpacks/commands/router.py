@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(hidden=args.hidden, steps=args.steps, seed=args.seed)
         _store_examples(packs, args.examples)
         tokenizer = AutoTokenizer.from_pretrained(args.base)
-        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, use_safetensors=True)
         model = model.to(pick_device(args.device)).eval()
         router, out = build_router(packs, tokenizer, hf_feature_fn(model), weights_sha256(open_checkpoint(args.base)),
                                    cfg, max_examples=args.max_examples, out=args.out)
