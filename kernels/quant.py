@@ -99,9 +99,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return q.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> QuantTensor:
-    """Round-to-nearest asymmetric quantization of each row, group by group."""
-    check_layout(bits, group_size)
+def padded_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w` (rows, cols) as float32 groups (rows, padded_cols // group_size, group_size),
+    padded on the right by repeating the last column."""
     assert w.dim() == 2, f"expected a 2-D tensor, got shape {tuple(w.shape)}"
     rows, cols = w.shape
     w32 = w.detach().to(torch.float32)
@@ -110,17 +110,27 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> QuantTens
     pc = padded_cols(cols, group_size)
     if pc > cols:
         w32 = torch.cat([w32, w32[:, -1:].expand(rows, pc - cols)], dim=1)
-    g = w32.view(rows, pc // group_size, group_size)  # (R, G, gs)
+    return w32.view(rows, pc // group_size, group_size)
+
+
+def round_codes(g: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Nearest codes (float32, same shape as `g`) for groups `g` (R, G, gs) against the
+    float16 `scales`/`zeros` (R, G) that will be stored, so dequantization reproduces
+    exactly what was rounded here."""
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
+    return torch.round((g - zeros.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, (1 << bits) - 1)
+
+
+def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> QuantTensor:
+    """Round-to-nearest asymmetric quantization of each row, group by group."""
+    check_layout(bits, group_size)
+    g = padded_groups(w, group_size)  # (R, G, gs)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    maxq = (1 << bits) - 1
-    # Quantize against the float16-rounded scale/zero that will be stored, so that
-    # dequantization reproduces exactly what was rounded here.
-    scales = ((hi - lo) / maxq).to(torch.float16)
+    scales = ((hi - lo) / ((1 << bits) - 1)).to(torch.float16)
     zeros = lo.to(torch.float16)
-    safe = torch.where(scales > 0, scales.float(), torch.ones_like(lo))
-    q = torch.round((g - zeros.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, maxq)
-    codes = pack_codes(q.view(rows, pc).to(torch.uint8), bits)
-    return QuantTensor(codes, scales, zeros, bits, group_size, cols)
+    q = round_codes(g, scales, zeros, bits)
+    codes = pack_codes(q.view(g.shape[0], -1).to(torch.uint8), bits)
+    return QuantTensor(codes, scales, zeros, bits, group_size, w.shape[1])
 
 
 def dequantize_groupwise(qt: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

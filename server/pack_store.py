@@ -21,6 +21,8 @@ import anyio
 
 from server.engine.types import PackCacheProtocol
 from server.errors import APIError
+# a rename or unlink is durable once its folder is fsynced (patched by the crash tests)
+from skillpacks.checkpoint import fsync_dir as _fsync_dir
 
 log = logging.getLogger("skillpack.server")
 
@@ -210,12 +212,3 @@ class PackStore:
             self.pack_cache.unregister(name)
             path.unlink()
             _fsync_dir(self.root)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or unlink durable (the directory entry lives in the folder)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

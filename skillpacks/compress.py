@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from kernels.factors import LowRankDelta
-from kernels.quant import SUPPORTED_BITS, QuantTensor, check_layout, pack_codes, padded_cols, quantize_groupwise
+from kernels.quant import (
+    SUPPORTED_BITS, QuantTensor, check_layout, pack_codes, padded_cols, padded_groups, quantize_groupwise, round_codes,
+)
 from skillpacks.deltas import ExactDelta, SparseDelta
 
 # Mixed-precision tiers as (bits, fraction of the rank): the largest singular values get the
@@ -145,15 +147,7 @@ def quantize_clipped(w: torch.Tensor, bits: int, group_size: int) -> QuantTensor
     values, packed by `kernels.quant.pack_codes`.
     """
     check_layout(bits, group_size)
-    assert w.dim() == 2, f"expected a 2-D tensor, got shape {tuple(w.shape)}"
-    rows, cols = w.shape
-    w32 = w.detach().to(torch.float32)
-    if not torch.isfinite(w32).all():
-        raise ValueError("cannot quantize a tensor that holds non-finite values.")
-    pc = padded_cols(cols, group_size)
-    if pc > cols:
-        w32 = torch.cat([w32, w32[:, -1:].expand(rows, pc - cols)], dim=1)
-    g = w32.view(rows, pc // group_size, group_size)  # (R, G, gs)
+    g = padded_groups(w, group_size)  # (R, G, gs)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     maxq = (1 << bits) - 1
     best_err = torch.full_like(lo, float("inf"))
@@ -161,15 +155,14 @@ def quantize_clipped(w: torch.Tensor, bits: int, group_size: int) -> QuantTensor
     for shrink in CLIP_GRID:
         scales = ((hi - lo) * shrink / maxq).to(torch.float16)
         zeros = (lo * shrink).to(torch.float16)
-        safe = torch.where(scales > 0, scales.float(), torch.ones_like(lo))
-        q = torch.round((g - zeros.float().unsqueeze(-1)) / safe.unsqueeze(-1)).clamp_(0, maxq)
+        q = round_codes(g, scales, zeros, bits)
         err = (q * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1) - g).square().sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = (torch.where(better.unsqueeze(-1), q, best[0]), torch.where(better, scales, best[1]),
                 torch.where(better, zeros, best[2]))
-    codes = pack_codes(best[0].view(rows, pc).to(torch.uint8), bits)
-    return QuantTensor(codes, best[1], best[2], bits, group_size, cols)
+    codes = pack_codes(best[0].view(g.shape[0], -1).to(torch.uint8), bits)
+    return QuantTensor(codes, best[1], best[2], bits, group_size, w.shape[1])
 
 
 def lowrank_delta(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, tier_ranks: list[tuple[int, int]],
