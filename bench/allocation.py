@@ -38,6 +38,7 @@ from kernels.quant import dequantize_groupwise
 from skillpacks.baselines import METHODS, compress_deltas
 from skillpacks.budget import Plan, allocate, vector_error
 from skillpacks.build import ModuleInfo, compress_planned, module_spectrum
+from skillpacks.checkpoint import atomic_write
 from skillpacks.compress import delta_svd, lowrank_delta, quantize_clipped
 from skillpacks.module_kinds import module_kind, storage_method
 
@@ -221,14 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [c["measured"] / c["model"] for c in sel]
         print(f"{bits:>4} {sum(c['model'] for c in sel) / len(sel):>9.5f} "
               f"{sum(c['measured'] for c in sel) / len(sel):>9.5f} {min(ratios):>9.3f} {max(ratios):>9.3f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".allocation.", suffix=".tmp", dir=RESULTS.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(RESULTS, "w") as f:
         json.dump({"machine": _machine(), "budgets": list(BUDGETS), "rows": rows, "error_model": checks}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp_path, 0o644)
-    os.replace(tmp_path, RESULTS)
     print(f"wrote {RESULTS}")
     return 0
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from skillpacks.budget import (
     ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, group_size_options, sparse_grid,
     sparse_spectrum,
 )
-from skillpacks.checkpoint import Checkpoint, open_checkpoint
+from skillpacks.checkpoint import Checkpoint, atomic_write, open_checkpoint
 from skillpacks.compress import (
     DEFAULT_TIERS, Recipe, compress_with_recipe, delta_svd, exact_delta, exact_stats,
     lowrank_delta, lowrank_stats, sparse_delta, sparse_stats, squared_norm,
@@ -135,20 +134,6 @@ def _round_floats(value, digits: int = 6):
     return value
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _modules(base: Checkpoint, names: list[str]) -> list[ModuleInfo]:
     infos = []
     for name in names:
@@ -252,7 +237,8 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
     file_bytes = out.stat().st_size
     summary = build_summary(manifest, changed, norms, file_bytes, fp16_bytes, time.monotonic() - started)
     if report is not None:
-        _atomic_write_text(Path(report), json.dumps(summary, indent=1))
+        with atomic_write(report, "w") as f:
+            json.dump(summary, f, indent=1)
     if progress:
         print(summary_table(summary), file=sys.stderr)
     return manifest

@@ -8,6 +8,7 @@ memory follows the largest tensor, never the model.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,6 +164,26 @@ def tensor_bytes(t: torch.Tensor):
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temp file beside `path` for writing; on a clean exit fsync it, rename it over
+    `path` and fsync the folder; on any error remove it. A crash never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and packs are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                       tensor_for: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file + fsync + rename), streaming.
@@ -182,25 +203,15 @@ def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[torch.dtyp
         offset += n
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(header_bytes).to_bytes(8, "little"))
-            f.write(header_bytes)
-            for name in order:
-                t = tensor_for(name)
-                if (t.dtype, tuple(t.shape)) != (specs[name][0], tuple(specs[name][1])):
-                    raise CheckpointError(f"tensor '{name}' came out as {t.dtype} {list(t.shape)}; the header "
-                                          f"already says {specs[name][0]} {list(specs[name][1])}.")
-                f.write(tensor_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    with atomic_write(path) as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for name in order:
+            t = tensor_for(name)
+            if (t.dtype, tuple(t.shape)) != (specs[name][0], tuple(specs[name][1])):
+                raise CheckpointError(f"tensor '{name}' came out as {t.dtype} {list(t.shape)}; the header "
+                                      f"already says {specs[name][0]} {list(specs[name][1])}.")
+            f.write(tensor_bytes(t))
 
 
 def fsync_dir(folder: Path) -> None:

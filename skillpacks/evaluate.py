@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from skillpacks import baselines
-from skillpacks.checkpoint import open_checkpoint
+from skillpacks.checkpoint import atomic_write, open_checkpoint
 from skillpacks.graft import collate, encode_pair, response_logits
 from skillpacks.skills import Example, demo_split, get_skill
 
@@ -293,17 +292,8 @@ def machine() -> str:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically (temp + fsync + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 def results_payload(scores: list[Score], command: str) -> dict:

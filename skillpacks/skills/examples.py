@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
+
+from skillpacks.checkpoint import atomic_write
 
 MAX_EXAMPLES = 1_000_000  # bound on any split or JSONL file we read or write
 
@@ -56,15 +56,6 @@ def make_split(generate: Callable[[random.Random], Example], n_train: int, n_tes
 def write_jsonl(examples: list[Example], path: str | Path) -> None:
     """Write one {"prompt", "response"} object per line, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        for ex in examples:
+            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
