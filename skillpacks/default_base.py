@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +48,8 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from skillpacks.checkpoint import atomic_folder
+
     folder, name = str(gguf_file.parent), gguf_file.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -62,17 +62,9 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     model.load_state_dict(src.state_dict(), strict=False)
     model.tie_weights()
     model = model.to(torch.bfloat16)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

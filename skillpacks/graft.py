@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from skillpacks.checkpoint import atomic_folder
+
 MAX_RECORDS = 200_000  # bound on a training file's lines
 MAX_FIELD_CHARS = 20_000  # bound on one prompt or response
 MAX_STEPS = 1_000_000
@@ -275,17 +277,9 @@ def load_model(base_dir: str | Path, device: str | None = None):
 def save_tuned(model, tokenizer, out_dir: str | Path) -> Path:
     """Save the fine-tuned model (float32) and tokenizer into `out_dir`, replacing it atomically."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
