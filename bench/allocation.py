@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ from kernels.quant import dequantize_groupwise
 from skillpacks.baselines import METHODS, compress_deltas
 from skillpacks.budget import Plan, allocate, vector_error
 from skillpacks.build import ModuleInfo, compress_planned, module_spectrum
+from bench.machine import describe_machine
 from skillpacks.checkpoint import atomic_write
 from skillpacks.compress import delta_svd, lowrank_delta, quantize_clipped
 from skillpacks.module_kinds import module_kind, storage_method
@@ -51,18 +50,6 @@ SMOLLM_LAYER = {  # name suffix -> (out, in)
     "input_layernorm.weight": (576,), "post_attention_layernorm.weight": (576,),
 }
 INPUT_ROWS = 256  # random input rows per matrix for the output error
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def synthetic_layers(decay: float, noise: float, layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -213,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             rows += run_case(case, deltas)
             checks += [dict(r, case=case) for r in model_check(deltas)]
-    print(f"machine: {_machine()}\n")
+    print(f"machine: {describe_machine()}\n")
     print(_table(rows))
     print("\nerror model (mean ‖v̂ − v‖² of a unit singular vector, group 64, clipped RTN): model vs measured")
     print(f"{'bits':>4} {'model':>9} {'measured':>9} {'ratio min':>9} {'ratio max':>9}")
@@ -223,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{bits:>4} {sum(c['model'] for c in sel) / len(sel):>9.5f} "
               f"{sum(c['measured'] for c in sel) / len(sel):>9.5f} {min(ratios):>9.3f} {max(ratios):>9.3f}")
     with atomic_write(RESULTS, "w") as f:
-        json.dump({"machine": _machine(), "budgets": list(BUDGETS), "rows": rows, "error_model": checks}, f, indent=1)
+        json.dump({"machine": describe_machine(), "budgets": list(BUDGETS), "rows": rows, "error_model": checks}, f, indent=1)
     print(f"wrote {RESULTS}")
     return 0
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "build_memory.json"
@@ -81,18 +82,6 @@ def _run(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else {}
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, python {platform.python_version()}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", help="folder for the synthetic checkpoints (default: a temp folder)")
@@ -129,7 +118,7 @@ def main() -> int:
             "pack_size_fraction": summary["size_fraction"], "total_rel_error": summary["total_rel_error"],
         })
     mib = 1 << 20
-    print(f"machine: {_machine()}; torch threads: {args.threads}")
+    print(f"machine: {describe_machine()}; torch threads: {args.threads}")
     print(f"{'size':<6} {'ckpt MiB':>9} {'largest fp32 MiB':>16} {'peak RSS MiB':>12} {'build RSS MiB':>13} "
           f"{'/largest':>8} {'/ckpt':>6} {'seconds':>8} {'pack/fp16':>9} {'rel_err':>8}")
     for r in rows:
@@ -140,7 +129,7 @@ def main() -> int:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     with open(tmp, "w") as f:
-        json.dump({"machine": _machine(), "threads": args.threads, "budget": 1 / 16, "rows": rows}, f, indent=1)
+        json.dump({"machine": describe_machine(), "threads": args.threads, "budget": 1 / 16, "rows": rows}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, RESULTS)

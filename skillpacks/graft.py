@@ -153,16 +153,21 @@ def sft(model, tokenizer, pairs: list[dict[str, str]], cfg: TrainConfig, progres
     losses, t0 = [], time.time()
     for step, idx in enumerate(_batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)):
         loss = response_loss(model, collate([data[i] for i in idx], pad_id, model.device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_optimizer_step(model, opt, sched, loss, cfg.grad_clip))
         if step % 10 == 0 or step == cfg.steps - 1:
             _log(progress, f"sft step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.eval()
     return losses
+
+
+def _optimizer_step(model, opt, sched, loss: torch.Tensor, grad_clip: float) -> float:
+    """Backward, clip, step and schedule; returns the loss as a float."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
 
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -220,12 +225,7 @@ def dpo(model, reference, tokenizer, triples: list[dict[str, str]], cfg: TrainCo
             ref = response_logprob(reference, both)
         pol = response_logprob(model, both)
         loss = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_optimizer_step(model, opt, sched, loss, cfg.grad_clip))
         if step % 10 == 0 or step == cfg.steps - 1:
             _log(progress, f"dpo step {step + 1}/{cfg.steps} loss {loss.item():.4f}")
     model.eval()

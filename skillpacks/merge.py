@@ -12,12 +12,11 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from skillpacks.checkpoint import DTYPES, TORCH_TO_ST, fsync_dir, open_checkpoint, write_safetensors
+from skillpacks.checkpoint import DTYPES, TORCH_TO_ST, atomic_folder, open_checkpoint, write_safetensors
 from skillpacks.fingerprint import base_fingerprint, check_base
 from skillpacks.format import PackError, SkillPack, read_pack
 
@@ -68,18 +67,9 @@ def merge_pack(pack_path: str | os.PathLike, base_dir: str | os.PathLike, out_di
     for name in base.names():
         dt = base.dtype(name)
         specs[name] = (out_dtype if out_dtype is not None and dt.is_floating_point else dt, base.shape(name))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         _write_weights(tmp, base, pack, specs, max_shard_bytes)
         _copy_side_files(Path(base_dir), tmp, out_dtype)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from safetensors import safe_open
 
 from kernels.factors import LowRankDelta
 from kernels.quant import quantize_groupwise
-from skillpacks.checkpoint import CheckpointError, fsync_dir, open_checkpoint, read_header, write_safetensors
+from skillpacks.checkpoint import CheckpointError, atomic_folder, open_checkpoint, read_header, write_safetensors
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import PackError, SkillPack, read_pack, write_pack
@@ -226,16 +224,7 @@ def export_peft(pack: SkillPack | str | os.PathLike, out_dir: str | os.PathLike,
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output folder {out} exists and is not empty; expected a new or empty folder.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write_safetensors(tmp / "adapter_model.safetensors", specs, tensor_for, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return {"r": r, "exported": [f"{m}.weight" for m in modules], "not_exported": skipped}
