@@ -62,8 +62,7 @@ def engine_pack_bytes(engine) -> int:
         elif isinstance(module, DeltaRMSNorm) and module.delta is not None:
             total += tensor_bytes([module.delta])
         elif isinstance(module, (DeltaEmbedding, LMHead)):
-            total += sum(m.values().numel() * m.element_size() + m.indices().numel() * 8
-                         for m in module.sparse.values())
+            total += sum(d.nbytes for d in module.vocab_deltas.values())
     return total
 
 

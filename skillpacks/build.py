@@ -171,7 +171,9 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         from skillpacks.gptq import collect_input_covariances, read_calibration_texts
 
         texts = read_calibration_texts(calib)
-        covs = collect_input_covariances(base_dir, texts, [i.name for i in infos if i.method == "lowrank"])
+        # linears only: an embedding's "inputs" are token ids (its rows are looked up, not multiplied)
+        covs = collect_input_covariances(base_dir, texts, [i.name for i in infos
+                                                           if i.method == "lowrank" and i.kind != "embedding"])
 
     # pass 1: which tensors changed, and (budget mode) their spectra
     changed, spectra, norms = [], [], {}

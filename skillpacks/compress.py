@@ -296,7 +296,7 @@ def compress_with_recipe(kind: str, delta: torch.Tensor, recipe: Recipe,
     """Compress one module's delta by its kind with the fixed recipe: (ModuleDelta, stats)."""
     from skillpacks.module_kinds import storage_method
 
-    method = storage_method(kind, tuple(delta.shape))
+    method = storage_method(kind, tuple(delta.shape), paper=True)
     if method == "exact":
         ed = exact_delta(delta)
         return ed, exact_stats(delta, ed)

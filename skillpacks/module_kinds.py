@@ -1,9 +1,12 @@
 """Classify a base checkpoint's tensor names into module kinds (Llama, Mistral, Qwen2).
 
-The kind decides how a module's delta is compressed (GraftLLM, Table 5): embedding and
-lm_head are pruned and stored sparse, attention and MLP projections become low-rank
-factors, norms and biases are kept exactly. SmolLM and Mistral use Llama's names;
-Qwen2 adds q/k/v biases.
+The kind decides how a module's delta is compressed. Budget builds store every weight
+matrix low-rank, embedding and lm_head included, and norms and biases exactly. The
+`graftllm` preset follows the paper (GraftLLM, Table 5) and prunes the embedding and
+lm_head deltas to sparse entries instead: a full fine-tune moves every vocabulary row
+along a few shared directions (Adam's update reaches rows whose gradient is tiny), so at
+equal bytes a low-rank embedding delta keeps far more of it (docs/BUILD.md). SmolLM and
+Mistral use Llama's names; Qwen2 adds q/k/v biases.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ _BIAS = re.compile(r"\.bias$")
 
 # which kinds are stored how (docs/FORMAT.md: lowrank | sparse | exact)
 METHOD_OF_KIND = {
-    "embedding": "sparse", "lm_head": "sparse", "attention": "lowrank", "mlp": "lowrank",
+    "embedding": "lowrank", "lm_head": "lowrank", "attention": "lowrank", "mlp": "lowrank",
     "norm": "exact", "bias": "exact", "other": "exact",
 }
+# the paper's recipe (`--preset graftllm`): embedding and lm_head magnitude-pruned
+PAPER_METHOD_OF_KIND = {**METHOD_OF_KIND, "embedding": "sparse", "lm_head": "sparse"}
 # stored exactly whatever the budget: tiny, and a norm weight scales a whole channel
 ALWAYS_STORED_KINDS = ("norm", "bias")
 
@@ -45,9 +50,10 @@ def module_kind(name: str) -> str:
     return "other"
 
 
-def storage_method(kind: str, shape: tuple[int, ...]) -> str:
-    """How a module of `kind` and `shape` is stored; only 2-D weights can be low-rank or sparse."""
+def storage_method(kind: str, shape: tuple[int, ...], paper: bool = False) -> str:
+    """How a module of `kind` and `shape` is stored (`paper`: the graftllm preset's choice);
+    only 2-D weights can be low-rank or sparse."""
     if kind not in METHOD_OF_KIND:
         raise ValueError(f"module kind {kind!r} is unknown; expected one of {KINDS}.")
-    method = METHOD_OF_KIND[kind]
+    method = (PAPER_METHOD_OF_KIND if paper else METHOD_OF_KIND)[kind]
     return method if len(shape) == 2 or method == "exact" else "exact"

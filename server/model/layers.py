@@ -18,7 +18,7 @@ from server.model.batch import PackRouting, StepBatch
 from server.model.config import ModelConfig
 from server.model.kv_cache import PagedKVCache
 from server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from server.model.sparse_rows import gather_rows, times_transposed
+from server.model.vocab_delta import VocabDelta
 
 
 class DeltaLinear(nn.Module):
@@ -68,47 +68,47 @@ class DeltaRMSNorm(nn.Module):
 
 
 class DeltaEmbedding(nn.Module):
-    """Token embedding plus each row's sparse embedding delta (rows of ΔE gathered per token)."""
+    """Token embedding plus each row's embedding delta (rows of ΔE gathered per token)."""
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-        self.sparse: dict[int, torch.Tensor] = {}  # slot -> float32 CSR ΔE (vocab, dim)
+        self.vocab_deltas: dict[int, VocabDelta] = {}  # slot -> ΔE (vocab, dim), sparse or low-rank
 
     def forward(self, ids: torch.Tensor, packs: PackRouting | None) -> torch.Tensor:
         x = F.embedding(ids, self.weight)
         if packs is None:
             return x
-        for slot in packs.active_slots & self.sparse.keys():
+        for slot in packs.active_slots & self.vocab_deltas.keys():
             rows, weights = packs.rows_of(slot)
-            delta_rows = gather_rows(self.sparse[slot], ids[rows])  # (n, dim)
+            delta_rows = self.vocab_deltas[slot].gather(ids[rows])  # (n, dim)
             x.index_add_(0, rows, (delta_rows * weights[:, None]).to(x.dtype))
         return x
 
 
 def project_to_vocab(
-    h: torch.Tensor, weight: torch.Tensor, sparse: dict[int, torch.Tensor],
+    h: torch.Tensor, weight: torch.Tensor, vocab_deltas: dict[int, VocabDelta],
     packs: PackRouting | None, rows: torch.Tensor,
 ) -> torch.Tensor:
-    """float32 logits (M, vocab) of hidden rows h (M, dim): h Wᵀ plus each row's sparse ΔW."""
+    """float32 logits (M, vocab) of hidden rows h (M, dim): h Wᵀ plus each row's ΔW (sparse or low-rank)."""
     logits = F.linear(h, weight).float()
     if packs is None:
         return logits
-    for slot in packs.active_slots & sparse.keys():
+    for slot in packs.active_slots & vocab_deltas.keys():
         sub, weights = packs.rows_of(slot, rows)
         if sub.numel():
-            delta = times_transposed(sparse[slot], h[sub])  # (n, vocab)
+            delta = vocab_deltas[slot].times_transposed(h[sub])  # (n, vocab)
             logits.index_add_(0, sub, delta * weights[:, None])
     return logits
 
 
 class LMHead(nn.Module):
-    """The untied output projection; its sparse deltas are applied by `project_to_vocab`."""
+    """The untied output projection; its deltas are applied by `project_to_vocab`."""
 
     def __init__(self, dim: int, vocab_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim), requires_grad=False)
-        self.sparse: dict[int, torch.Tensor] = {}
+        self.vocab_deltas: dict[int, VocabDelta] = {}
 
 
 class Attention(nn.Module):
@@ -182,7 +182,7 @@ class Transformer(nn.Module):
 
     @property
     def output(self) -> DeltaEmbedding | LMHead:
-        """The module whose weight and sparse deltas project to the vocabulary."""
+        """The module whose weight and deltas project to the vocabulary."""
         return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     @torch.inference_mode()
@@ -196,4 +196,4 @@ class Transformer(nn.Module):
         rows = batch.logits_rows
         h = self.model.norm(x[rows], packs, rows)
         out = self.output
-        return project_to_vocab(h, out.weight, out.sparse, packs, rows)
+        return project_to_vocab(h, out.weight, out.vocab_deltas, packs, rows)

@@ -8,11 +8,12 @@ base checkpoint's names, so each maps to one module:
 - `*_proj.bias`           ExactDelta    -> that linear's bias table (num_slots, out)
 - `*norm.weight`          ExactDelta    -> that norm's table (num_slots, dim)
 - `model.embed_tokens.weight`, `lm_head.weight`
-                          SparseDelta (or ExactDelta) -> a float32 CSR matrix per slot;
+                          SparseDelta / ExactDelta -> a float32 CSR matrix per slot,
+                          LowRankDelta -> float32 factors per slot (server.model.vocab_delta);
                           with tied embeddings the embedding delta also changes the output.
 
 Loading is two steps so that the slow one runs without the device lock: `prepare`
-checks a pack and converts its deltas (dequantized factors on a CPU, CSR matrices)
+checks a pack and converts its deltas (dequantized factors on a CPU, vocabulary deltas)
 without touching the slots; `load` copies a prepared pack in.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from kernels.factors import LowRankDelta
 from kernels.lowrank_ops import LowRankSlots, PreparedLowRank
 from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
-from server.model.sparse_rows import to_csr
+from server.model.vocab_delta import VocabDelta, to_vocab_delta
 from skillpacks.deltas import ExactDelta, SparseDelta
 
 
@@ -32,7 +33,7 @@ from skillpacks.deltas import ExactDelta, SparseDelta
 class PreparedPack:
     """A pack checked against these slots, each delta in the form `PackSlots.load` copies."""
 
-    deltas: dict[str, PreparedLowRank | torch.Tensor]  # low-rank: prepared; bias/norm: float32; sparse: CSR
+    deltas: dict[str, PreparedLowRank | VocabDelta | torch.Tensor]  # linears: prepared; bias/norm: float32
 
 
 class PackSlots:
@@ -59,7 +60,7 @@ class PackSlots:
                 module.delta = torch.zeros(num_slots, module.weight.shape[0], device=self.device)
                 self.targets[f"{name}.weight"] = ("norm", module)
             elif isinstance(module, (DeltaEmbedding, LMHead)):
-                self.targets[f"{name}.weight"] = ("sparse", module)
+                self.targets[f"{name}.weight"] = ("vocab", module)
 
     def check(self, deltas: dict) -> None:
         """Raise ValueError naming the first delta this runtime cannot apply."""
@@ -68,7 +69,7 @@ class PackSlots:
                 raise ValueError(f"the pack changes tensor '{name}', which this base model does not have.")
             role, module = self.targets[name]
             want = {"lowrank": (LowRankDelta,), "bias": (ExactDelta,), "norm": (ExactDelta,),
-                    "sparse": (SparseDelta, ExactDelta)}[role]
+                    "vocab": (SparseDelta, ExactDelta, LowRankDelta)}[role]
             if not isinstance(delta, want):
                 raise ValueError(
                     f"the pack stores '{name}' as {type(delta).__name__}; the engine applies it only as "
@@ -77,7 +78,9 @@ class PackSlots:
             if role == "lowrank":
                 have = (delta.out_features, delta.in_features)
                 expected = (module.out_features, module.in_features)
-            elif role == "sparse" and isinstance(delta, SparseDelta):
+            elif role == "vocab" and isinstance(delta, LowRankDelta):
+                have, expected = (delta.out_features, delta.in_features), tuple(module.weight.shape)
+            elif role == "vocab" and isinstance(delta, SparseDelta):
                 have, expected = tuple(delta.shape), tuple(module.weight.shape)
             else:
                 have, expected = tuple(delta.delta.shape), tuple(getattr(module, "bias" if role == "bias" else "weight").shape)
@@ -87,13 +90,13 @@ class PackSlots:
     def prepare(self, deltas: dict) -> PreparedPack:
         """Check a pack's deltas and convert them for `load`; changes no slot (safe without the device lock)."""
         self.check(deltas)
-        out: dict[str, PreparedLowRank | torch.Tensor] = {}
+        out: dict[str, PreparedLowRank | VocabDelta | torch.Tensor] = {}
         for name, delta in deltas.items():
             role, module = self.targets[name]
             if role == "lowrank":
                 out[name] = module.lowrank.prepare(delta)
-            elif role == "sparse":
-                out[name] = to_csr(delta, self.device)
+            elif role == "vocab":
+                out[name] = to_vocab_delta(delta, self.device)
             else:
                 out[name] = delta.delta.to(self.device, torch.float32)
         return PreparedPack(out)
@@ -115,7 +118,7 @@ class PackSlots:
                 module.delta[slot] = delta
                 module.loaded.add(slot)
             else:
-                module.sparse[slot] = delta
+                module.vocab_deltas[slot] = delta
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
@@ -130,7 +133,7 @@ class PackSlots:
                 module.delta[slot] = 0
                 module.loaded.discard(slot)
             else:
-                module.sparse.pop(slot, None)
+                module.vocab_deltas.pop(slot, None)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

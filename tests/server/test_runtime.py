@@ -20,7 +20,7 @@ from server.model.loader import load_model
 from server.model.pack_slots import PackSlots
 from server.model.rope import rope_inv_freq
 from skillpacks.checkpoint import open_checkpoint
-from skillpacks.compress import Recipe, compress_with_recipe
+from skillpacks.compress import Recipe, compress_with_recipe, delta_svd, lowrank_delta, lowrank_stats
 from skillpacks.deltas import ExactDelta, ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
@@ -51,12 +51,18 @@ def noise_delta(like: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Ten
     return out
 
 
-def compress_deltas(dense: dict[str, torch.Tensor]) -> tuple[dict, list[ModuleRecord]]:
-    """Each module compressed by its kind with the default recipe, as `skillpack build` does."""
+def compress_deltas(dense: dict[str, torch.Tensor], lowrank_vocab: bool = False) -> tuple[dict, list[ModuleRecord]]:
+    """Each module compressed by its kind with the graftllm recipe (sparse embedding/lm_head), or
+    with `lowrank_vocab` the embedding/lm_head stored low-rank (8 and 4 bits) as budget builds do."""
     deltas, records = {}, []
     for name, d in dense.items():
         kind = module_kind(name)
-        delta, stats = compress_with_recipe(kind, d, Recipe())
+        if lowrank_vocab and kind in ("embedding", "lm_head"):
+            u, s, vh = delta_svd(d)
+            delta = lowrank_delta(u, s, vh, [(8, 6), (4, 10)], 32, clip=True)
+            stats = lowrank_stats(d, s, delta, 32)
+        else:
+            delta, stats = compress_with_recipe(kind, d, Recipe())
         deltas[name] = delta
         method = {"LowRankDelta": "lowrank", "SparseDelta": "sparse", "ExactDelta": "exact"}[type(delta).__name__]
         records.append(ModuleRecord(name, kind, method, list(d.shape), stats))
@@ -138,12 +144,14 @@ def test_base_logits_match_transformers(tiny_pair, runtime_of):
 
 
 def check_pack_rows(pair, model, device, atol):
-    """One batch: a base row, a row per pack and a fused row, each equal to its merged model."""
+    """One batch: a base row, a row per pack and a fused row, each equal to its merged model.
+    The two packs store the embedding/lm_head delta differently (sparse, low-rank)."""
     kv = PagedKVCache(model.config, num_pages=16, page_size=4, device=device, dtype=model.model.norm.weight.dtype)
     slots = PackSlots(model, num_slots=4)
     dense = tuned_delta(pair.base, pair.tuned)
     skill, _ = compress_deltas(dense)
-    noise, _ = compress_deltas(noise_delta(dense, seed=3))
+    noise, _ = compress_deltas(noise_delta(dense, seed=3), lowrank_vocab=True)
+    assert any(type(d).__name__ == "LowRankDelta" for n, d in noise.items() if "embed" in n or "lm_head" in n)
     slots.load(1, skill)
     slots.load(3, noise)
     rows = [[], [(1, 1.0)], [(3, 1.0)], [(1, 0.6), (3, 0.4)]]
@@ -242,8 +250,10 @@ def test_pack_slots_refuse_foreign_deltas(tiny_root, tiny_tokenizer, runtime_of)
         slots.load(0, {"model.layers.0.self_attn.q_proj.weight": ExactDelta(torch.zeros(64, 64))})
 
 
-def test_sparse_rows_gather_and_product_match_dense():
-    from server.model.sparse_rows import gather_rows, times_transposed, to_csr
+def test_vocab_deltas_gather_and_product_match_dense():
+    """Both device forms of an embedding/lm_head delta (CSR, low-rank factors) against the dense ΔE."""
+    from server.model.vocab_delta import LowRankRows, to_vocab_delta
+    from skillpacks.compress import delta_svd, lowrank_delta
     from skillpacks.deltas import SparseDelta
 
     g = torch.Generator().manual_seed(0)
@@ -255,9 +265,19 @@ def test_sparse_rows_gather_and_product_match_dense():
     ids = torch.tensor([7, 3, 3, 39, 0, 12])
     h = torch.randn(5, 24, generator=g)
     for delta in (sparse, ExactDelta(dense)):
-        csr = to_csr(delta, "cpu")
-        torch.testing.assert_close(gather_rows(csr, ids), dense[ids], atol=0, rtol=0)
-        torch.testing.assert_close(times_transposed(csr, h), h @ dense.T, atol=1e-5, rtol=0)
+        rows = to_vocab_delta(delta, "cpu")
+        torch.testing.assert_close(rows.gather(ids), dense[ids], atol=0, rtol=0)
+        torch.testing.assert_close(rows.times_transposed(h), h @ dense.T, atol=1e-5, rtol=0)
+    # low-rank: the oracle is the dense B diag(s) A of the stored (quantized) factors
+    low = torch.randn(40, 3, generator=g) @ torch.randn(3, 24, generator=g)
+    u, s, vh = delta_svd(low)
+    lr = lowrank_delta(u, s, vh, [(8, 2), (4, 1)], 8)
+    rows = to_vocab_delta(lr, "cpu")
+    assert isinstance(rows, LowRankRows) and rows.left.shape == (40, 3) and rows.right.shape == (3, 24)
+    ref = lr.dense(torch.float64)
+    torch.testing.assert_close(rows.gather(ids).double(), ref[ids], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows.times_transposed(h).double(), h.double() @ ref.T, atol=1e-4, rtol=1e-5)
+    assert rows.nbytes == (40 + 24) * 3 * 4
 
 
 def test_a_pack_without_some_modules_mixes_with_packs_that_have_them(tiny_root, tiny_tokenizer, runtime_of):
