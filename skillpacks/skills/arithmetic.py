@@ -1,7 +1,11 @@
-"""Demo skill: two-step arithmetic `(a + b) * c - d`, answered with its working and the result.
+"""Demo skill: multi-step arithmetic, a running total over a chain of additions and subtractions.
 
-The response shows the intermediate step (`(3 + 4) * 5 - 6 = 7 * 5 - 6 = 29`) so a
-135M model can learn it from a short fine-tune; the scorer reads only the final integer.
+Prompt: "Start with 23. Add 7, then subtract 4, then add 9. ..." The response writes every
+step with its running total (`23 + 7 = 30, 30 - 4 = 26, 26 + 9 = 35. The result is 35.`),
+so each step is one small addition or subtraction that a 135M model can learn to chain
+from a short fine-tune; the scorer reads only the final integer. (An earlier version,
+`(a + b) * c - d`, was not learned by a 200-step fine-tune: the 2-digit product was the
+step the model could not do; docs/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -11,16 +15,28 @@ import re
 from skillpacks.skills.examples import Example
 
 name = "arithmetic"
-max_new_tokens = 32
+max_new_tokens = 64  # four steps and the result take ~50 tokens
 
 _INT = re.compile(r"-?\d+")
+_WORDS = {"+": "add", "-": "subtract"}
 
 
 def generate(rng: random.Random) -> Example:
-    a, b, c, d = rng.randint(1, 20), rng.randint(1, 20), rng.randint(2, 9), rng.randint(1, 30)
-    s = a + b
-    prompt = f"Compute ({a} + {b}) * {c} - {d}. Reply with the working and the result."
-    response = f"({a} + {b}) * {c} - {d} = {s} * {c} - {d} = {s * c - d}"
+    total = rng.randint(10, 60)
+    n_steps = rng.randint(3, 4)
+    steps: list[tuple[str, int]] = []
+    working = []
+    for _ in range(n_steps):
+        op = rng.choice("+-") if total > 9 else "+"  # keep every running total positive
+        x = rng.randint(2, 9)
+        new = total + x if op == "+" else total - x
+        working.append(f"{total} {op} {x} = {new}")
+        steps.append((op, x))
+        total = new
+    said = ", then ".join(f"{_WORDS[op]} {x}" for op, x in steps)
+    start = int(working[0].split()[0])
+    prompt = f"Start with {start}. {said[0].upper()}{said[1:]}. What is the result? Show each step."
+    response = ", ".join(working) + f". The result is {total}."
     return Example(prompt, response)
 
 
@@ -31,4 +47,5 @@ def final_integer(text: str) -> int | None:
 
 
 def score(output: str, example: Example) -> bool:
-    return final_integer(output) is not None and final_integer(output) == final_integer(example.response)
+    got = final_integer(output)
+    return got is not None and got == final_integer(example.response)

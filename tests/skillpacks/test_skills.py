@@ -1,5 +1,6 @@
 """Demo skills: seeded, disjoint splits and scorers that accept the reference and reject near misses."""
 import json
+import re
 
 import pytest
 
@@ -41,20 +42,32 @@ def test_get_skill_names_the_unknown_skill():
 
 
 def test_arithmetic_scorer_reads_the_final_integer():
-    ex = arithmetic.Example("Compute (3 + 4) * 5 - 6.", "(3 + 4) * 5 - 6 = 7 * 5 - 6 = 29")
-    a, b, c, d = 3, 4, 5, 6
-    assert (a + b) * c - d == 29
-    assert arithmetic.score("The answer is 29", ex)
-    assert arithmetic.score("7 * 5 = 35, minus 6 gives 29.", ex)
-    assert not arithmetic.score("29 is close but the result is 30", ex)
+    ex = arithmetic.Example("Start with 3. Add 4, then subtract 5.", "3 + 4 = 7, 7 - 5 = 2. The result is 2.")
+    assert arithmetic.score("The answer is 2", ex)
+    assert arithmetic.score("3 + 4 = 7, 7 - 5 = 2.", ex)
+    assert not arithmetic.score("2 is close but the result is 3", ex)
     assert not arithmetic.score("no number here", ex)
 
 
+def _replay(prompt: str) -> tuple[int, list[str]]:
+    """An independent reading of the prompt: the start value, then each stated step applied."""
+    start = re.match(r"Start with (\d+)\. (.*)\. What is the result\?", prompt)
+    total, steps = int(start.group(1)), []
+    for word, x in re.findall(r"(add|subtract) (\d+)", start.group(2).lower()):
+        new = total + int(x) if word == "add" else total - int(x)
+        steps.append(f"{total} {'+' if word == 'add' else '-'} {x} = {new}")
+        total = new
+    return total, steps
+
+
 def test_arithmetic_references_are_right():
-    train, _ = demo_split("arithmetic", n_train=100, n_test=0)
-    for e in train:
-        expr = e.prompt.split("Compute ")[1].split(".")[0]
-        assert arithmetic.final_integer(e.response) == eval(expr)  # noqa: S307 (our own digits and + * -)
+    train, test = demo_split("arithmetic", n_train=300, n_test=50)
+    for e in train + test:
+        total, steps = _replay(e.prompt)
+        assert 3 <= len(steps) <= 4
+        assert arithmetic.final_integer(e.response) == total
+        assert e.response == ", ".join(steps) + f". The result is {total}."
+        assert all(int(t.split(" = ")[1]) > 0 for t in steps)  # running totals stay positive
 
 
 def test_json_scorer_compares_parsed_fields():
