@@ -189,10 +189,15 @@ def import_peft(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out
 
 def export_peft(pack: SkillPack | str | os.PathLike, out_dir: str | os.PathLike,
                 base_model_name_or_path: str | None = None) -> dict:
-    """Write the pack's low-rank modules as a PEFT LoRA adapter folder; return a report
-    {"r", "exported": [module names], "not_exported": [{"name", "kind", "method"}]}."""
+    """Write the pack's low-rank linears as a PEFT LoRA adapter folder; return a report
+    {"r", "exported": [module names], "not_exported": [{"name", "kind", "method"}]}.
+
+    A low-rank embedding/lm_head delta is not exported: with tied embeddings PEFT's
+    embedding LoRA would change the input side only, and LoRA servers (vLLM) do not load
+    head adapters, so the adapter would silently mean something else than the pack."""
     pack = pack if isinstance(pack, SkillPack) else read_pack(pack)
-    lowrank = {n: d for n, d in pack.deltas.items() if isinstance(d, LowRankDelta)}
+    vocab = {r.name for r in pack.records if r.kind in ("embedding", "lm_head")}
+    lowrank = {n: d for n, d in pack.deltas.items() if isinstance(d, LowRankDelta) and n not in vocab}
     skipped = [{"name": r.name, "kind": r.kind, "method": r.method} for r in pack.records if r.name not in lowrank]
     if not lowrank:
         raise PackError(f"pack '{pack.name}' has no low-rank modules; there is nothing a LoRA adapter can hold.")

@@ -49,16 +49,19 @@ def sparse_delta(delta: torch.Tensor, keep: float = 0.1) -> SparseDelta:
     return SparseDelta(idx.to(torch.int32), flat[idx].to(torch.float16), tuple(delta.shape))
 
 
-def make_test_pack(pair, out, name="skill", rank=8, tier_bits=(8, 4)):
+def make_test_pack(pair, out, name="skill", rank=8, tier_bits=(8, 4), vocab="sparse"):
     """Build a pack from the real delta of a tiny (base, tuned) pair; returns (manifest, deltas).
-    `rank` is one rank for every linear, or a function of the tensor name."""
+    `rank` is one rank for every linear, or a function of the tensor name; `vocab` is how the
+    embedding/lm_head deltas are stored (sparse, or lowrank at rank 4)."""
     base, tuned = open_checkpoint(pair.base), open_checkpoint(pair.tuned)
     deltas, records = {}, []
     for tname in base.names():
         delta = tuned.get(tname).float() - base.get(tname).float()
         kind = module_kind(tname, tuple(delta.shape))
-        if kind in ("embedding", "lm_head"):
+        if kind in ("embedding", "lm_head") and vocab == "sparse":
             d, method = sparse_delta(delta), "sparse"
+        elif kind in ("embedding", "lm_head"):
+            d, method = lowrank_delta(delta, 4, tier_bits), "lowrank"
         elif delta.dim() == 2:
             r = rank(tname) if callable(rank) else rank
             d, method = lowrank_delta(delta, r, tier_bits), "lowrank"

@@ -100,12 +100,14 @@ def test_import_tiers_trade_bytes_for_error(tiny_pairs, tmp_path):
 
 def test_export_loads_in_peft_and_equals_the_lowrank_part(tiny_pair, tmp_path):
     pack_path = tmp_path / "p.skillpack"
-    make_test_pack(tiny_pair, pack_path, rank=lambda n: 6 if ".self_attn." in n else 3)
+    make_test_pack(tiny_pair, pack_path, rank=lambda n: 6 if ".self_attn." in n else 3, vocab="lowrank")
     pack = read_pack(pack_path)
     report = export_peft(pack_path, tmp_path / "adapter")
-    lowrank = [r.name for r in pack.records if r.method == "lowrank"]
+    # low-rank linears are exported; a low-rank embedding/lm_head delta is not (see export_peft)
+    lowrank = [r.name for r in pack.records if r.method == "lowrank" and r.kind not in ("embedding", "lm_head")]
+    assert any(r.method == "lowrank" and r.kind == "embedding" for r in pack.records)
     assert report["r"] == 6 and sorted(report["exported"]) == sorted(lowrank)
-    assert {m["name"] for m in report["not_exported"]} == {r.name for r in pack.records if r.method != "lowrank"}
+    assert {m["name"] for m in report["not_exported"]} == {r.name for r in pack.records if r.name not in lowrank}
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == cfg["lora_alpha"] == 6
     # the oracle: the base with only the pack's low-rank deltas added densely, by hand
