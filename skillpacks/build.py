@@ -106,7 +106,9 @@ def compress_planned(delta: torch.Tensor, plan: Plan, cov: torch.Tensor | None =
     """Compress one delta as its plan says: (ModuleDelta, stats)."""
     if plan.method == "lowrank":
         u, s, vh = delta_svd(delta)
-        ld = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, cov, clip=True)
+        # plain round to nearest: range clipping lowers ‖ΔW − ΔŴ‖ but cuts the outliers of the
+        # singular vectors, and multiplied the token KL by 2-8x (docs/BUILD.md)
+        ld = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, cov)
         return ld, lowrank_stats(delta, s, ld, plan.group_size)
     if plan.method == "sparse":
         sd = sparse_delta(delta, plan.count)

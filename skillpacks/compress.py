@@ -311,5 +311,5 @@ def compress_with_recipe(kind: str, delta: torch.Tensor, recipe: Recipe,
     else:
         rank = fitted_rank(out_f, in_f, recipe.attention_rank_fraction, recipe.tiers, gs)
     rank = min(rank, s.numel())
-    ld = lowrank_delta(u, s, vh, split_tiers(rank, recipe.tiers), gs, input_cov, clip=True)
+    ld = lowrank_delta(u, s, vh, split_tiers(rank, recipe.tiers), gs, input_cov)
     return ld, lowrank_stats(delta, s, ld, gs)

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from skillpacks.budget import (
     ExactModule, HeaderCost, LowRankModule, SparseModule, allocate, group_size_options, sparse_grid, sparse_spectrum,
-    rank_error, uniform_plans, vector_error,
+    NOISE_WEIGHT, rank_error, uniform_plans, vector_error,
 )
 from skillpacks.baselines import compress_deltas
 from skillpacks.compress import delta_svd, exact_delta, lowrank_delta, rank_bytes, sparse_delta
@@ -41,7 +41,7 @@ def _compress(deltas, plans):
         plan = plans[name]
         if plan.method == "lowrank":
             u, s, vh = delta_svd(d)
-            obj = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, clip=True)
+            obj = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size)  # as the builder: plain RTN
         elif plan.method == "sparse":
             obj = sparse_delta(d, plan.count)
         elif plan.method == "exact":
@@ -90,14 +90,14 @@ def test_allocation_beats_a_uniform_split_at_equal_bytes(tiny_pairs, arch, rank_
     deltas = _deltas(tiny_pairs[arch])
     spectra = _spectra(deltas)
     uniform_bytes, uniform_err = _compress(deltas, uniform_plans(spectra, rank_fraction, bits, keep))
-    alloc_bytes, alloc_err = _compress(deltas, allocate(spectra, uniform_bytes))
+    alloc_bytes, alloc_err = _compress(deltas, allocate(spectra, uniform_bytes, noise_weight=1.0))
     assert alloc_bytes <= uniform_bytes
     assert alloc_err < uniform_err, (alloc_err, uniform_err)
 
 
 def test_estimated_error_tracks_measured_error(tiny_pairs):
     deltas = _deltas(tiny_pairs["llama"])
-    plans = allocate(_spectra(deltas), 40_000)
+    plans = allocate(_spectra(deltas), 40_000, noise_weight=1.0)
     _, measured = _compress(deltas, plans)
     estimated = sum(p.est_error_sq for p in plans.values())
     assert 0.7 * measured <= estimated <= 1.3 * measured
@@ -123,18 +123,20 @@ def test_norms_and_biases_are_always_stored_exactly(tiny_pairs, header):
         allocate(spectra, need - 1, header=header)
 
 
-def _model_error(m, tiers, g):
-    """Estimated Σ squared error of keeping `tiers` [(bits, rank)] of module m (the error model, by hand)."""
+def _model_error(m, tiers, g, kappa=1.0):
+    """Estimated Σ squared error of keeping `tiers` [(bits, rank)] of module m (the error model, by hand),
+    rounding noise weighted by `kappa`."""
     err, start = sum(m.sq), 0
     for bits, r in tiers:
-        err -= sum(m.sq[start:start + r]) * (1 - rank_error(bits, g, m.out_features, m.in_features))
+        err -= sum(m.sq[start:start + r]) * (1 - kappa * rank_error(bits, g, m.out_features, m.in_features))
         start += r
     return err
 
 
 @pytest.mark.parametrize("fraction", [1 / 32, 1 / 16, 1 / 4])
 @pytest.mark.parametrize("decay", [0.3, 1.0])
-def test_allocation_is_near_the_brute_force_optimum(fraction, decay):
+@pytest.mark.parametrize("kappa", [1.0, NOISE_WEIGHT])
+def test_allocation_is_near_the_brute_force_optimum(fraction, decay, kappa):
     out_f, in_f, g = 40, 64, 32
     sq = [(i + 1) ** (-2 * decay) for i in range(out_f)]
     m = LowRankModule("m", "mlp", out_f, in_f, sq, (g,))
@@ -147,10 +149,10 @@ def test_allocation_is_near_the_brute_force_optimum(fraction, decay):
             if left < 0:
                 break
             n2 = min(out_f - n8 - n4, left // cost[2])
-            best = min(best, _model_error(m, [(8, n8), (4, n4), (2, n2)], g))
-    plan = allocate([m], budget)["m"]
+            best = min(best, _model_error(m, [(8, n8), (4, n4), (2, n2)], g, kappa))
+    plan = allocate([m], budget, noise_weight=kappa)["m"]
     assert plan.est_bytes <= budget
-    assert plan.est_error_sq == pytest.approx(_model_error(m, plan.tier_ranks, g), rel=1e-9)
+    assert plan.est_error_sq == pytest.approx(_model_error(m, plan.tier_ranks, g, kappa), rel=1e-9)
     assert plan.est_error_sq <= best * 1.02 + 1e-12, (plan.tier_ranks, plan.est_error_sq, best)
 
 
@@ -170,8 +172,23 @@ def test_allocation_beats_delta_come_at_equal_bytes(fraction, decay, noise):
     deltas = {f"model.layers.0.mlp.{p}_proj.weight": _synthetic_delta(o, i, seed, decay, noise)
               for seed, (p, o, i) in enumerate([("up", 384, 128), ("down", 128, 384), ("gate", 384, 128)])}
     budget = int(sum(d.numel() * 2 for d in deltas.values()) * fraction)
-    ours_bytes, ours_err = _compress(deltas, allocate(_spectra(deltas), budget))
+    ours_bytes, ours_err = _compress(deltas, allocate(_spectra(deltas), budget, noise_weight=1.0))
     theirs, theirs_bytes = compress_deltas(deltas, "delta_come", budget)
     theirs_err = sum(float((d.double() - theirs[n].double()).square().sum()) for n, d in deltas.items())
     assert ours_bytes <= budget and theirs_bytes <= budget
     assert ours_err <= theirs_err, (ours_err, theirs_err)
+
+
+def test_discounted_noise_keeps_more_ranks_at_fewer_bits():
+    """κ < 1 (the builder's default) spends the same bytes on more ranks, mostly at 2 bits."""
+    out_f, in_f, g = 96, 160, 32
+    sq = [(i + 1) ** -0.8 for i in range(out_f)]
+    m = LowRankModule("m", "mlp", out_f, in_f, sq, (g,))
+    budget = int(out_f * in_f * 2 / 16)
+    frob, default = allocate([m], budget, noise_weight=1.0)["m"], allocate([m], budget)["m"]
+    rank = lambda p: sum(r for _, r in p.tier_ranks)  # noqa: E731
+    assert default.est_bytes <= budget and frob.est_bytes <= budget
+    assert rank(default) > rank(frob), (default.tier_ranks, frob.tier_ranks)
+    assert dict((b, r) for b, r in default.tier_ranks).get(2, 0) > rank(default) / 2
+    with pytest.raises(ValueError, match="noise_weight=0"):
+        allocate([m], budget, noise_weight=0)
