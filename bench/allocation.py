@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             checks += [dict(r, case=case) for r in model_check(deltas)]
     print(f"machine: {describe_machine()}\n")
     print(_table(rows))
-    print("\nerror model (mean ‖v̂ − v‖² of a unit singular vector, group 64, clipped RTN): model vs measured")
+    print("\nerror model (mean ‖v̂ − v‖² of a unit singular vector, group 64, RTN): model vs measured")
     print(f"{'bits':>4} {'model':>9} {'measured':>9} {'ratio min':>9} {'ratio max':>9}")
     for bits in (2, 4, 8):
         sel = [c for c in checks if c["bits"] == bits]
