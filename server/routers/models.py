@@ -1,12 +1,17 @@
-"""`GET /v1/models` and `GET /v1/models/{id}`: the base model and every pack built on it."""
+"""`GET /v1/models` and `GET /v1/models/{id}`: the base model, every pack built on it, and
+`auto` (the router, docs/FUSION.md) when the pack folder holds a router or example prompts."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
 from server.engine.types import EngineProtocol
 from server.errors import model_not_found
 from server.routers.deps import get_engine
+from server.routing_auto import AUTO_MODEL
 from server.schemas.models import ModelCard, ModelList
+from skillpacks.router import EXAMPLES_SUFFIX, ROUTER_FILE
 
 router = APIRouter(tags=["models"])
 OWNER = "skillpack"
@@ -19,7 +24,20 @@ def _cards(request: Request, engine: EngineProtocol) -> list[dict]:
     for status in sorted(engine.pack_cache.status(), key=lambda s: s.name):
         cards.append({"id": status.name, "object": "model", "created": created, "owned_by": OWNER,
                       "parent": base, "root": base})
+    if _routable(request, [c["id"] for c in cards[1:]]):
+        cards.append({"id": AUTO_MODEL, "object": "model", "created": created, "owned_by": OWNER,
+                      "parent": base, "root": base})
     return cards
+
+
+def _routable(request: Request, packs: list[str]) -> bool:
+    """`model: auto` can answer (or build its router on first use): a router file or a
+    registered pack's example prompts sit in the pack folder."""
+    store = getattr(request.app.state, "pack_store", None)
+    if store is None or not packs:
+        return False
+    root = Path(store.root)
+    return (root / ROUTER_FILE).is_file() or any((root / f"{n}{EXAMPLES_SUFFIX}").is_file() for n in packs)
 
 
 @router.get("/v1/models", response_model=ModelList)

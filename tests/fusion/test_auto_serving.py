@@ -35,6 +35,9 @@ def chat(client, model, prompt, **extra):
 
 def test_auto_answers_like_the_chosen_pack_and_names_it(fusion, packs_copy):
     with serve(settings_for(fusion.pair, packs_copy)) as client:
+        base_id = client.app.state.engine.model_id
+        listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert listed["auto"]["parent"] == base_id and client.get("/v1/models/auto").json()["id"] == "auto"
         routed = correct = 0
         for name, prompts in fusion.held_out.items():
             for prompt in prompts[:4]:

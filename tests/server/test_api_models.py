@@ -23,7 +23,7 @@ def test_models_lists_the_base_and_every_pack_with_its_parent(client, base_id):
     body = r.json()
     assert body["object"] == "list"
     cards = {m["id"]: m for m in body["data"]}
-    assert set(cards) == {base_id, "skill", "skill2x"}
+    assert set(cards) == {base_id, "skill", "skill2x"}  # no router nor example prompts: no `auto`
     assert cards[base_id]["parent"] is None
     for name in ("skill", "skill2x"):
         assert cards[name]["parent"] == base_id and cards[name]["object"] == "model" and cards[name]["owned_by"]
