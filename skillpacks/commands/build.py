@@ -4,15 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number; expected a fraction such as 0.0625.")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"budget {value} is out of range; expected a fraction in (0, 1].")
-    return value
+from skillpacks.commands import budget_arg
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="pack name (default: the output file's name without extension)")
     parser.add_argument("--description", default="", help="one line saying what the skill does")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--budget", type=_fraction, default=DEFAULT_BUDGET,
+    size.add_argument("--budget", type=budget_arg, default=DEFAULT_BUDGET,
                       help="file size as a fraction of the fp16 delta, header included (default 1/16)")
     size.add_argument("--preset", choices=sorted(PRESETS), help="a fixed per-module recipe instead of a budget")
     parser.add_argument("--calib", help="calibration text (one per line, or .jsonl with \"text\") for GPTQ")

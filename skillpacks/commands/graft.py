@@ -6,14 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _budget(text: str) -> float:
-    from skillpacks.evaluate import parse_budget
-
-    try:
-        return parse_budget(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+from skillpacks.commands import budget_arg
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed (default 0)")
-    parser.add_argument("--budget", type=_budget, default=1 / 16,
+    parser.add_argument("--budget", type=budget_arg, default=1 / 16,
                         help="pack size as a fraction of the fp16 delta, e.g. 1/16 (default) or 1/32")
     parser.add_argument("--keep-tuned", help="also keep the fine-tuned checkpoint (float32) in this folder")
     parser.add_argument("--dpo", help='JSONL of {"prompt", "chosen", "rejected"}: a DPO stage after SFT')

@@ -168,7 +168,7 @@ def test_cli_build_writes_pack_and_report(tiny_pairs, tmp_path, capsys):
     pair = tiny_pairs["mistral"]
     out, report = tmp_path / "cli.skillpack", tmp_path / "cli.json"
     rc = cli_main(["build", "--base", str(pair.base), "--tuned", str(pair.tuned), "--out", str(out),
-                   "--name", "arith", "--description", "adds numbers", "--budget", "0.125",
+                   "--name", "arith", "--description", "adds numbers", "--budget", "1/8",  # as graft and eval take it
                    "--report", str(report), "--quiet"])
     assert rc == 0 and "wrote" in capsys.readouterr().out
     pack = read_pack(out)
