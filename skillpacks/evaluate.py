@@ -302,8 +302,9 @@ def results_payload(scores: list[Score], command: str) -> dict:
 
 
 def plot(scores: list[Score], path: Path) -> None:
-    """Per skill, accuracy (top) and KL to the fine-tune (bottom) against stored size: packs as a
-    curve, each baseline as its own markers, base and fine-tune accuracy as horizontal lines."""
+    """Per skill, accuracy (top) and KL to the fine-tune (bottom) against stored size: budget packs
+    as a curve, presets and each baseline as their own markers, base and fine-tune accuracy as
+    horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,7 +312,9 @@ def plot(scores: list[Score], path: Path) -> None:
 
     skills = sorted({s.skill for s in scores})
     fig, axes = plt.subplots(2, len(skills), figsize=(5 * len(skills), 7.5), squeeze=False)
-    series = {"SkillPack": ("o-", lambda s: s.family == "pack")}
+    # budget packs form the curve; a preset (no budget) is a point of its own, not on that curve
+    series = {"SkillPack": ("o-", lambda s: s.family == "pack" and s.budget is not None),
+              "SkillPack preset": ("*", lambda s: s.family == "pack" and s.budget is None)}
     for method, marker in {"lowrank_fp16": "s--", "bitdelta": "^", "dare": "x--", "delta_come": "D--"}.items():
         series[method] = (marker, lambda s, m=method: s.label.startswith(m + " "))
     for col, skill in enumerate(skills):
