@@ -16,7 +16,7 @@ SmolLM2 fine-tune (docs/BUILD.md, "What the model sees"): the two errors are not
 the same. A dropped rank removes a direction the fine-tune put in on purpose, aligned
 with the inputs the model sees and coherent across all 210 linears; round-to-nearest
 noise on the kept factors is unbiased and adds up incoherently. At equal bytes, κ = 1
-(plain Frobenius error) gave 6× the token KL of κ = 0.03, which keeps ~1.5× the ranks
+(plain Frobenius error) gave 5× the token KL of κ = 0.03, which keeps ~1.9× the ranks,
 mostly at 2 bits.
 
 How: a price λ per byte. At a given λ each module independently takes the choice that

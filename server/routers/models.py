@@ -11,7 +11,7 @@ from server.errors import model_not_found
 from server.routers.deps import get_engine
 from server.routing_auto import AUTO_MODEL
 from server.schemas.models import ModelCard, ModelList
-from skillpacks.router import EXAMPLES_SUFFIX, ROUTER_FILE
+from skillpacks.router import ROUTER_FILE, examples_path
 
 router = APIRouter(tags=["models"])
 OWNER = "skillpack"
@@ -37,7 +37,7 @@ def _routable(request: Request, packs: list[str]) -> bool:
     if store is None or not packs:
         return False
     root = Path(store.root)
-    return (root / ROUTER_FILE).is_file() or any((root / f"{n}{EXAMPLES_SUFFIX}").is_file() for n in packs)
+    return (root / ROUTER_FILE).is_file() or any(examples_path(root, n).is_file() for n in packs)
 
 
 @router.get("/v1/models", response_model=ModelList)
