@@ -24,6 +24,7 @@ log = logging.getLogger("skillpack.server")
 
 EngineFactory = Callable[[Settings], EngineProtocol]
 UPLOAD_ROUTE = "/admin/skillpacks"
+EXAMPLES_ROUTE_SUFFIX = "/examples"  # PUT /admin/skillpacks/{name}/examples
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload's file bytes
 
 
@@ -62,7 +63,7 @@ async def lifespan(app: FastAPI):
         if inspect.isawaitable(result):
             await result
     store = PackStore(settings.packs, engine.pack_cache, served_base_fingerprint(settings, engine),
-                      settings.max_upload_bytes)
+                      settings.max_upload_bytes, settings.max_examples_bytes)
     store.register_all()
     app.state.engine, app.state.pack_store = engine, store
     log.info("serving %s with %d pack(s)", engine.model_id, len(engine.pack_cache.status()))
@@ -80,7 +81,7 @@ async def lifespan(app: FastAPI):
 class BodyLimit:
     """Refuses bodies over the limit with 413 while they stream (Content-Length first, then counted).
 
-    Uploads get their own, larger limit; everything else gets `max_body_bytes`.
+    Pack uploads and router examples get their own limits; everything else gets `max_body_bytes`.
     """
 
     def __init__(self, app, settings: Settings):
@@ -88,8 +89,11 @@ class BodyLimit:
         self.settings = settings
 
     def _limit(self, scope) -> int:
-        if scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_ROUTE:
+        path = scope["path"].rstrip("/")
+        if scope["method"] == "POST" and path == UPLOAD_ROUTE:
             return self.settings.max_upload_bytes + MULTIPART_OVERHEAD
+        if scope["method"] == "PUT" and path.startswith(f"{UPLOAD_ROUTE}/") and path.endswith(EXAMPLES_ROUTE_SUFFIX):
+            return self.settings.max_examples_bytes
         return self.settings.max_body_bytes
 
     async def __call__(self, scope, receive, send):

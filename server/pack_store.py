@@ -4,6 +4,10 @@ Uploads are written to a temporary file inside the store folder (so the final re
 is atomic and on the same file system), bounded in size while they stream, fsynced,
 verified against the served base, then renamed into place and registered. Any failure
 removes the temporary file and leaves the folder exactly as it was.
+
+A pack's router examples (`NAME.examples.jsonl`, the sidecar `model: "auto"` is trained
+from) are checked by the router's own reader before anything is written, then written
+atomically next to the pack; they come with an upload or on their own.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import hashlib
+import io
 import logging
 import os
 import tempfile
@@ -21,14 +27,17 @@ import anyio
 
 from server.engine.types import PackCacheProtocol
 from server.errors import APIError
-# a rename or unlink is durable once its folder is fsynced (patched by the crash tests)
-from skillpacks.checkpoint import fsync_dir as _fsync_dir
+from server.settings import DEFAULT_MAX_EXAMPLES_BYTES
+from skillpacks.checkpoint import atomic_write, fsync_dir
+from skillpacks.router import EXAMPLES_SUFFIX, RouterError, parse_examples
 
 log = logging.getLogger("skillpack.server")
+_fsync_dir = fsync_dir  # a rename or unlink is durable once its folder is fsynced (patched by the crash tests)
 
 SUFFIX = ".skillpack"
 TEMP_PREFIX = ".upload-"  # temporary files: never listed, removed on startup
 BACKUP_SUFFIX = ".previous"
+EXAMPLES_PARAM = "examples"
 
 
 def _format():
@@ -60,11 +69,28 @@ def check_pack_name(name: str) -> str:
     return name
 
 
-def storage_error(exc: OSError) -> APIError:
+def storage_error(exc: OSError, param: str = "file") -> APIError:
     """A failed write to the store (a full disk, an I/O error) as the upload's answer."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return APIError(507 if full else 500, f"The pack store could not save the upload ({exc.strerror or exc}); "
-                    "nothing was stored.", param="file", code="storage_full" if full else "storage_error")
+                    "nothing was stored.", param=param, code="storage_full" if full else "storage_error")
+
+
+def examples_too_large(limit: int) -> APIError:
+    return APIError(413, f"The examples are larger than the limit of {limit} bytes (SKILLPACK_MAX_EXAMPLES_BYTES).",
+                    param=EXAMPLES_PARAM, code="examples_too_large")
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """A sidecar's bytes that passed the router's reader (only `PackStore.check_examples` makes one)."""
+
+    data: bytes
+    prompts: int
+    sha256: str
+
+    def info(self) -> dict:
+        return {"prompts": self.prompts, "bytes": len(self.data), "sha256": self.sha256}
 
 
 class Staging:
@@ -105,24 +131,36 @@ class Staging:
 class PackStore:
     """The folder of packs the server offers; every change goes through here."""
 
-    def __init__(self, root: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any, max_upload_bytes: int):
+    # router examples live in this folder only; a store shared between replicas
+    # (server.pack_store_remote) does not carry them, and says so instead of dropping them
+    examples_supported = True
+
+    def __init__(self, root: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any, max_upload_bytes: int,
+                 max_examples_bytes: int = DEFAULT_MAX_EXAMPLES_BYTES):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.pack_cache = pack_cache
         self.base_fingerprint = base_fingerprint
         self.max_upload_bytes = max_upload_bytes
+        self.max_examples_bytes = max_examples_bytes
         self._lock = asyncio.Lock()  # one rename+register (or delete) at a time
 
     def path_for(self, name: str) -> Path:
         return self.root / f"{check_pack_name(name)}{SUFFIX}"
+
+    def examples_path(self, name: str) -> Path:
+        return self.root / f"{check_pack_name(name)}{EXAMPLES_SUFFIX}"
+
+    def is_registered(self, name: str) -> bool:
+        return any(s.name == name for s in self.pack_cache.status())
 
     def names(self) -> list[str]:
         return sorted(p.name.removesuffix(SUFFIX) for p in self.root.glob(f"*{SUFFIX}") if p.is_file())
 
     def register_all(self) -> list[str]:
         """At startup: register every valid pack in the folder; log and skip the others."""
-        for stale in self.root.glob(f"{TEMP_PREFIX}*"):
-            stale.unlink(missing_ok=True)  # an upload cut off by a crash
+        for stale in [*self.root.glob(f"{TEMP_PREFIX}*"), *self.root.glob(f".*{EXAMPLES_SUFFIX}.*.tmp")]:
+            stale.unlink(missing_ok=True)  # an upload or examples write cut off by a crash
         registered = []
         for name in self.names():
             path = self.root / f"{name}{SUFFIX}"
@@ -149,20 +187,25 @@ class PackStore:
         except OSError as exc:
             raise storage_error(exc) from None
 
-    async def commit(self, staging: Staging, name: str | None) -> tuple[str, dict, bool]:
-        """Verify a finished upload and put it in place under `name` (default: its manifest's).
+    async def commit(self, staging: Staging, name: str | None,
+                     examples: Examples | None = None) -> tuple[str, dict, bool]:
+        """Verify a finished upload and put it in place under `name` (default: its manifest's),
+        with its router examples when given (they replace the pack's sidecar; without them
+        a sidecar already there stays).
 
         Consumes `staging`: on success it becomes the pack file, on failure it is removed.
         Returns the name, the manifest, and whether an older version was replaced.
         """
         try:
+            if examples is not None:
+                self._check_examples_supported()
             staging.finish()
             if staging.size == 0:
                 raise APIError(400, "The uploaded file is empty; expected a .skillpack file.", param="file")
             manifest = await anyio.to_thread.run_sync(self._verify, staging.path)
             name = check_pack_name(name or str(manifest.get("name", "")))
             async with self._lock:
-                replaced = self._install(staging.path, name)
+                replaced = self._install(staging.path, name, examples)
             return name, manifest, replaced
         finally:
             staging.discard()  # a no-op once the file was renamed into place
@@ -175,8 +218,9 @@ class PackStore:
             raise APIError(400, f"The uploaded pack was rejected: {exc}", param="file", code="invalid_pack") from None
         return manifest_dict(manifest)
 
-    def _install(self, temp: Path, name: str) -> bool:
-        """Rename into place and register; if the cache refuses it, put the old version back."""
+    def _install(self, temp: Path, name: str, examples: Examples | None = None) -> bool:
+        """Rename into place, register, write the examples; if the cache refuses the pack or
+        the examples cannot be written, put the old version back."""
         final = self.root / f"{name}{SUFFIX}"
         backup = self.root / f"{TEMP_PREFIX}{name}{BACKUP_SUFFIX}"
         had_old = final.is_file()
@@ -192,18 +236,100 @@ class PackStore:
         try:
             self.pack_cache.register(name, str(final), verified=True)  # verified as the temp file
         except Exception as exc:
-            if had_old:
-                os.replace(backup, final)
-                self.pack_cache.register(name, str(final))
-            else:
-                final.unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            self._restore(name, final, backup, had_old, registered=False)
             raise APIError(400, f"The pack `{name}` was rejected by the pack cache: {exc}",
                            param="file", code="invalid_pack") from None
+        if examples is not None:
+            try:
+                self._write_examples(name, examples)  # atomic: the old sidecar stays on failure
+            except APIError:
+                self._restore(name, final, backup, had_old, registered=True)
+                raise
         backup.unlink(missing_ok=True)
         return had_old
 
+    def _restore(self, name: str, final: Path, backup: Path, had_old: bool, registered: bool) -> None:
+        """Undo `_install`: the old version back in place and registered, or no pack at all."""
+        if had_old:
+            os.replace(backup, final)
+            self.pack_cache.register(name, str(final))
+        else:
+            if registered:
+                self.pack_cache.unregister(name)
+            final.unlink(missing_ok=True)
+        _fsync_dir(self.root)
+
+    # ---- router examples ------------------------------------------------------------------
+
+    def _check_examples_supported(self) -> None:
+        if not self.examples_supported:
+            raise APIError(501, "This server's packs live in a store shared between replicas, which does not "
+                                "carry router examples yet; upload the pack without `examples`.",
+                           param=EXAMPLES_PARAM, code="examples_not_supported")
+
+    def check_examples(self, data: bytes) -> Examples:
+        """The bytes, if the router's reader accepts them as a sidecar; else a 4xx that says why.
+
+        Blocking (parses every line): call it off the event loop.
+        """
+        if len(data) > self.max_examples_bytes:
+            raise examples_too_large(self.max_examples_bytes)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise APIError(400, f"The examples are not UTF-8 text: byte {exc.start} is {data[exc.start]:#04x}; "
+                                "expected JSON lines with a 'prompt' string each.", param=EXAMPLES_PARAM,
+                           code="invalid_examples") from None
+        try:
+            # universal newlines, as the reader's open() splits a file
+            prompts = parse_examples(io.StringIO(text, newline=None), f"`{EXAMPLES_PARAM}`")
+        except RouterError as exc:
+            raise APIError(400, f"The examples were rejected: {exc}", param=EXAMPLES_PARAM,
+                           code="invalid_examples") from None
+        return Examples(data, len(prompts), hashlib.sha256(data).hexdigest())
+
+    def _write_examples(self, name: str, examples: Examples) -> None:
+        try:
+            with atomic_write(self.examples_path(name)) as f:
+                f.write(examples.data)
+        except OSError as exc:
+            raise storage_error(exc, param=EXAMPLES_PARAM) from None
+
+    def _examples_not_found(self, name: str) -> APIError:
+        return APIError(404, f"The pack `{name}` has no router examples ({name}{EXAMPLES_SUFFIX}).",
+                        param="name", code="examples_not_found")
+
+    def read_examples(self, name: str) -> bytes:
+        """A pack's sidecar as stored (one read: a concurrent replace gives the old or the new file)."""
+        try:
+            return self.examples_path(name).read_bytes()
+        except FileNotFoundError:
+            raise self._examples_not_found(name) from None
+
+    async def put_examples(self, name: str, examples: Examples) -> bool:
+        """Write (or replace) a registered pack's sidecar; whether one was replaced."""
+        self._check_examples_supported()
+        path = self.examples_path(name)
+        async with self._lock:
+            if not self.is_registered(name):
+                raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+            replaced = path.is_file()
+            await anyio.to_thread.run_sync(self._write_examples, name, examples)
+        return replaced
+
+    async def delete_examples(self, name: str) -> None:
+        """Remove a pack's sidecar (the pack stays, and leaves `model: "auto"`)."""
+        self._check_examples_supported()
+        path = self.examples_path(name)
+        async with self._lock:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise self._examples_not_found(name) from None
+            _fsync_dir(self.root)
+
     async def delete(self, name: str) -> None:
+        """Unregister the pack, then remove its file and its router examples."""
         path = self.path_for(name)
         async with self._lock:
             if not path.is_file():
@@ -211,4 +337,6 @@ class PackStore:
             # forget it first: requests already running finish on the copy the cache holds
             self.pack_cache.unregister(name)
             path.unlink()
+            # a later pack of the same name must not inherit these examples
+            self.examples_path(name).unlink(missing_ok=True)
             _fsync_dir(self.root)

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from server.engine.types import PackCacheProtocol
 from server.errors import APIError
-from server.pack_store import SUFFIX, TEMP_PREFIX, PackStore, Staging, _fsync_dir, check_pack_name
+from server.pack_store import SUFFIX, TEMP_PREFIX, Examples, PackStore, Staging, _fsync_dir, check_pack_name
 
 log = logging.getLogger("skillpack.server")
 
@@ -62,6 +62,8 @@ def file_version(info: dict[str, Any]) -> tuple[str, ...]:
 
 class SharedPackStore(PackStore):
     """A `PackStore` on a local mirror folder whose contents follow the shared store at `shared`."""
+
+    examples_supported = False  # router examples are not published to the shared store (yet)
 
     def __init__(self, shared: str, mirror: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any,
                  max_upload_bytes: int):
@@ -156,10 +158,11 @@ class SharedPackStore(PackStore):
 
     # ---- mirror -> shared ---------------------------------------------------------------
 
-    async def commit(self, staging: Staging, name: str | None) -> tuple[str, dict, bool]:
+    async def commit(self, staging: Staging, name: str | None,
+                     examples: Examples | None = None) -> tuple[str, dict, bool]:
         """Verify and install the upload here, then publish it so every replica gets it."""
         async with self._sync_lock:
-            name, manifest, replaced = await super().commit(staging, name)
+            name, manifest, replaced = await super().commit(staging, name, examples)
             in_shared = await anyio.to_thread.run_sync(self.fs.exists, self.shared_path(name))
             try:
                 self._mirrored[name] = await anyio.to_thread.run_sync(self._publish, name)

@@ -154,12 +154,13 @@ class AutoRouter:
     # -- staleness -------------------------------------------------------------------------
 
     def _sha(self, kind: str, path: Path) -> str | None:
-        """A file's hash, recomputed only when its size or mtime changes."""
+        """A file's hash, recomputed only when its inode, size or mtime changes (an atomic
+        replace is a new inode, even when size and mtime tick alike)."""
         try:
             st = path.stat()
         except OSError:
             return None
-        key = (st.st_size, st.st_mtime_ns)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._hashes.get((kind, path))
         if cached is None or cached.key != key:
             if kind == "payload":
@@ -236,6 +237,14 @@ class AutoRouter:
         self._rebuilding = threading.Thread(target=work, name="skillpack-router-build", daemon=True)
         self._rebuilding.start()
 
+    def refresh(self) -> list[str]:
+        """Why the router is stale now (empty when fresh); a stale router starts rebuilding in
+        the background. Every `auto` request runs this; the admin routes too, after a change."""
+        reasons = self.stale_reasons()
+        if reasons:
+            self._rebuild_in_background()
+        return reasons
+
     def wait_for_rebuild(self, timeout: float | None = None) -> None:
         if self._rebuilding is not None:
             self._rebuilding.join(timeout)
@@ -245,9 +254,7 @@ class AutoRouter:
     def route(self, prompt_ids: list[int], top_k: int = 0) -> RoutingDecision:
         """The decision for one prompt (top_k 0 = the configured k). Raises a 503 EngineError
         when no router can be used yet."""
-        reasons = self.stale_reasons()
-        if reasons:
-            self._rebuild_in_background()
+        reasons = self.refresh()
         router = self.router
         if router is None:
             why = self.last_error or f"no router has been built for the packs in {self.packs_dir}"

@@ -8,6 +8,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+DEFAULT_MAX_EXAMPLES_BYTES = 16 * MiB  # one pack's router examples sidecar, uploaded or PUT
 
 
 class Settings(BaseSettings):
@@ -34,6 +35,9 @@ class Settings(BaseSettings):
     # byte bounds (the per-request field bounds are OpenAI's, in server/schemas)
     max_body_bytes: int = Field(4 * MiB, ge=1024)
     max_upload_bytes: int = Field(1024 * MiB, ge=1024)
+    # a pack's router examples (NAME.examples.jsonl), uploaded or PUT; held in memory while
+    # checked, so bounded; at most what skillpacks.router reads (64 MiB)
+    max_examples_bytes: int = Field(DEFAULT_MAX_EXAMPLES_BYTES, ge=1024, le=64 * MiB)
 
     @model_validator(mode="after")
     def _admin_auth_is_explicit(self) -> Settings:

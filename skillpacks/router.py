@@ -22,11 +22,11 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,27 +73,39 @@ def read_examples(path: str | os.PathLike) -> list[str]:
     size = path.stat().st_size
     if size > MAX_EXAMPLES_BYTES:
         raise RouterError(f"examples file {path} is {size} bytes; the limit is {MAX_EXAMPLES_BYTES}.")
-    prompts = []
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if i > MAX_EXAMPLE_LINES:
-                raise RouterError(f"examples file {path} has more than {MAX_EXAMPLE_LINES} lines.")
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RouterError(f"{path} line {i} is not JSON ({e.msg}); expected an object with a 'prompt'.") from None
-            prompt = record.get("prompt") if isinstance(record, dict) else None
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise RouterError(f"{path} line {i} has no non-empty 'prompt' string.")
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise RouterError(f"{path} line {i}: the prompt has {len(prompt)} characters; the limit is "
-                                  f"{MAX_PROMPT_CHARS}.")
-            prompts.append(prompt)
+        return parse_examples(f, f"examples file {path}")
+
+
+def parse_examples(lines: Iterable[str], source: str) -> list[str]:
+    """The prompts of sidecar JSONL lines, checked and bounded; `source` names them in errors
+    (a path, or the server's upload field), so a file and an upload are judged alike."""
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if i > MAX_EXAMPLE_LINES:
+            raise RouterError(f"{source} has more than {MAX_EXAMPLE_LINES} lines.")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RouterError(f"{source} line {i} is not JSON ({e.msg}): {_excerpt(line)}; expected an object "
+                              "with a 'prompt'.") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise RouterError(f"{source} line {i} has no non-empty 'prompt' string: {_excerpt(line)}.")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise RouterError(f"{source} line {i}: the prompt has {len(prompt)} characters; the limit is "
+                              f"{MAX_PROMPT_CHARS}.")
+        prompts.append(prompt)
     if not prompts:
-        raise RouterError(f"examples file {path} holds no prompts; expected at least one.")
+        raise RouterError(f"{source} holds no prompts; expected at least one.")
     return prompts
+
+
+def _excerpt(line: str, limit: int = 80) -> str:
+    line = line.strip()
+    return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
 def write_examples(path: str | os.PathLike, prompts: list[str]) -> Path:

@@ -1,15 +1,16 @@
-"""`/admin/skillpacks`: upload, list, inspect, delete, load, unload, pin and unpin packs."""
+"""`/admin/skillpacks`: upload, list, inspect, delete, load, unload, pin and unpin packs, and
+put, get or delete a pack's router examples."""
 from __future__ import annotations
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from server.engine.types import EngineProtocol
 from server.errors import APIError
 from server.pack_store import PackStore, check_pack_name
 from server.routers.deps import get_engine, get_pack_store
-from server.routers.upload import receive_pack_upload
-from server.schemas.admin import DeleteResult, PackInfo, PackList, UploadResult
+from server.routers.upload import receive_examples, receive_pack_upload
+from server.schemas.admin import DeleteResult, ExamplesResult, PackInfo, PackList, UploadResult
 
 router = APIRouter(prefix="/admin/skillpacks", tags=["admin"])
 
@@ -22,19 +23,32 @@ def _status(engine: EngineProtocol, name: str) -> dict:
     raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
 
 
+async def _refresh_router(request: Request) -> None:
+    """A pack or its examples changed: an `auto` router in use checks itself now and, if
+    stale, starts its background rebuild (the check every `auto` request runs)."""
+    router = getattr(request.app.state, "auto_router", None)
+    if router is not None:
+        await anyio.to_thread.run_sync(router.refresh)  # hashes changed files: off the loop
+
+
 @router.post("", response_model=UploadResult, status_code=201)
 async def upload_pack(request: Request, store: PackStore = Depends(get_pack_store)):
     staging = store.staging()
     try:
-        fields = await receive_pack_upload(request, staging)
-        name = fields.get("name") or None
+        upload = await receive_pack_upload(request, staging, store.max_examples_bytes)
+        name = upload.fields.get("name") or None
         if name is not None:
             check_pack_name(name)
+        # checked before the pack: bad examples leave no pack behind
+        examples = None if upload.examples is None else await anyio.to_thread.run_sync(
+            store.check_examples, upload.examples)
     except BaseException:
         staging.discard()
         raise
-    name, manifest, replaced = await store.commit(staging, name)
-    return {"name": name, "replaced": replaced, "bytes": staging.size, "manifest": manifest}
+    name, manifest, replaced = await store.commit(staging, name, examples)
+    await _refresh_router(request)
+    return {"name": name, "replaced": replaced, "bytes": staging.size, "manifest": manifest,
+            "examples": None if examples is None else examples.info()}
 
 
 @router.get("", response_model=PackList)
@@ -50,8 +64,34 @@ async def get_pack(name: str, store: PackStore = Depends(get_pack_store), engine
 
 
 @router.delete("/{name}", response_model=DeleteResult)
-async def delete_pack(name: str, store: PackStore = Depends(get_pack_store)):
+async def delete_pack(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
     await store.delete(name)
+    await _refresh_router(request)
+    return {"name": name, "deleted": True}
+
+
+@router.put("/{name}/examples", response_model=ExamplesResult)
+async def put_examples(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
+    check_pack_name(name)
+    if not store.is_registered(name):  # before reading a body that could not be used
+        raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+    data = await receive_examples(request, store.max_examples_bytes)
+    examples = await anyio.to_thread.run_sync(store.check_examples, data)
+    replaced = await store.put_examples(name, examples)
+    await _refresh_router(request)
+    return {"name": name, "replaced": replaced, "examples": examples.info()}
+
+
+@router.get("/{name}/examples")
+async def get_examples(name: str, store: PackStore = Depends(get_pack_store)):
+    data = await anyio.to_thread.run_sync(store.read_examples, name)
+    return Response(data, media_type="application/jsonl")
+
+
+@router.delete("/{name}/examples", response_model=DeleteResult)
+async def delete_examples(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
+    await store.delete_examples(name)
+    await _refresh_router(request)
     return {"name": name, "deleted": True}
 
 

@@ -1,23 +1,38 @@
-"""Streaming a multipart upload straight into the pack store's staging file, never into memory."""
+"""Reading admin uploads as they stream: a pack straight into the store's staging file (never
+into memory), its optional router examples and the raw examples body bounded in memory."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.errors import APIError
-from server.pack_store import Staging
+from server.pack_store import EXAMPLES_PARAM, Staging, examples_too_large
 
 FILE_FIELD = "file"
+EXAMPLES_FIELD = EXAMPLES_PARAM  # optional: the pack's router examples (JSONL)
 MAX_FIELD_BYTES = 1024  # small form fields (the pack name); the file part goes to disk
 MAX_PARTS = 8
 
 
-class _Parts:
-    """The parser's callbacks: the `file` part is written to staging, other fields kept (bounded)."""
+@dataclass
+class PackUpload:
+    """What a pack upload carried besides the pack: small form fields and the examples part."""
 
-    def __init__(self, staging: Staging):
+    fields: dict[str, str]
+    examples: bytes | None  # None: no `examples` part
+
+
+class _Parts:
+    """The parser's callbacks: the `file` part is written to staging, `examples` and the other
+    fields kept in memory (bounded)."""
+
+    def __init__(self, staging: Staging, max_examples_bytes: int):
         self.staging = staging
+        self.max_examples_bytes = max_examples_bytes
         self.fields: dict[str, str] = {}
+        self.examples: bytearray | None = None
         self.saw_file = False
         self.ended = False
         self.parts = 0
@@ -30,7 +45,8 @@ class _Parts:
     def on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise APIError(400, f"The upload has more than {MAX_PARTS} form parts; send `file` and optionally `name`.")
+            raise APIError(400, f"The upload has more than {MAX_PARTS} form parts; send `file` and optionally "
+                                f"`name` and `{EXAMPLES_FIELD}`.")
         self._disposition, self._field = b"", None
         self._buffer.clear()
 
@@ -52,10 +68,20 @@ class _Parts:
             if self.saw_file:
                 raise APIError(400, "The upload has two `file` parts; send one pack per request.", param=FILE_FIELD)
             self.saw_file = True
+        elif self._field == EXAMPLES_FIELD:
+            if self.examples is not None:
+                raise APIError(400, f"The upload has two `{EXAMPLES_FIELD}` parts; send one examples file.",
+                               param=EXAMPLES_FIELD)
+            self.examples = bytearray()
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field == FILE_FIELD:
             self.staging.write(data[start:end])
+            return
+        if self._field == EXAMPLES_FIELD:
+            self.examples += data[start:end]
+            if len(self.examples) > self.max_examples_bytes:
+                raise examples_too_large(self.max_examples_bytes)
             return
         self._buffer += data[start:end]
         if len(self._buffer) > MAX_FIELD_BYTES:
@@ -63,21 +89,21 @@ class _Parts:
                            param=self._field)
 
     def on_part_end(self) -> None:
-        if self._field and self._field != FILE_FIELD:
+        if self._field and self._field not in (FILE_FIELD, EXAMPLES_FIELD):
             self.fields[self._field] = self._buffer.decode("utf-8", "replace")
 
     def on_end(self) -> None:
         self.ended = True
 
 
-async def receive_pack_upload(request: Request, staging: Staging) -> dict[str, str]:
-    """Parse the multipart body as it arrives; returns the small form fields (e.g. `name`)."""
+async def receive_pack_upload(request: Request, staging: Staging, max_examples_bytes: int) -> PackUpload:
+    """Parse the multipart body as it arrives: the pack into `staging`, the rest returned."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
         raise APIError(415, "Upload a pack as multipart/form-data with the file in a field named `file`.",
                        param=FILE_FIELD)
-    parts = _Parts(staging)
+    parts = _Parts(staging, max_examples_bytes)
     parser = MultipartParser(boundary, {
         name: getattr(parts, name) for name in (
             "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
@@ -90,4 +116,19 @@ async def receive_pack_upload(request: Request, staging: Staging) -> dict[str, s
         raise APIError(400, "The multipart body ended before its closing boundary.", param=FILE_FIELD)
     if not parts.saw_file:
         raise APIError(400, "The upload has no `file` part; send the pack in a field named `file`.", param=FILE_FIELD)
-    return parts.fields
+    return PackUpload(parts.fields, None if parts.examples is None else bytes(parts.examples))
+
+
+async def receive_examples(request: Request, max_examples_bytes: int) -> bytes:
+    """The raw request body (a JSONL examples file), read as it arrives and cut off at the limit."""
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    if content_type == b"multipart/form-data":
+        raise APIError(415, "Send the examples as the raw request body (JSON lines, e.g. `curl -T FILE`), "
+                            f"not as a form; a form with an `{EXAMPLES_FIELD}` part is for uploading a pack.",
+                       param=EXAMPLES_FIELD)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_examples_bytes:
+            raise examples_too_large(max_examples_bytes)
+    return bytes(body)

@@ -150,3 +150,18 @@ def test_a_failed_publish_is_a_503_and_the_next_sync_restores_the_shared_state(e
     shared.mkdir()
     assert asyncio.run(store.sync()) == SyncReport(removed=["skill"])  # the shared store never got it
     assert_in_step(store, str(shared))
+
+
+def test_router_examples_are_refused_not_dropped(engines, shared, tmp_path, pack_files):
+    """Replicas do not share examples sidecars yet: an upload with examples, or a PUT, is a 501
+    that says so, and neither the mirror nor the shared store changes."""
+    (engine_a, _), fp = engines
+    store = make_store(shared, tmp_path / "mirror", engine_a, fp)
+    examples = store.check_examples(b'{"prompt": "2 plus 2 is"}\n')
+    staging = store.staging()
+    staging.write(pack_files["skill"].read_bytes())
+    for attempt in (store.commit(staging, "skill", examples), store.put_examples("skill", examples)):
+        with pytest.raises(APIError, match="does not carry router examples") as info:
+            asyncio.run(attempt)
+        assert info.value.status == 501
+    assert list(store.root.iterdir()) == [] and shared_files(shared) == {}

@@ -36,7 +36,7 @@ def client(llama, tmp_path_factory):
 
 def test_every_admin_route_refuses_missing_and_wrong_tokens(client):
     admin = [(p, m) for p, m in app_routes(client.app) if p.startswith("/admin")]
-    assert len(admin) >= 8  # upload, list, get, delete, load, unload, pin, unpin
+    assert len(admin) >= 11  # upload, list, get, delete, load, unload, pin, unpin; examples put, get, delete
     for path, method in admin:
         for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {ADMIN_TOKEN}"},
                         {"Authorization": "Bearer inference-key-123"}):
