@@ -2,7 +2,7 @@
 token limits, logprobs with bytes, the streaming chunk order, and refused fields."""
 import pytest
 
-from tests.server.test_api_common import client, llama, packs_dir, parse_sse  # noqa: F401
+from tests.server.test_api_common import parse_sse
 from tests.server.test_api_completions import straddling_stop
 
 MESSAGES = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "3 plus 4 is"}]

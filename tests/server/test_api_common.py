@@ -1,6 +1,7 @@
 """Shared by the API tests: a pack built from a tiny pair, a served app, SSE parsing, store snapshots.
 
-(It holds no tests itself; the name keeps it with the API tests it serves.)
+(It holds no tests itself; the name keeps it with the API tests it serves. The fixtures
+built from these helpers are in tests/server/conftest.py.)
 """
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -21,7 +21,6 @@ from skillpacks.deltas import ExactDelta, ModuleRecord, SparseDelta
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
 from skillpacks.module_kinds import module_kind
-from tests.tiny_models import build_tiny_pair
 
 ADMIN_TOKEN = "admin-token-for-tests"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -110,30 +109,3 @@ def reference_logprobs(model_dir: Path, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
     return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_root, tiny_tokenizer):
-    """The tied-embedding llama pair (only the pairs a test needs get built)."""
-    return build_tiny_pair("llama", tiny_root, tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def other_base(tiny_root, tiny_tokenizer):
-    """A second base with the same shapes but other weights and an untied head."""
-    return build_tiny_pair("llama_untied", tiny_root, tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def packs_dir(llama, tmp_path_factory) -> Path:
-    """A store with two packs of the llama pair: `skill` (the delta) and `skill2x` (twice it)."""
-    folder = tmp_path_factory.mktemp("packs")
-    build_pack(llama, folder / "skill.skillpack", "skill")
-    build_pack(llama, folder / "skill2x.skillpack", "skill2x", scale=2.0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def client(llama, packs_dir):
-    with serve(settings_for(llama, packs_dir)) as c:
-        yield c

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.server.test_api_common import client, llama, packs_dir, parse_sse, reference_logprobs  # noqa: F401
+from tests.server.test_api_common import parse_sse, reference_logprobs
 
 PROMPT = "def wrap(text, width):"
 

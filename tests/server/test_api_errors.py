@@ -8,7 +8,7 @@ runs the real engine.
 import pytest
 
 from server.engine.types import EngineError, PackStatus
-from tests.server.test_api_common import client, llama, packs_dir, parse_sse, serve, settings_for  # noqa: F401
+from tests.server.test_api_common import parse_sse, serve, settings_for
 
 
 class _NoPacks:

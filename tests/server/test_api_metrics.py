@@ -1,8 +1,6 @@
 """`GET /health` and `GET /metrics`: the counters move with the traffic the tests send."""
 import re
 
-from tests.server.test_api_common import client, llama, packs_dir  # noqa: F401
-
 
 def sample(text: str, name: str, labels: str = "") -> float:
     pattern = rf"^{re.escape(name)}{re.escape(labels)} (\S+)$" if labels else rf"^{re.escape(name)} (\S+)$"

@@ -1,8 +1,6 @@
 """`GET /v1/models` and pack selection: `model` = pack name, the `skillpacks` mix and its bounds."""
 import pytest
 
-from tests.server.test_api_common import client, llama, packs_dir  # noqa: F401
-
 PROMPT = "3 plus 4 is"
 
 

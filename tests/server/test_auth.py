@@ -6,7 +6,7 @@ import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from tests.server.test_api_common import ADMIN, ADMIN_TOKEN, llama, serve, settings_for  # noqa: F401
+from tests.server.test_api_common import ADMIN, ADMIN_TOKEN, serve, settings_for
 
 
 def app_routes(app):

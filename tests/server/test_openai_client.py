@@ -2,7 +2,7 @@
 import openai
 import pytest
 
-from tests.server.test_api_common import live_server, llama, packs_dir, settings_for  # noqa: F401
+from tests.server.test_api_common import live_server, settings_for
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,7 @@ import pytest
 
 from skillpacks.router import EXAMPLES_SUFFIX, ROUTER_FILE, load_router
 from skillpacks.skills import demo_split
-from tests.server.test_api_common import (  # noqa: F401
-    ADMIN, build_pack, llama, serve, settings_for, snapshot,
-)
+from tests.server.test_api_common import ADMIN, build_pack, serve, settings_for, snapshot
 
 SKILL_OF = {"arith": "arithmetic", "sql": "sql"}
 N_EXAMPLES, N_HELD_OUT = 40, 4

@@ -7,9 +7,7 @@ import httpx
 import pytest
 
 from skillpacks.format import read_manifest
-from tests.server.test_api_common import (  # noqa: F401
-    ADMIN, build_pack, live_server, llama, other_base, serve, settings_for, snapshot,
-)
+from tests.server.test_api_common import ADMIN, build_pack, live_server, serve, settings_for, snapshot
 
 PROMPT = "3 plus 4 is"
 
