@@ -13,7 +13,6 @@ Everything is bounded in time and the cluster is shut down by the fixture.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import pytest
 from server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, ScaleConfig, build_application
 from tests.scale.conftest import PACK_SCALES
 from tests.scale.test_replica_app import answer
-from tests.server.test_api_common import ADMIN, serve, settings_for
+from tests.server.test_api_common import ADMIN, settings_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's pydantic-v1 style models
 
@@ -42,23 +41,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stores(pack_files, tmp_path_factory):
-    """The cluster's shared store (`skill`, `skill2x`) and the reference server's folder (all three)."""
-    shared, reference = tmp_path_factory.mktemp("cluster-shared"), tmp_path_factory.mktemp("cluster-reference")
-    for name, path in pack_files.items():
-        shutil.copy(path, reference / path.name)
-        if name != "unskill":
-            shutil.copy(path, shared / path.name)
-    return shared, reference
-
-
-@pytest.fixture(scope="module")
-def reference(llama, stores):
-    with serve(settings_for(llama, stores[1])) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

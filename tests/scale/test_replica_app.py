@@ -7,14 +7,12 @@ loader being called with the routing pack, and a miss making the replica rescan.
 """
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from fastapi.testclient import TestClient
 
 from server.ray_serve import REPLICA_HEADER, replica_app
 from tests.scale.conftest import PACK_SCALES
-from tests.server.test_api_common import ADMIN, serve, settings_for
+from tests.server.test_api_common import ADMIN, settings_for
 
 PROMPT = "3 plus 4 is"
 
@@ -31,23 +29,6 @@ class RecordingLoader:
             return await loader(name)
 
         return load
-
-
-@pytest.fixture(scope="module")
-def stores(llama, pack_files, tmp_path_factory):
-    """A shared store with `skill` and `skill2x`, and the reference server's own folder with all three packs."""
-    shared, reference = tmp_path_factory.mktemp("shared"), tmp_path_factory.mktemp("reference")
-    for name, path in pack_files.items():
-        shutil.copy(path, reference / path.name)
-        if name != "unskill":
-            shutil.copy(path, shared / path.name)
-    return shared, reference
-
-
-@pytest.fixture(scope="module")
-def reference(llama, stores):
-    with serve(settings_for(llama, stores[1])) as client:
-        yield client
 
 
 def replica(llama, shared, mirror, name: str, loader: RecordingLoader) -> TestClient:
