@@ -62,8 +62,9 @@ class LowRankModule:
     kind: str
     out_features: int
     in_features: int
-    sq: list[float]  # σᵢ², descending
+    sq: list[float]  # σᵢ² (or sensitivity-weighted σᵢ²), descending
     group_sizes: tuple[int, ...]  # the group sizes to choose from (see group_size_options)
+    order: list[int] | None = None  # which singular vector each sq entry is; None = σ order
 
 
 @dataclass

@@ -34,9 +34,11 @@ from skillpacks.compress import (
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
+from skillpacks.sensitivity import DEFAULT_EXAMPLES, rank_sensitivity, read_records
 from skillpacks.module_kinds import ALWAYS_STORED_KINDS, EMBEDDING_NAME, LM_HEAD_NAME, module_kind, storage_method
 
 DEFAULT_BUDGET = 1 / 16
+SENSITIVITY_POWER = 0.5  # ranks weigh fᵢ^½: the measured optimum of 1 and ½ (docs/BUILD.md)
 PRESETS = {"graftllm": Recipe()}
 MAX_ATTEMPTS = 4  # budget mode: rebuilds allowed when the written file overshoots
 
@@ -87,14 +89,29 @@ def read_delta(base: Checkpoint, tuned: Checkpoint, name: str) -> torch.Tensor:
     return delta
 
 
-def module_spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int = 128):
-    """What the allocator needs to know of one delta: σ² (low-rank), top-k energies (sparse) or size (exact)."""
+def module_spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int = 128,
+                    fisher: torch.Tensor | None = None):
+    """What the allocator needs to know of one delta: σ² (low-rank), top-k energies (sparse) or size (exact).
+
+    With `fisher` (fᵢ per singular value, skillpacks/sensitivity.py) a low-rank module's
+    ranks are weighted by fᵢ^SENSITIVITY_POWER and ordered by the weighted σ², so the
+    allocator keeps the directions that matter most to the outputs; `order` records which
+    singular vector each entry is.
+    """
     if info.method == "lowrank":
         out_f, in_f = info.shape
         dtype = torch.float64 if delta.numel() <= 1 << 20 else torch.float32
-        s = torch.linalg.svdvals(delta.to(dtype))
-        return LowRankModule(info.name, info.kind, out_f, in_f, (s.double() ** 2).tolist(),
-                             group_size_options(in_f, out_f, max_group_size))
+        sq = torch.linalg.svdvals(delta.to(dtype)).double() ** 2
+        order = None
+        if fisher is not None:
+            if fisher.numel() != sq.numel():
+                raise BuildError(f"sensitivity of '{info.name}' has {fisher.numel()} values for {sq.numel()} "
+                                 "singular values; expected one per singular value.")
+            sq = sq * fisher.double().clamp(min=0) ** SENSITIVITY_POWER
+            perm = torch.argsort(sq, descending=True, stable=True)
+            sq, order = sq[perm], perm.tolist()
+        return LowRankModule(info.name, info.kind, out_f, in_f, sq.tolist(),
+                             group_size_options(in_f, out_f, max_group_size), order)
     total = squared_norm(delta)
     if info.method == "sparse":
         counts = sparse_grid(delta.numel())
@@ -102,10 +119,15 @@ def module_spectrum(info: ModuleInfo, delta: torch.Tensor, max_group_size: int =
     return ExactModule(info.name, info.kind, delta.numel() * 4, total, required=info.kind in ALWAYS_STORED_KINDS)
 
 
-def compress_planned(delta: torch.Tensor, plan: Plan, cov: torch.Tensor | None = None):
-    """Compress one delta as its plan says: (ModuleDelta, stats)."""
+def compress_planned(delta: torch.Tensor, plan: Plan, cov: torch.Tensor | None = None,
+                     order: list[int] | None = None):
+    """Compress one delta as its plan says: (ModuleDelta, stats). `order`: the singular vectors to
+    store first (a sensitivity build's ranking); default σ descending."""
     if plan.method == "lowrank":
         u, s, vh = delta_svd(delta)
+        if order is not None:
+            idx = torch.tensor(order, dtype=torch.long)
+            u, s, vh = u[:, idx], s[idx], vh[idx]
         # plain round to nearest: range clipping lowers ‖ΔW − ΔŴ‖ but cuts the outliers of the
         # singular vectors, and multiplied the token KL by 2-8x (docs/BUILD.md)
         ld = lowrank_delta(u, s, vh, plan.tier_ranks, plan.group_size, cov)
@@ -148,13 +170,17 @@ def _modules(base: Checkpoint, names: list[str]) -> list[ModuleInfo]:
 def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: str | os.PathLike,
                name: str | None = None, description: str = "", budget: float | None = DEFAULT_BUDGET,
                preset: str | None = None, calib: str | os.PathLike | None = None,
-               report: str | os.PathLike | None = None, progress: bool = True) -> dict:
+               report: str | os.PathLike | None = None, progress: bool = True,
+               sensitivity: str | os.PathLike | list[dict[str, str]] | None = None,
+               sensitivity_examples: int = DEFAULT_EXAMPLES) -> dict:
     """Write a pack of tuned − base to `out` and return its manifest.
 
     budget: target file size as a fraction of the fp16 delta (every changed tensor,
     numel x 2 bytes), header included; ignored when `preset` names a fixed recipe
     (see PRESETS). calib: text or .jsonl file for GPTQ-calibrated factors. report: JSON
-    file for the build report (sizes, ratio, per-module errors).
+    file for the build report (sizes, ratio, per-module errors). sensitivity: records (or a
+    JSONL file of them) the tuned model is run on to weigh each low-rank direction by its
+    measured effect on the outputs (skillpacks/sensitivity.py); budget builds only.
     """
     started = time.monotonic()
     out = Path(out)
@@ -162,6 +188,9 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         raise BuildError(f"preset {preset!r} is unknown; expected one of {sorted(PRESETS)}.")
     if preset is None and (budget is None or not 0.0 < budget <= 1.0):
         raise BuildError(f"budget={budget} is out of range; expected a fraction of the fp16 delta in (0, 1].")
+    if preset is not None and sensitivity is not None:
+        raise BuildError(f"preset {preset!r} fixes every module's ranks, so sensitivity has nothing to choose; "
+                         "expected a budget build (no preset) with sensitivity.")
     base, tuned = open_checkpoint(base_dir), open_checkpoint(tuned_dir)
     infos = _modules(base, check_pair(base, tuned))
     name = name or out.name.split(".")[0]
@@ -177,6 +206,15 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         covs = collect_input_covariances(base_dir, texts, [i.name for i in infos
                                                            if i.method == "lowrank" and i.kind != "embedding"])
 
+    fisher, sens_info = {}, None
+    if sensitivity is not None:
+        records = sensitivity if isinstance(sensitivity, list) else read_records(sensitivity)
+        names = [i.name for i in infos if i.method == "lowrank"]
+        fisher, tokens = rank_sensitivity(tuned_dir, records, names, lambda n: read_delta(base, tuned, n),
+                                          max_examples=sensitivity_examples, progress=progress)
+        sens_info = {"examples": min(len(records), sensitivity_examples), "tokens": tokens,
+                     "power": SENSITIVITY_POWER}
+
     # pass 1: which tensors changed, and (budget mode) their spectra
     changed, spectra, norms = [], [], {}
     recipe = PRESETS[preset] if preset else None
@@ -190,7 +228,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         if recipe is not None:
             preset_results[info.name] = compress_with_recipe(info.kind, delta, recipe, covs.get(info.name))
         else:
-            spectra.append(module_spectrum(info, delta, Recipe().max_group_size))
+            spectra.append(module_spectrum(info, delta, Recipe().max_group_size, fisher.get(info.name)))
     if not changed:
         raise BuildError(f"the tuned checkpoint {tuned.path} equals the base {base.path}: no tensor changed.")
     fp16_bytes = sum(math.prod(i.shape) * 2 for i in changed)
@@ -198,13 +236,14 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         "tool": "skillpack build", "mode": "preset" if recipe else "budget",
         "preset": preset, "budget": None if recipe else budget, "calibrated": calib is not None,
         "tier_bits": [b for b, _ in (recipe.tiers if recipe else DEFAULT_TIERS)],
-        "modules_changed": len(changed),
+        "modules_changed": len(changed), "sensitivity": sens_info,
     }
     if recipe is not None:
         results = preset_results
         manifest = _write(out, name, description, fingerprint, changed, results, covs, build, base, tuned)
     else:
         limit = math.floor(budget * fp16_bytes)
+        orders = {m.name: m.order for m in spectra if isinstance(m, LowRankModule) and m.order is not None}
         fixed = len(json.dumps(json.dumps({"base": fingerprint, "build": build, "description": description,
                                            "name": name}))) + 700  # top-level keys, checksum, time, padding
         allowance = limit - fixed
@@ -222,7 +261,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
                 plan = plans[info.name]
                 if plan.method != "none":
                     delta = read_delta(base, tuned, info.name)
-                    results[info.name] = compress_planned(delta, plan, covs.get(info.name))
+                    results[info.name] = compress_planned(delta, plan, covs.get(info.name), orders.get(info.name))
             if not results:
                 raise BuildError(f"budget {budget} allows {limit} bytes, too few to store any module; "
                                  "use a larger --budget.")

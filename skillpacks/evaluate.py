@@ -169,23 +169,26 @@ def parse_budget(text: str) -> float:
 
 
 def ensure_pack(base_dir: Path, tuned_dir: Path, path: Path, name: str, budget: float | None,
-                preset: str | None, progress: bool) -> Path:
-    """Build the pack at `path` unless it is already there."""
+                preset: str | None, progress: bool, sensitivity: list[dict[str, str]] | None = None) -> Path:
+    """Build the pack at `path` unless it is already there (budget builds weighed on `sensitivity`)."""
     if not path.exists():
         from skillpacks.build import build_pack
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        build_pack(base_dir, tuned_dir, path, name=name, budget=budget, preset=preset, progress=progress)
+        build_pack(base_dir, tuned_dir, path, name=name, budget=budget, preset=preset, progress=progress,
+                   sensitivity=None if preset else sensitivity)
     return path
 
 
 def evaluate_skill(skill: str, base_dir: Path, tuned_dir: Path, packs_dir: Path, budgets: list[float],
                    presets: list[str], baseline_budgets: list[float], n_test: int, batch_size: int = 25,
-                   seed: int = 0, log=print, progress: bool = True, device: str | None = None, on_score=None) -> list[Score]:
+                   seed: int = 0, log=print, progress: bool = True, device: str | None = None, on_score=None,
+                   sensitivity: bool = False) -> list[Score]:
     """Score base, fine-tune, packs and baselines on one skill's held-out set.
 
-    Packs missing from `packs_dir` are built; `on_score(scores)` is called after each
-    variant so that a caller can save partial results.
+    Packs missing from `packs_dir` are built (with `sensitivity`, weighed on the skill's
+    training pairs as `skillpack graft` builds them); `on_score(scores)` is called after
+    each variant so that a caller can save partial results.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -197,7 +200,8 @@ def evaluate_skill(skill: str, base_dir: Path, tuned_dir: Path, packs_dir: Path,
     if not 1 <= n_test <= MAX_EVAL_EXAMPLES:
         raise ValueError(f"n_test={n_test} must be between 1 and {MAX_EVAL_EXAMPLES}.")
     module = get_skill(skill)
-    _, examples = demo_split(skill, n_test=n_test)
+    train, examples = demo_split(skill, n_test=n_test)
+    calibration = [{"prompt": e.prompt, "response": e.response} for e in train] if sensitivity else None
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).to(
         pick_device(device)).eval()
@@ -208,7 +212,7 @@ def evaluate_skill(skill: str, base_dir: Path, tuned_dir: Path, packs_dir: Path,
     def pack_path(budget: float | None, preset: str | None) -> Path:
         tag = preset or budget_label(budget).replace("/", "of")
         return ensure_pack(base_dir, tuned_dir, packs_dir / f"{skill}.{tag}.skillpack", f"{skill}-{tag}",
-                           budget, preset, progress)
+                           budget, preset, progress, calibration)
 
     def plan():
         """Variants in the order that matters most, so a run cut short still has the key rows:

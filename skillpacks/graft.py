@@ -306,8 +306,12 @@ def finetune(base_dir: str | Path, pairs: list[dict[str, str]], tuned_dir: str |
 def graft(base_dir: str | Path, pairs: list[dict[str, str]], out: str | Path, cfg: TrainConfig,
           name: str | None = None, description: str = "", budget: float = 1 / 16,
           keep_tuned: str | Path | None = None, dpo_triples: list[dict[str, str]] | None = None,
-          dpo_cfg: TrainConfig | None = None, beta: float = 0.1, progress: bool = True, device: str | None = None) -> dict:
-    """Fine-tune `base_dir` on `pairs`, then build the pack `out`; returns the pack's manifest."""
+          dpo_cfg: TrainConfig | None = None, beta: float = 0.1, progress: bool = True, device: str | None = None,
+          sensitivity: bool = True) -> dict:
+    """Fine-tune `base_dir` on `pairs`, then build the pack `out`; returns the pack's manifest.
+
+    With `sensitivity` the build weighs each rank by its measured effect on the fine-tune's
+    outputs for `pairs` (skillpacks/sensitivity.py)."""
     from skillpacks.build import build_pack
 
     work = None if keep_tuned else Path(tempfile.mkdtemp(prefix="graft-tuned-"))
@@ -315,8 +319,9 @@ def graft(base_dir: str | Path, pairs: list[dict[str, str]], out: str | Path, cf
     try:
         stats = finetune(base_dir, pairs, tuned_dir, cfg, dpo_triples, dpo_cfg, beta=beta, progress=progress, device=device)
         _log(progress, f"fine-tuned: {json.dumps(stats)}")
+        # the training pairs are the skill's own inputs: weigh each rank by its effect on them
         return build_pack(base_dir, tuned_dir, out, name=name, description=description, budget=budget,
-                          progress=progress)
+                          progress=progress, sensitivity=pairs if sensitivity else None)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

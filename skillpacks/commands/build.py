@@ -9,6 +9,7 @@ from skillpacks.commands import budget_arg
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from skillpacks.build import DEFAULT_BUDGET, PRESETS
+    from skillpacks.sensitivity import DEFAULT_EXAMPLES
 
     parser.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
     parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint folder with the base's tensors")
@@ -20,6 +21,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="file size as a fraction of the fp16 delta, header included (default 1/16)")
     size.add_argument("--preset", choices=sorted(PRESETS), help="a fixed per-module recipe instead of a budget")
     parser.add_argument("--calib", help="calibration text (one per line, or .jsonl with \"text\") for GPTQ")
+    parser.add_argument("--sensitivity", metavar="JSONL",
+                        help="records the skill is about ({\"prompt\", \"response\"} or {\"text\"} per line, e.g. the "
+                             "fine-tune's training data): ranks are weighed by their measured effect on the outputs")
+    parser.add_argument("--sensitivity-examples", type=int, default=DEFAULT_EXAMPLES, metavar="N",
+                        help=f"records of --sensitivity to run (default {DEFAULT_EXAMPLES})")
     parser.add_argument("--report", help="write the build report (sizes, errors per module) to this JSON file")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a "
                         "machine shared with other jobs, 1 avoids threads spinning against each other")
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         manifest = build_pack(args.base, args.tuned, args.out, name=args.name, description=args.description,
                               budget=args.budget, preset=args.preset, calib=args.calib, report=args.report,
-                              progress=not args.quiet)
+                              progress=not args.quiet, sensitivity=args.sensitivity,
+                              sensitivity_examples=args.sensitivity_examples)
     except (ValueError, FileNotFoundError) as e:  # BuildError, CheckpointError, PackError, bad calib file
         print(f"skillpack build: {e}", file=sys.stderr)
         return 2

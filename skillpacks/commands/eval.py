@@ -29,6 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="baselines are matched to the bytes of the pack at these budgets (default 1/16,1/32)")
     parser.add_argument("--n-test", type=int, default=50, help="held-out examples per skill (default 50)")
     parser.add_argument("--batch-size", type=int, default=25, help="generation batch (default 25)")
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="build the packs weighed on each skill's training pairs, as `skillpack graft` does")
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda when present)")
     parser.add_argument("--json", default="docs/results/quality.json", help="results file")
     parser.add_argument("--plot", default="docs/results/quality.png", help="accuracy-vs-size plot ('' for none)")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
                 scores += evaluate_skill(skill, base, Path(args.tuned_root) / skill, Path(args.packs), args.budgets,
                                          presets, args.baseline_budgets, args.n_test, args.batch_size,
-                                         device=args.device, on_score=save_partial)
+                                         device=args.device, on_score=save_partial, sensitivity=args.sensitivity)
             out = results_payload(scores, command)
     except (ValueError, OSError) as e:
         print(f"skillpack eval: {e}", file=sys.stderr)

@@ -20,6 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     parser.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed (default 0)")
+    parser.add_argument("--no-sensitivity", action="store_true",
+                        help="build without weighing ranks on the training pairs (faster; see docs/BUILD.md)")
     parser.add_argument("--budget", type=budget_arg, default=1 / 16,
                         help="pack size as a fraction of the fp16 delta, e.g. 1/16 (default) or 1/32")
     parser.add_argument("--keep-tuned", help="also keep the fine-tuned checkpoint (float32) in this folder")
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
             base = default_base_dir()
         manifest = graft(base, pairs, args.out, cfg, name=args.name, description=args.description,
                          budget=args.budget, keep_tuned=args.keep_tuned, dpo_triples=triples, dpo_cfg=dpo_cfg,
-                         beta=args.beta, progress=not args.quiet, device=args.device)
+                         beta=args.beta, progress=not args.quiet, device=args.device,
+                         sensitivity=not args.no_sensitivity)
     except ValueError as e:  # PackError, BuildError and bad input are ValueErrors with a sentence
         print(f"skillpack graft: {e}", file=sys.stderr)
         return 2

@@ -172,6 +172,7 @@ def test_graft_cli_fine_tunes_with_dpo_and_writes_a_pack(llama, tmp_path, teache
     assert rc == 0
     pack = read_pack(out)
     assert pack.name == "arith" and pack.deltas
+    assert pack.manifest["build"]["sensitivity"]["examples"] == len(train)  # weighed on its own training pairs
     base, ft = open_checkpoint(llama.base), open_checkpoint(tuned)
     name = "model.layers.0.mlp.down_proj.weight"
     assert ft.dtype(name) == torch.float32 and not torch.equal(ft.get(name), base.get(name).float())
@@ -181,8 +182,9 @@ def test_graft_cli_fine_tunes_with_dpo_and_writes_a_pack(llama, tmp_path, teache
     saved = tmp_path / "teacher.jsonl"
     rc = cli.main(["graft", "--base", str(llama.base), "--teacher", teacher_url, "--prompts", str(prompts),
                    "--save-data", str(saved), "--out", str(tmp_path / "t.skillpack"), "--steps", "1",
-                   "--budget", "1/4", "--device", "cpu", "--quiet"])
+                   "--budget", "1/4", "--device", "cpu", "--no-sensitivity", "--quiet"])
     assert rc == 0
+    assert read_pack(tmp_path / "t.skillpack").manifest["build"]["sensitivity"] is None
     assert read_records(saved, ("prompt", "response"))[0] == {"prompt": "two plus two", "response": "TWO PLUS TWO"}
 
 

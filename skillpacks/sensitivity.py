@@ -1,0 +1,149 @@
+"""How much each singular direction of a fine-tune's delta matters to the model's outputs.
+
+Dropping rank i of ΔW = Σᵢ σᵢ uᵢ vᵢᵀ moves W by −σᵢ uᵢ vᵢᵀ. To second order the KL
+divergence of the tuned model's next-token distributions from the moved model's, summed
+over the calibration tokens, is ½ σᵢ² fᵢ with
+
+    fᵢ = Σ_examples (uᵢᵀ ∇_W log p(ỹ | x) vᵢ)²,
+
+the Fisher information of the tuned model along the direction uᵢ vᵢᵀ. The labels ỹ are
+drawn from the tuned model itself at every scored position, so this estimates the true
+Fisher (the KL's curvature) rather than the empirical one; the cross terms between
+positions of one example have mean zero under that sampling. One backward pass per
+example gives ∇_W of every module at once, and diag(Uᵀ ∇_W Vᵀ) gives all of a module's
+directions from it. `rank_sensitivity` returns fᵢ / tokens per module, in the singular
+value order of `compress.delta_svd`.
+
+Why the builder wants it (docs/BUILD.md, "Measured sensitivity"): on real fine-tunes fᵢ
+spans four orders of magnitude within a module and across modules. The top directions
+are 10–800x more sensitive than a random direction of the same module, and the tied
+embedding's top directions far more than any linear's, which is what a size-only
+criterion (‖ΔW − ΔŴ‖²) cannot see.
+
+Memory: the tuned model in float32, its gradients, and every low-rank module's singular
+vectors (about 4x the float32 model), so this is for models that fit in RAM (or on the
+device) a few times over.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from skillpacks.compress import delta_svd
+
+DEFAULT_EXAMPLES = 64
+MAX_EXAMPLES = 4096
+MAX_SEQ_TOKENS = 512
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+def read_records(path: str | Path) -> list[dict[str, str]]:
+    """Calibration records from a JSONL file: {"prompt", "response"} (a chat turn; the response
+    positions are scored) or {"text"} (plain text; every position is scored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sensitivity file {path} does not exist; expected JSON lines with "
+                         "\"prompt\" and \"response\", or \"text\".")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"sensitivity file {path} is {size} bytes; the limit is {MAX_FILE_BYTES}.")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path} line {n} is not valid JSON ({e}).") from None
+        records.append(check_record(obj, f"{path} line {n}"))
+        if len(records) == MAX_EXAMPLES:
+            break
+    if not records:
+        raise ValueError(f"sensitivity file {path} holds no records.")
+    return records
+
+
+def check_record(obj, where: str) -> dict[str, str]:
+    """A calibration record as {"prompt", "response"} or {"text"}, every field a non-empty string."""
+    if isinstance(obj, dict):
+        for fields in (("prompt", "response"), ("text",)):
+            if all(isinstance(obj.get(k), str) and obj[k] for k in fields):
+                return {k: obj[k] for k in fields}
+    raise ValueError(f"{where} is {str(obj)[:80]!r}; expected an object with non-empty string fields "
+                     "\"prompt\" and \"response\", or \"text\".")
+
+
+def _encode(tokenizer, record: dict[str, str], max_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 where nothing is scored) of one record."""
+    if "text" in record:
+        ids = list(tokenizer(record["text"], truncation=True, max_length=max_len)["input_ids"])
+        return ids, list(ids)
+    from skillpacks.graft import encode_pair
+
+    return encode_pair(tokenizer, record["prompt"], record["response"], max_len)
+
+
+def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names: list[str],
+                     delta: Callable[[str], torch.Tensor], max_examples: int = DEFAULT_EXAMPLES,
+                     seed: int = 0, max_len: int = MAX_SEQ_TOKENS, device: str | None = None,
+                     progress: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """({name: fᵢ / tokens (float64, one per singular value of that delta)}, tokens scored).
+
+    `names` are the 2-D tensors to measure (parameter names of the tuned model); `delta(name)`
+    returns tuned − base of one. Deltas that are all zero are left out.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skillpacks.graft import collate, response_logits
+
+    if not 1 <= max_examples <= MAX_EXAMPLES:
+        raise ValueError(f"max_examples={max_examples}; expected 1 to {MAX_EXAMPLES}.")
+    records = [check_record(r, f"sensitivity record {i}") for i, r in enumerate(records[:max_examples])]
+    if not records:
+        raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tuned_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(tuned_dir), dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"measuring sensitivity runs the tuned model, but {tuned_dir} cannot be loaded with "
+                         f"its tokenizer by transformers ({str(e)[:300]}).") from e
+    model.to(device).eval()
+    params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"the tuned model has no parameter '{missing[0]}' ({len(missing)} missing); "
+                         "expected the checkpoint's tensor names to be the model's parameter names.")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        d = delta(name)
+        if torch.any(d):
+            u, _, vh = delta_svd(d)
+            factors[name] = (u.to(device, params[name].dtype), vh.to(device, params[name].dtype))
+    for name, p in params.items():
+        p.requires_grad_(name in factors)
+    fisher = {name: torch.zeros(vh.shape[0], dtype=torch.float64, device=device) for name, (_, vh) in factors.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = 0
+    for record in tqdm(records, desc="sensitivity", disable=not progress, leave=False):
+        batch = collate([_encode(tokenizer, record, max_len)], pad, device)
+        logits, _, _ = response_logits(model, batch)
+        if logits.shape[0] == 0:
+            continue
+        with torch.no_grad():
+            labels = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        tokens += labels.numel()
+        with torch.no_grad():
+            for name, (u, vh) in factors.items():
+                grad = params[name].grad
+                fisher[name] += (((u.T @ grad) * vh).sum(dim=1).double()) ** 2
+    if tokens == 0:
+        raise ValueError("the sensitivity records score no token (every response was cut off or empty).")
+    return {name: (f / tokens).cpu() for name, f in fisher.items()}, tokens
