@@ -339,3 +339,18 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{index_file} places tensor '{wrong[0]}' in {weight_map[wrong[0]]} but that "
                                   f"shard does not hold it ({len(wrong)} such tensors).")
     return Checkpoint(path, files, config)
+
+
+def load_causal_lm(folder: str | os.PathLike, why: str):
+    """(tokenizer, float32 model in eval mode) of a checkpoint folder, through transformers;
+    a folder transformers cannot load is refused with `why` (e.g. "calibration runs the base
+    model") in the message."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{why}, but {folder} cannot be loaded with its tokenizer by transformers "
+                         f"({str(e)[:300]}).") from e
+    return tokenizer, model.eval()

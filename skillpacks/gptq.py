@@ -171,15 +171,9 @@ def collect_input_covariances(base_dir: str | Path, texts: list[str], weight_nam
     One forward pass of the base model over `texts`, with a hook on each linear (q/k/v and
     gate/up share one matrix each, since they read the same input). Keys are the weight names.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from skillpacks.checkpoint import load_causal_lm
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"calibration runs the base model, but {base_dir} cannot be loaded with its "
-                         f"tokenizer by transformers ({str(e)[:300]}).") from e
-    model.eval()
+    tokenizer, model = load_causal_lm(base_dir, "calibration runs the base model")
     modules = dict(model.named_modules())
     wanted = {name[: -len(".weight")]: name for name in weight_names if name.endswith(".weight")}
     missing = [m for m in wanted if m not in modules]

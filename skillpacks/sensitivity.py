@@ -96,8 +96,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     `names` are the 2-D tensors to measure (parameter names of the tuned model); `delta(name)`
     returns tuned − base of one. Deltas that are all zero are left out.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from skillpacks.checkpoint import load_causal_lm
     from skillpacks.graft import collate, response_logits
 
     if not 1 <= max_examples <= MAX_EXAMPLES:
@@ -106,13 +105,8 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     if not records:
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tuned_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(tuned_dir), dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"measuring sensitivity runs the tuned model, but {tuned_dir} cannot be loaded with "
-                         f"its tokenizer by transformers ({str(e)[:300]}).") from e
-    model.to(device).eval()
+    tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model")
+    model.to(device)
     params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
     missing = [n for n in names if n not in params]
     if missing:
