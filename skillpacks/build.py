@@ -5,7 +5,8 @@ pass. `budget` (the default, 1/16 of the fp16 delta): pass 1 reads each delta on
 keeps only its spectrum (singular values, or the energy of its top entries); the
 allocator (skillpacks/budget.py) spends the byte budget across all modules; pass 2
 reads each delta again and compresses it as planned. Only one module's tensors are in
-memory at a time, so peak memory follows the largest tensor, not the model. The file
+memory at a time, so peak memory follows the largest tensor, not the model (except
+with `sensitivity`, which runs the tuned model first: skillpacks/sensitivity.py). The file
 written is checked against the budget (file bytes on disk, header included) and the
 build is redone with a smaller allowance if it came out larger.
 """
@@ -34,8 +35,8 @@ from skillpacks.compress import (
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
-from skillpacks.sensitivity import DEFAULT_EXAMPLES, rank_sensitivity, read_records
 from skillpacks.module_kinds import ALWAYS_STORED_KINDS, EMBEDDING_NAME, LM_HEAD_NAME, module_kind, storage_method
+from skillpacks.sensitivity import DEFAULT_EXAMPLES, rank_sensitivity, read_records
 
 DEFAULT_BUDGET = 1 / 16
 SENSITIVITY_POWER = 0.5  # ranks weigh fᵢ^½: the measured optimum of 1 and ½ (docs/BUILD.md)
