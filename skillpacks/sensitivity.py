@@ -21,7 +21,7 @@ embedding's top directions far more than any linear's, which is what a size-only
 criterion (‖ΔW − ΔŴ‖²) cannot see.
 
 Memory: the tuned model in float32, its gradients, and every low-rank module's singular
-vectors (about 4x the float32 model), so this is for models that fit in RAM (or on the
+vectors (measured on SmolLM2-135M: peak RSS 5.3x the float32 model), so this is for models that fit in RAM (or on the
 device) a few times over.
 """
 from __future__ import annotations
