@@ -15,9 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from skillpacks.build import build_pack
+from skillpacks.checkpoint import load_causal_lm
 from skillpacks.default_base import default_base_dir
 from skillpacks.evaluate import (
     budget_label, exact_deltas, machine, mean_kl, pack_variant, parse_budget, read_state, response_logprobs,
@@ -29,12 +28,9 @@ from skillpacks.skills import demo_split
 
 def measure(skill: str, base_dir: Path, tuned_dir: Path, packs: Path, budgets: list[float], examples: int,
             n_test: int) -> list[dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     train, test = demo_split(skill, n_test=n_test)
     pairs = [{"prompt": e.prompt, "response": e.response} for e in train]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
+    tokenizer, model = load_causal_lm(base_dir, "the benchmark runs the base model")
     base = read_state(base_dir)
     set_weights(model, base, exact_deltas(base, read_state(tuned_dir)))
     reference = response_logprobs(model, tokenizer, test)

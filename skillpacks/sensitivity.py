@@ -10,7 +10,7 @@ the Fisher information of the tuned model along the direction uᵢ vᵢᵀ. The 
 drawn from the tuned model itself at every scored position, so this estimates the true
 Fisher (the KL's curvature) rather than the empirical one; the cross terms between
 positions of one example have mean zero under that sampling. One backward pass per
-example gives ∇_W of every module at once, and diag(Uᵀ ∇_W Vᵀ) gives all of a module's
+example gives ∇_W of every module at once, and diag(Uᵀ ∇_W V) gives all of a module's
 directions from it. `rank_sensitivity` returns fᵢ / tokens per module, in the singular
 value order of `compress.delta_svd`.
 
@@ -18,12 +18,12 @@ Why the builder wants it (docs/BUILD.md, "`--sensitivity`"): on a real SmolLM2 f
 fᵢ spans four orders of magnitude within one module (q_proj: 3.7e-10 at rank 0, 3.7e-14
 at rank 300), a module's top directions are 10–800x more sensitive than a random
 direction of it, and the tied embedding's top directions (it also writes the logits)
-exceed those of the linears sampled (1.5e-9 against 4–8e-10), none of which a size-only
+exceed those of the linears sampled (1.5e-9 against 2e-11 to 8.5e-10), none of which a size-only
 criterion (‖ΔW − ΔŴ‖²) can see.
 
 Memory: the tuned model in float32, its gradients, and every low-rank module's singular
-vectors (measured on SmolLM2-135M: peak RSS 5.3x the float32 model), so this is for models that fit in RAM (or on the
-device) a few times over.
+vectors (measured on SmolLM2-135M: peak RSS 5.3x the float32 model), so this is for
+models that fit in RAM (or on the device) a few times over.
 """
 from __future__ import annotations
 

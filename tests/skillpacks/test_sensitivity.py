@@ -142,7 +142,8 @@ def test_build_weighed_on_the_skill_errs_less_on_its_outputs(tiny_pairs, tmp_pat
 def test_cli_build_with_sensitivity_and_bad_input(tiny_pairs, tmp_path, capsys):
     pair = tiny_pairs["mistral"]
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in RECORDS[:4]) + "\n" + json.dumps({"text": "1 plus 2 is 3."}))
+    # a plain-text record first, so the run scores every position of one record too
+    data.write_text(json.dumps({"text": "1 plus 2 is 3."}) + "\n" + "\n".join(json.dumps(r) for r in RECORDS[:4]))
     out = tmp_path / "s.skillpack"
     rc = cli_main(["build", "--base", str(pair.base), "--tuned", str(pair.tuned), "--out", str(out),
                    "--sensitivity", str(data), "--sensitivity-examples", "3", "--quiet"])
