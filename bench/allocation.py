@@ -20,7 +20,7 @@ real fine-tune (docs/BUILD.md, docs/RESULTS.md). A second table checks the alloc
 error model: the per-vector rounding error it assumes against the error measured on the
 cases' own singular vectors.
 
-    PYTHONPATH=. python -m bench.allocation [--quick]   (as a module: bench/kernels.py would shadow the package)
+    PYTHONPATH=. python -m bench.allocation [--quick]
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kernels.quant import dequantize_groupwise
+from skillpack_kernels.quant import dequantize_groupwise
 from skillpacks.baselines import METHODS, compress_deltas
 from skillpacks.budget import NOISE_WEIGHT, Plan, allocate, vector_error
 from skillpacks.build import ModuleInfo, compress_planned, module_spectrum

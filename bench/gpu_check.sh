@@ -18,7 +18,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests_rc in $((SECONDS - start)) s"
 
 start=$SECONDS
-timeout 85 python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench-kernels.log"
+timeout 85 python3 bench/lowrank_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench-kernels.log"
 bench_rc=${PIPESTATUS[0]}
 echo "benchmark: exit $bench_rc in $((SECONDS - start)) s"
 

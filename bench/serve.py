@@ -120,8 +120,8 @@ def machine_info(device: torch.device) -> dict:
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run every scenario and the cold-start measurements; return the results (outputs included)."""
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+    from skillpack_server.engine.config import EngineConfig
+    from skillpack_server.engine.engine import Engine
     from skillpacks.checkpoint import open_checkpoint
     from skillpacks.fingerprint import base_fingerprint
 

@@ -1,6 +1,6 @@
 """System 3 over HTTP: the FastAPI app under uvicorn on a local port, driven by streamed completions.
 
-The app is the production one (`server.app.create_app`) around an engine the benchmark
+The app is the production one (`skillpack_server.app.create_app`) around an engine the benchmark
 built; its pack store is a folder of links to the workload's packs. Each request is an
 OpenAI streamed completion of token ids at temperature 0; the time to first token is
 the first SSE chunk that carries a choice, and the token count comes from the usage
@@ -29,8 +29,8 @@ class HttpServer:
     def __init__(self, engine, pack_dir: Path):
         import uvicorn
 
-        from server.app import create_app
-        from server.settings import Settings
+        from skillpack_server.app import create_app
+        from skillpack_server.settings import Settings
 
         settings = Settings(packs=pack_dir, no_admin_auth=True)
         app = create_app(settings, engine_factory=lambda _settings: engine)

@@ -67,7 +67,7 @@ def full_checkpoint_loads(merged_dir: Path, dtype: torch.dtype, repeats: int) ->
     """Median warm load time of a dense checkpoint: the engine's loader and transformers."""
     from transformers import AutoModelForCausalLM
 
-    from server.model.loader import load_model
+    from skillpack_server.model.loader import load_model
 
     for f in merged_dir.glob("*.safetensors"):
         _warm_file(f)

@@ -52,7 +52,7 @@ def model_bytes(model: torch.nn.Module) -> int:
 
 def engine_pack_bytes(engine) -> int:
     """Bytes the engine holds for packs on the device: low-rank slots, bias/norm tables, sparse deltas."""
-    from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead
+    from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead
 
     total = 0
     for module in engine.model.modules():

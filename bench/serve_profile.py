@@ -49,8 +49,8 @@ def gathered_lowrank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch
 
 def what_if(engine, names: list[str], rows: int, reps: int = 50) -> dict:
     """Microseconds per call on the first layer's up_proj: the engine's CPU path vs the gathered form."""
-    from kernels.lowrank_ops import add_lowrank_torch
-    from kernels.routing import RowPacks
+    from skillpack_kernels.lowrank_ops import add_lowrank_torch
+    from skillpack_kernels.routing import RowPacks
 
     module = engine.model.model.layers[0].mlp.up_proj
     slots = module.lowrank
@@ -89,8 +89,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+    from skillpack_server.engine.config import EngineConfig
+    from skillpack_server.engine.engine import Engine
     from skillpacks.checkpoint import open_checkpoint
     from skillpacks.default_base import default_base_dir
     from skillpacks.fingerprint import base_fingerprint

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from bench.serve_workloads import Request, RequestResult
-from server.engine.types import GenerationRequest, SamplingParams
+from skillpack_server.engine.types import GenerationRequest, SamplingParams
 from skillpacks.format import read_pack
 
 

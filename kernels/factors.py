@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import QuantTensor, dequantize_groupwise
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise
 
 
 @dataclass

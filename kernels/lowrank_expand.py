@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dequant_tile import dot_acc, unpack_words
+from skillpack_kernels.dequant_tile import dot_acc, unpack_words
 
 
 @triton.jit

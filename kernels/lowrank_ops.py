@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.lowrank_cpu import ConcatFactors
-from kernels.quant import QuantTensor, dequantize_groupwise, padded_cols
-from kernels.routing import RowPacks
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_cpu import ConcatFactors
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, padded_cols
+from skillpack_kernels.routing import RowPacks
 
 MAX_SLOTS = 4096
 MAX_RANK = 4096
@@ -271,7 +271,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, routing: 
     else:
         if not slots.packed:
             raise ValueError("these slots keep only the CPU form (packed=False); the triton backend needs packed=True.")
-        from kernels.lowrank_triton import add_lowrank_triton
+        from skillpack_kernels.lowrank_triton import add_lowrank_triton
 
         add_lowrank_triton(y, x, slots, routing, shape)
 

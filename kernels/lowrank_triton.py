@@ -11,13 +11,13 @@ import os
 import torch
 import triton
 
-from kernels.lowrank_expand import expand
-from kernels.lowrank_shrink import shrink
+from skillpack_kernels.lowrank_expand import expand
+from skillpack_kernels.lowrank_shrink import shrink
 
 # tiles of 64 pairs once a slot has this many rows on average (prefill), else 16 (decode)
 SEGMENT_MIN_ROWS_PER_SLOT = 32
 MAX_SPLITS = 16
-# dot operands (kernels.dequant_tile.dot_acc): shrink codes are exact integers next to the
+# dot operands (skillpack_kernels.dequant_tile.dot_acc): shrink codes are exact integers next to the
 # activations' own dtype; the expand's float coefficients go in as tf32 (fp32 range)
 SHRINK_PREC = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 EXPAND_PREC = {torch.float32: 0, torch.float16: 3, torch.bfloat16: 3}

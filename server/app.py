@@ -12,13 +12,13 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import require_admin, require_api_key
-from server.engine.types import EngineProtocol
-from server.errors import error_response, install_error_handlers
-from server.metrics import Metrics
-from server.pack_store import PackStore
-from server.routers import admin, chat, completions, health, models
-from server.settings import Settings, get_settings
+from skillpack_server.auth import require_admin, require_api_key
+from skillpack_server.engine.types import EngineProtocol
+from skillpack_server.errors import error_response, install_error_handlers
+from skillpack_server.metrics import Metrics
+from skillpack_server.pack_store import PackStore
+from skillpack_server.routers import admin, chat, completions, health, models
+from skillpack_server.settings import Settings, get_settings
 
 log = logging.getLogger("skillpack.server")
 
@@ -37,7 +37,7 @@ def base_dir(settings: Settings) -> Path:
 
 
 def default_engine(settings: Settings) -> EngineProtocol:
-    from server.engine import build_engine
+    from skillpack_server.engine import build_engine
 
     return build_engine(settings, base_dir(settings))
 

@@ -5,7 +5,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import APIError
+from skillpack_server.errors import APIError
 
 
 def _bearer(request: Request) -> str | None:

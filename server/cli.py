@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from server.app import create_app
-    from server.settings import Settings
+    from skillpack_server.app import create_app
+    from skillpack_server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("log_level", "ray", "replicas")}
     try:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print("skillpack serve: --replicas needs --ray (one process serves one replica).", file=sys.stderr)
         return 2
     if args.ray:
-        from server.ray_serve import serve_on_ray
+        from skillpack_server.ray_serve import serve_on_ray
 
         return serve_on_ray(settings, replicas=args.replicas)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)

@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.types import EngineError
+from skillpack_server.engine.types import EngineError
 
 log = logging.getLogger("skillpack.server")
 

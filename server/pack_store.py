@@ -25,9 +25,9 @@ from typing import Any
 
 import anyio
 
-from server.engine.types import PackCacheProtocol
-from server.errors import APIError
-from server.settings import DEFAULT_MAX_EXAMPLES_BYTES
+from skillpack_server.engine.types import PackCacheProtocol
+from skillpack_server.errors import APIError
+from skillpack_server.settings import DEFAULT_MAX_EXAMPLES_BYTES
 from skillpacks.checkpoint import atomic_write, fsync_dir
 from skillpacks.router import EXAMPLES_SUFFIX, RouterError, parse_examples
 
@@ -132,7 +132,7 @@ class PackStore:
     """The folder of packs the server offers; every change goes through here."""
 
     # router examples live in this folder only; a store shared between replicas
-    # (server.pack_store_remote) does not carry them, and says so instead of dropping them
+    # (skillpack_server.pack_store_remote) does not carry them, and says so instead of dropping them
     examples_supported = True
 
     def __init__(self, root: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any, max_upload_bytes: int,

@@ -29,9 +29,9 @@ import anyio
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from server.engine.types import PackCacheProtocol
-from server.errors import APIError
-from server.pack_store import SUFFIX, TEMP_PREFIX, Examples, PackStore, Staging, _fsync_dir, check_pack_name
+from skillpack_server.engine.types import PackCacheProtocol
+from skillpack_server.errors import APIError
+from skillpack_server.pack_store import SUFFIX, TEMP_PREFIX, Examples, PackStore, Staging, _fsync_dir, check_pack_name
 
 log = logging.getLogger("skillpack.server")
 

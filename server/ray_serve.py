@@ -4,7 +4,7 @@ Each replica is one `create_app` (one base model on one device) behind `@serve.i
 The pack name is Ray's multiplexed model id: Ray's proxy reads it from the
 `serve_multiplexed_model_id` request header and prefers a replica that already loaded
 that pack; the replica's loader (`@serve.multiplexed`) brings the pack into its pack
-cache. All replicas share one pack store (`server.pack_store_remote.SharedPackStore`).
+cache. All replicas share one pack store (`skillpack_server.pack_store_remote.SharedPackStore`).
 
 Ray is imported only when a deployment is built, so the rest of this module (config,
 middleware) works without it.
@@ -29,9 +29,9 @@ from fastapi import FastAPI
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.app import create_app
-from server.pack_store_remote import SharedPackStore
-from server.settings import Settings
+from skillpack_server.app import create_app
+from skillpack_server.pack_store_remote import SharedPackStore
+from skillpack_server.settings import Settings
 
 log = logging.getLogger("skillpack.server")
 
@@ -327,7 +327,7 @@ def build_application(settings: Settings, scale: ScaleConfig, cluster_gpus: floa
 
 
 def app_builder(args: dict[str, Any]):
-    """`serve run server.ray_serve:app_builder key=value ...` (or a serve config's `args`).
+    """`serve run skillpack_server.ray_serve:app_builder key=value ...` (or a serve config's `args`).
 
     Keys are Settings fields (base, packs, device, ...) and ScaleConfig fields (replicas,
     min_replicas, ...); anything not given comes from SKILLPACK_* / SKILLPACK_RAY_* env vars.

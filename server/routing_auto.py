@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.engine.types import EngineError
+from skillpack_server.engine.types import EngineError
 from skillpacks.router import (
     EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
     build_router, decide, file_sha256, load_router,
@@ -71,7 +71,7 @@ def runtime_feature_fn(model) -> FeatureFn:
     """Mean final-norm hidden state per prompt from the runtime `Transformer` (base weights
     only: every module is called with packs=None; attention is plain causal SDPA, so the
     paged KV cache the engine thread uses is never touched)."""
-    from server.model.rope import apply_rope, rope_cos_sin
+    from skillpack_server.model.rope import apply_rope, rope_cos_sin
 
     cfg = model.config
     device = model.model.embed_tokens.weight.device

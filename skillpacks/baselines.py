@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import dequantize_groupwise, padded_cols, quantize_groupwise
+from skillpack_kernels.quant import dequantize_groupwise, padded_cols, quantize_groupwise
 
 METHODS = ("lowrank_fp16", "bitdelta", "dare", "delta_come")
 DELTA_COME_TIERS = ((2, 8), (32, 3), (None, 2))  # (ranks in the tier, bits); None = all the rest

@@ -44,7 +44,7 @@ from itertools import combinations
 import numpy as np
 import torch
 
-from kernels.quant import dequantize_groupwise
+from skillpack_kernels.quant import dequantize_groupwise
 from skillpacks.compress import choose_group_size, quantize_groupwise, rank_bytes
 
 SPARSE_ENTRY_BYTES = 6  # int32 index + fp16 value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -21,12 +22,21 @@ COMMANDS = {
     "eval": ("skillpacks.commands.eval", "score base, fine-tune, packs and baselines on demo skills"),
     "fusion-eval": ("skillpacks.commands.fusion_eval", "score auto routing, oracle, best single pack and merges"),
     "router": ("skillpacks.commands.router", "train the router that picks packs for `model: auto`"),
-    "serve": ("server.cli", "run the OpenAI-compatible SkillPack server"),
+    "serve": ("skillpack_server.cli", "run the OpenAI-compatible SkillPack server"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return run_command(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # the reader went away (`skillpack inspect x | head`): stop quietly, as `cat` would.
+        # stdout now points at /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
+
+
+def run_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="skillpack", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_, help_text) in COMMANDS.items():

@@ -1,7 +1,7 @@
 """Compress one module's delta: sparse pruning, low-rank SVD in mixed-precision tiers, or exact.
 
 Pure functions, tensor in and (ModuleDelta, stats) out; the builder (skillpacks/build.py)
-decides which to call and with what rank. Quantization is `kernels.quant.quantize_groupwise`
+decides which to call and with what rank. Quantization is `skillpack_kernels.quant.quantize_groupwise`
 (round to nearest) or, with calibration data, `skillpacks.gptq` on the same layout.
 
 Sizes are what the pack stores: codes + scales + zeros + singular values for low-rank,
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.quant import (
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import (
     SUPPORTED_BITS, QuantTensor, check_layout, pack_codes, padded_cols, padded_groups, quantize_groupwise, round_codes,
 )
 from skillpacks.deltas import ExactDelta, SparseDelta
@@ -139,12 +139,12 @@ def cap_rank_to_dense(rank: int, out_features: int, in_features: int,
 
 
 def quantize_clipped(w: torch.Tensor, bits: int, group_size: int) -> QuantTensor:
-    """Round to nearest in the layout of `kernels.quant`, each group's range shrunk by the CLIP_GRID
+    """Round to nearest in the layout of `skillpack_kernels.quant`, each group's range shrunk by the CLIP_GRID
     factor that gives the group the least squared error (factor 1.0 is plain `quantize_groupwise`).
 
     Same rules as `quantize_groupwise` otherwise: columns padded with the last one, float16
     scale and zero (the value code 0 stands for), codes rounded against the stored float16
-    values, packed by `kernels.quant.pack_codes`.
+    values, packed by `skillpack_kernels.quant.pack_codes`.
     """
     check_layout(bits, group_size)
     g = padded_groups(w, group_size)  # (R, G, gs)

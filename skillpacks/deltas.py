@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.factors import LowRankDelta
+from skillpack_kernels.factors import LowRankDelta
 
 
 @dataclass

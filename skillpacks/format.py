@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 import torch
 from safetensors import safe_open
 
-from kernels.factors import LowRankDelta
-from kernels.quant import QuantTensor, check_layout, padded_cols
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import QuantTensor, check_layout, padded_cols
 from skillpacks.checkpoint import (
     READ_CHUNK, TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, tensor_bytes,
     write_safetensors,

@@ -8,7 +8,7 @@ Bᵀ (rank, out) is then quantized against the covariance of the rank-space acti
 z = s ⊙ (Â x), i.e. H_B = diag(s) Â H Âᵀ diag(s): its ranks are rounded one row at a time,
 errors pushed onto the later ranks.
 
-The quantization grid is exactly `kernels.quant`'s (group-wise asymmetric, fp16 scale and
+The quantization grid is exactly `skillpack_kernels.quant`'s (group-wise asymmetric, fp16 scale and
 zero, codes packed with `pack_codes`): with H = I no error is pushed anywhere and the
 result equals `quantize_groupwise` bit for bit.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.quant import QuantTensor, dequantize_groupwise, pack_codes, padded_cols, quantize_groupwise
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, pack_codes, padded_cols, quantize_groupwise
 
 DAMP = 0.01  # fraction of mean(diag H) added to H's diagonal, GPTQ's default
 MAX_CALIB_FILE_BYTES = 64 * 1024 * 1024

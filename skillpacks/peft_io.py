@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kernels.factors import LowRankDelta
-from kernels.quant import quantize_groupwise
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import quantize_groupwise
 from skillpacks.checkpoint import CheckpointError, atomic_folder, open_checkpoint, read_header, write_safetensors
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint

@@ -11,8 +11,8 @@ ENGINE_FIELDS = ("device", "dtype", "max_batch", "max_model_len", "kv_budget_tok
 def build_engine(settings: Any, base_dir: str | Path, model_id: str | None = None):
     """The engine for the server's settings: every field of EngineConfig that the settings
     object carries is taken from it, the rest keep their defaults."""
-    from server.engine.config import EngineConfig
-    from server.engine.engine import Engine
+    from skillpack_server.engine.config import EngineConfig
+    from skillpack_server.engine.engine import Engine
 
     given = {name: getattr(settings, name) for name in ENGINE_FIELDS if getattr(settings, name, None) is not None}
     return Engine(base_dir, EngineConfig(**given), model_id=model_id or getattr(settings, "model_id", None))

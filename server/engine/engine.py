@@ -26,15 +26,15 @@ from pathlib import Path
 
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.pack_cache import PackCache
-from server.engine.sampling import make_generator, sample_tokens, token_logprobs
-from server.engine.sequence import Sequence
-from server.engine.types import EngineError, GenerationRequest, TokenEvent
-from server.model.batch import SeqChunk, build_step
-from server.model.kv_cache import PagedKVCache
-from server.model.loader import load_model
-from server.model.pack_slots import PackSlots
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.pack_cache import PackCache
+from skillpack_server.engine.sampling import make_generator, sample_tokens, token_logprobs
+from skillpack_server.engine.sequence import Sequence
+from skillpack_server.engine.types import EngineError, GenerationRequest, TokenEvent
+from skillpack_server.model.batch import SeqChunk, build_step
+from skillpack_server.model.kv_cache import PagedKVCache
+from skillpack_server.model.loader import load_model
+from skillpack_server.model.pack_slots import PackSlots
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 

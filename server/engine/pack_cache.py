@@ -30,8 +30,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from server.engine.types import EngineError, PackStatus
-from server.model.pack_slots import PackSlots, PreparedPack
+from skillpack_server.engine.types import EngineError, PackStatus
+from skillpack_server.model.pack_slots import PackSlots, PreparedPack
 from skillpacks.fingerprint import check_base
 from skillpacks.format import PackError, SkillPack, read_pack
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine.pack_cache import PackLease
-from server.engine.types import GenerationRequest
+from skillpack_server.engine.pack_cache import PackLease
+from skillpack_server.engine.types import GenerationRequest
 
 
 @dataclass(eq=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.model.batch import StepBatch
+from skillpack_server.model.batch import StepBatch
 
 
 def paged_attention(

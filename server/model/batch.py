@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels.routing import RowPacks
+from skillpack_kernels.routing import RowPacks
 
 
 @dataclass

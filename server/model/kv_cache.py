@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from server.model.config import ModelConfig
+from skillpack_server.model.config import ModelConfig
 
 
 class PageAllocator:

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.lowrank_ops import add_lowrank
-from server.model.attention import paged_attention
-from server.model.batch import PackRouting, StepBatch
-from server.model.config import ModelConfig
-from server.model.kv_cache import PagedKVCache
-from server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
-from server.model.vocab_delta import VocabDelta
+from skillpack_kernels.lowrank_ops import add_lowrank
+from skillpack_server.model.attention import paged_attention
+from skillpack_server.model.batch import PackRouting, StepBatch
+from skillpack_server.model.config import ModelConfig
+from skillpack_server.model.kv_cache import PagedKVCache
+from skillpack_server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from skillpack_server.model.vocab_delta import VocabDelta
 
 
 class DeltaLinear(nn.Module):
@@ -29,7 +29,7 @@ class DeltaLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.lowrank = None  # kernels.lowrank_ops.LowRankSlots, attached by PackSlots
+        self.lowrank = None  # skillpack_kernels.lowrank_ops.LowRankSlots, attached by PackSlots
         self.lowrank_loaded: set[int] = set()
         self.bias_delta: torch.Tensor | None = None  # (num_slots, out) float32
         self.bias_loaded: set[int] = set()
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size)
         self.inv_freq: torch.Tensor | None = None  # set after loading, on the model's device
-        self.num_pack_slots = 0  # set by server.model.pack_slots.PackSlots
+        self.num_pack_slots = 0  # set by skillpack_server.model.pack_slots.PackSlots
 
     def setup_rope(self, device) -> None:
         self.inv_freq = rope_inv_freq(self.config).to(device)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from server.model.config import ModelConfig
-from server.model.layers import Transformer
+from skillpack_server.model.config import ModelConfig
+from skillpack_server.model.layers import Transformer
 
 MAX_INDEX_BYTES = 16 << 20
 

@@ -9,7 +9,7 @@ base checkpoint's names, so each maps to one module:
 - `*norm.weight`          ExactDelta    -> that norm's table (num_slots, dim)
 - `model.embed_tokens.weight`, `lm_head.weight`
                           SparseDelta / ExactDelta -> a float32 CSR matrix per slot,
-                          LowRankDelta -> float32 factors per slot (server.model.vocab_delta);
+                          LowRankDelta -> float32 factors per slot (skillpack_server.model.vocab_delta);
                           with tied embeddings the embedding delta also changes the output.
 
 Loading is two steps so that the slow one runs without the device lock: `prepare`
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.lowrank_ops import LowRankSlots, PreparedLowRank
-from server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
-from server.model.vocab_delta import VocabDelta, to_vocab_delta
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_ops import LowRankSlots, PreparedLowRank
+from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
+from skillpack_server.model.vocab_delta import VocabDelta, to_vocab_delta
 from skillpacks.deltas import ExactDelta, SparseDelta
 
 

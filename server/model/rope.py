@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from server.model.config import ModelConfig
+from skillpack_server.model.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -8,7 +8,7 @@ directions). The runtime needs two operations of either form:
 - `gather(ids)`: the delta rows of a step's token ids, float32 (n, dim) (input embedding);
 - `times_transposed(h)`: float32 h (n, dim) @ ΔEᵀ -> (n, vocab) (output projection).
 
-Sparse deltas become a float32 CSR matrix (`server.model.sparse_rows`); low-rank ones
+Sparse deltas become a float32 CSR matrix (`skillpack_server.model.sparse_rows`); low-rank ones
 keep dequantized float32 factors with σ folded into B — (vocab + dim) · rank floats,
 never the dense (vocab, dim) matrix.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.factors import LowRankDelta
-from server.model.sparse_rows import gather_rows, times_transposed, to_csr
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_server.model.sparse_rows import gather_rows, times_transposed, to_csr
 from skillpacks.deltas import ExactDelta, SparseDelta
 
 

@@ -8,15 +8,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.engine.types import EngineError, EngineProtocol, SamplingParams, TokenEvent
-from server.errors import error_body
-from server.metrics import Metrics
-from server.routers.deps import get_engine, get_metrics
-from server.routers.generation import (
+from skillpack_server.engine.types import EngineError, EngineProtocol, SamplingParams, TokenEvent
+from skillpack_server.errors import error_body
+from skillpack_server.metrics import Metrics
+from skillpack_server.routers.deps import get_engine, get_metrics
+from skillpack_server.routers.generation import (
     Generation, check_prompt, make_request, resolve_model, routing_headers, sse, token_budget,
 )
-from server.routers.text import token_text
-from server.schemas.completions import CompletionRequest, CompletionResponse
+from skillpack_server.routers.text import token_text
+from skillpack_server.schemas.completions import CompletionRequest, CompletionResponse
 
 router = APIRouter(tags=["completions"])
 ROUTE = "/v1/completions"

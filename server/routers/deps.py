@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from server.engine.types import EngineProtocol
-from server.errors import APIError
-from server.metrics import Metrics
-from server.pack_store import PackStore
+from skillpack_server.engine.types import EngineProtocol
+from skillpack_server.errors import APIError
+from skillpack_server.metrics import Metrics
+from skillpack_server.pack_store import PackStore
 
 
 def get_engine(request: Request) -> EngineProtocol:

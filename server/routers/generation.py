@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from server.engine.types import EngineProtocol, GenerationRequest, SamplingParams, TokenEvent
-from server.errors import APIError, model_not_found
-from server.metrics import Metrics
-from server.routers.text import Detokenizer, StopMatcher
-from server.routing_auto import RoutingDecision, auto_router_for, parse_auto_model
-from server.schemas.common import SkillpackRef
+from skillpack_server.engine.types import EngineProtocol, GenerationRequest, SamplingParams, TokenEvent
+from skillpack_server.errors import APIError, model_not_found
+from skillpack_server.metrics import Metrics
+from skillpack_server.routers.text import Detokenizer, StopMatcher
+from skillpack_server.routing_auto import RoutingDecision, auto_router_for, parse_auto_model
+from skillpack_server.schemas.common import SkillpackRef
 
 
 ENGINE_SEED_MASK = 2**63 - 1

@@ -6,11 +6,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 
-from server.engine.types import EngineProtocol
-from server.errors import model_not_found
-from server.routers.deps import get_engine
-from server.routing_auto import AUTO_MODEL
-from server.schemas.models import ModelCard, ModelList
+from skillpack_server.engine.types import EngineProtocol
+from skillpack_server.errors import model_not_found
+from skillpack_server.routers.deps import get_engine
+from skillpack_server.routing_auto import AUTO_MODEL
+from skillpack_server.schemas.models import ModelCard, ModelList
 from skillpacks.router import ROUTER_FILE, examples_path
 
 router = APIRouter(tags=["models"])

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from server.errors import APIError
-from server.pack_store import EXAMPLES_PARAM, Staging, examples_too_large
+from skillpack_server.errors import APIError
+from skillpack_server.pack_store import EXAMPLES_PARAM, Staging, examples_too_large
 
 FILE_FIELD = "file"
 EXAMPLES_FIELD = EXAMPLES_PARAM  # optional: the pack's router examples (JSONL)

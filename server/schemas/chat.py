@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.schemas.common import GenerationFields, Usage, unsupported
+from skillpack_server.schemas.common import GenerationFields, Usage, unsupported
 
 MAX_TOP_LOGPROBS = 20
 MAX_MESSAGES = 1024

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.schemas.common import GenerationFields, Usage, unsupported
+from skillpack_server.schemas.common import GenerationFields, Usage, unsupported
 
 MAX_LOGPROBS = 5
 MAX_PROMPT_ITEMS = 1_048_576  # token ids in one prompt; the model's length is checked later

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.types import EngineError
-from server.routing_auto import AutoRouter, RouterSettings, parse_auto_model, runtime_feature_fn
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.engine.types import EngineError
+from skillpack_server.routing_auto import AutoRouter, RouterSettings, parse_auto_model, runtime_feature_fn
 from skillpacks.router import ROUTER_FILE, load_router
 from tests.fusion.conftest import write_pack_with_examples
 from tests.server.test_api_common import serve, settings_for

@@ -13,7 +13,7 @@ import pytest
 
 import torch
 
-from server.engine.types import EngineError
+from skillpack_server.engine.types import EngineError
 from tests.fusion.conftest import write_pack_with_examples
 from tests.fusion.test_fusion_engine import make_engine
 from tests.server.test_engine import collect, greedy, run

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.types import EngineError
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.engine.types import EngineError
 from skillpacks.format import read_pack
 from tests.server.test_engine import collect, greedy, greedy_reference, run
 from tests.server.test_runtime import merged_model

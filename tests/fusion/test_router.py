@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from server.model.loader import load_model
-from server.routing_auto import runtime_feature_fn
+from skillpack_server.model.loader import load_model
+from skillpack_server.routing_auto import runtime_feature_fn
 from skillpacks.checkpoint import write_safetensors
 from skillpacks.router import (
     MANIFEST_KEY, Router, RouterError, TrainConfig, decide, fit, hf_feature_fn, load_router, prompt_ids, read_examples,

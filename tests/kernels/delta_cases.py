@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.lowrank_ops import LowRankSlots
-from kernels.quant import quantize_groupwise
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_ops import LowRankSlots
+from skillpack_kernels.quant import quantize_groupwise
 
 # (dtype, atol, rtol): bf16 outputs round once per add; fp32 only sums in a different order
 TOLERANCES = {torch.float32: (2e-4, 2e-4), torch.bfloat16: (3e-2, 2e-2)}

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.quant import (
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import (
     QuantTensor, dequantize_groupwise, pack_codes, padded_cols, quantize_groupwise, unpack_codes,
 )
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.routing import RowPacks
+from skillpack_kernels.routing import RowPacks
 
 
 def test_pairs_sorted_by_slot_with_segments_and_row_index():

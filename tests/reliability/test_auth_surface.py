@@ -9,7 +9,7 @@ import inspect
 
 import pytest
 
-import server.auth as auth
+import skillpack_server.auth as auth
 from tests.server.test_api_common import ADMIN_TOKEN, serve, settings_for
 from tests.server.test_auth import app_routes, concrete
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-import server.pack_store as pack_store
+import skillpack_server.pack_store as pack_store
 from bench.load import ADMIN_TOKEN, Reference, ServerProcess
-from server.pack_store import TEMP_PREFIX, PackStore
+from skillpack_server.pack_store import TEMP_PREFIX, PackStore
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import verify_pack

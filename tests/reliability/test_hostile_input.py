@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from server.app import MULTIPART_OVERHEAD
+from skillpack_server.app import MULTIPART_OVERHEAD
 from tests.server.test_api_common import ADMIN, serve, settings_for, snapshot
 from tests.skillpacks.test_verify import raw_header, rewrite
 

@@ -9,10 +9,10 @@ import pytest
 import transformers
 import torch
 
-from kernels.factors import LowRankDelta
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.types import EngineError, GenerationRequest, SamplingParams
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.engine.types import EngineError, GenerationRequest, SamplingParams
 from skillpacks.format import read_pack, verify_pack, write_pack
 from tests.server.test_api_common import ADMIN, serve, settings_for
 from tests.server.test_engine import collect, greedy_reference

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, ScaleConfig, build_application
+from skillpack_server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, ScaleConfig, build_application
 from tests.scale.conftest import PACK_SCALES
 from tests.scale.test_replica_app import answer
 from tests.server.test_api_common import ADMIN, settings_for

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.ray_serve import (
+from skillpack_server.ray_serve import (
     DEPLOYMENT_NAME, ScaleConfig, app_builder, deployment_options, packs_named_in, replica_deployment,
     replica_gpus, replica_settings, shared_store_of,
 )
-from server.settings import Settings
+from skillpack_server.settings import Settings
 
 # Ray's own config models still use pydantic-v1 style Field extras
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")

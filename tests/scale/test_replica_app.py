@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from server.ray_serve import REPLICA_HEADER, replica_app
+from skillpack_server.ray_serve import REPLICA_HEADER, replica_app
 from tests.scale.conftest import PACK_SCALES
 from tests.server.test_api_common import ADMIN, settings_for
 

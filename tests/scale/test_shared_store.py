@@ -14,10 +14,10 @@ import uuid
 import fsspec
 import pytest
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.errors import APIError
-from server.pack_store_remote import SharedPackStore, SyncReport
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.errors import APIError
+from skillpack_server.pack_store_remote import SharedPackStore, SyncReport
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 

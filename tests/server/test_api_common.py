@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from fastapi.testclient import TestClient
 
-from kernels.factors import LowRankDelta
-from server.app import create_app
-from server.settings import Settings
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_server.app import create_app
+from skillpack_server.settings import Settings
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.compress import Recipe, compress_with_recipe
 from skillpacks.deltas import ExactDelta, ModuleRecord, SparseDelta

@@ -7,7 +7,7 @@ runs the real engine.
 """
 import pytest
 
-from server.engine.types import EngineError, PackStatus
+from skillpack_server.engine.types import EngineError, PackStatus
 from tests.server.test_api_common import parse_sse, serve, settings_for
 
 
@@ -31,7 +31,7 @@ class RefusingEngine:
         self.base_fingerprint = {}
 
     async def generate(self, request):
-        from server.engine.types import TokenEvent
+        from skillpack_server.engine.types import TokenEvent
 
         for i in range(self.after):
             yield TokenEvent(token_id=self.tokenizer.encode("a")[0], logprob=-1.0)

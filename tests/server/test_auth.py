@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from server.app import create_app
-from server.settings import Settings
+from skillpack_server.app import create_app
+from skillpack_server.settings import Settings
 from tests.server.test_api_common import ADMIN, ADMIN_TOKEN, serve, settings_for
 
 

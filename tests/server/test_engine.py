@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.sampling import sample_tokens, top_p_filter
-from server.engine.types import EngineError, GenerationRequest, SamplingParams
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.engine.sampling import sample_tokens, top_p_filter
+from skillpack_server.engine.types import EngineError, GenerationRequest, SamplingParams
 from tests.tiny_models import build_tiny_pair
 
 PROMPTS = [[5, 17, 99, 3, 250, 11, 7, 42, 8, 12, 30], [8, 9, 10], [300, 2, 77, 77, 120, 64, 1], [44]]

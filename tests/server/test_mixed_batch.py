@@ -14,9 +14,9 @@ import asyncio
 import pytest
 import torch
 
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.types import EngineError
+from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.engine import Engine
+from skillpack_server.engine.types import EngineError
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import read_pack

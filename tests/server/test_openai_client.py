@@ -66,7 +66,7 @@ def test_errors_map_to_the_client_exceptions(api, base_id):
 @pytest.mark.slow
 def test_default_base_answers_through_the_client(tmp_path):
     """The real default base (SmolLM2-135M-Instruct) behind uvicorn, asked a fact (run by hand)."""
-    from server.settings import Settings
+    from skillpack_server.settings import Settings
     from skillpacks.default_base import default_base_dir
 
     settings = Settings(base=default_base_dir(), packs=tmp_path, admin_token="slow-test-token", device="cpu")

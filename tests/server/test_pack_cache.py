@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from server.engine.pack_cache import PackCache
-from server.engine.types import EngineError
-from server.model.kv_cache import PagedKVCache
-from server.model.loader import load_model
-from server.model.pack_slots import PackSlots
+from skillpack_server.engine.pack_cache import PackCache
+from skillpack_server.engine.types import EngineError
+from skillpack_server.model.kv_cache import PagedKVCache
+from skillpack_server.model.loader import load_model
+from skillpack_server.model.pack_slots import PackSlots
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import read_pack

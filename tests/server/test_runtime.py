@@ -13,12 +13,12 @@ import pytest
 import torch
 import transformers
 
-from server.model.batch import SeqChunk, build_step
-from server.model.config import ModelConfig
-from server.model.kv_cache import PagedKVCache
-from server.model.loader import load_model
-from server.model.pack_slots import PackSlots
-from server.model.rope import rope_inv_freq
+from skillpack_server.model.batch import SeqChunk, build_step
+from skillpack_server.model.config import ModelConfig
+from skillpack_server.model.kv_cache import PagedKVCache
+from skillpack_server.model.loader import load_model
+from skillpack_server.model.pack_slots import PackSlots
+from skillpack_server.model.rope import rope_inv_freq
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.compress import Recipe, compress_with_recipe, delta_svd, lowrank_delta, lowrank_stats
 from skillpacks.deltas import ExactDelta, ModuleRecord
@@ -252,7 +252,7 @@ def test_pack_slots_refuse_foreign_deltas(tiny_root, tiny_tokenizer, runtime_of)
 
 def test_vocab_deltas_gather_and_product_match_dense():
     """Both device forms of an embedding/lm_head delta (CSR, low-rank factors) against the dense ΔE."""
-    from server.model.vocab_delta import LowRankRows, to_vocab_delta
+    from skillpack_server.model.vocab_delta import LowRankRows, to_vocab_delta
     from skillpacks.compress import delta_svd, lowrank_delta
     from skillpacks.deltas import SparseDelta
 

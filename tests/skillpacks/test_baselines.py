@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernels.quant import dequantize_groupwise, quantize_groupwise
+from skillpack_kernels.quant import dequantize_groupwise, quantize_groupwise
 from skillpacks import baselines as B
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.quant import QuantTensor, dequantize_groupwise, padded_cols, quantize_groupwise
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, padded_cols, quantize_groupwise
 from skillpacks.compress import (
     CLIP_GRID, DEFAULT_TIERS, Recipe, cap_rank_to_dense, choose_group_size, compress_with_recipe, delta_svd, energy_rank,
     exact_delta, exact_stats, fitted_rank, keep_count, lowrank_bytes, lowrank_delta, lowrank_stats, rank_bytes,

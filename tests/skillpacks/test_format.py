@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kernels.factors import LowRankDelta
-from kernels.quant import quantize_groupwise
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.quant import quantize_groupwise
 from skillpacks.checkpoint import open_checkpoint, read_header
 from skillpacks.deltas import ExactDelta, ModuleRecord, SparseDelta
 from skillpacks.fingerprint import base_fingerprint

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from kernels.quant import dequantize_groupwise, quantize_groupwise
+from skillpack_kernels.quant import dequantize_groupwise, quantize_groupwise
 from skillpacks.compress import delta_svd, lowrank_delta
 from skillpacks.gptq import (
     collect_input_covariances, gptq_quantize, gptq_quantize_ranks, read_calibration_texts,

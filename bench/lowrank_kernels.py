@@ -8,7 +8,7 @@ matmuls; it reports the kernels' achieved GB/s for the bytes they must read agai
 device's copy bandwidth measured in the same run. On CPU it runs the torch twin on small
 shapes and says the GPU figures are missing.
 
-    python bench/kernels.py [--out DIR] [--quick]
+    python bench/lowrank_kernels.py [--out DIR] [--quick]
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.factors import LowRankDelta  # noqa: E402
-from kernels.lowrank_ops import LowRankSlots, add_lowrank  # noqa: E402
-from kernels.quant import quantize_groupwise  # noqa: E402
-from kernels.routing import RowPacks  # noqa: E402
+from skillpack_kernels.factors import LowRankDelta  # noqa: E402
+from skillpack_kernels.lowrank_ops import LowRankSlots, add_lowrank  # noqa: E402
+from skillpack_kernels.quant import quantize_groupwise  # noqa: E402
+from skillpack_kernels.routing import RowPacks  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 GPU_BATCHES = [1, 16, 64, 256]
@@ -104,7 +104,7 @@ def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
 def gpu_cases(quick: bool, out_dir: Path | None = None) -> dict:
     from triton.testing import do_bench
 
-    from kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
+    from skillpack_kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
 
     device = torch.device("cuda")
     dtype = torch.bfloat16

@@ -1,1 +1,0 @@
-"""The SkillPack server: one resident base model, many SkillPacks per request."""
