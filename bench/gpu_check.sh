@@ -6,8 +6,13 @@ set -u
 OUT="${OUT:?set OUT to the folder where results should be written}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+# The GPU image does not have the project installed: link its folders under their import
+# names (pyproject.toml's package-dir) instead of installing it there.
+names=$(mktemp -d)
+ln -s "$PWD/kernels" "$names/skillpack_kernels"
+ln -s "$PWD/server" "$names/skillpack_server"
 # tests/conftest.py turns the interpreter on unless told otherwise: compile for the GPU
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$PWD:$names${PYTHONPATH:+:$PYTHONPATH}"
 
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
