@@ -1,12 +1,12 @@
 # SkillPack Server on CPU: the default base (SmolLM2-135M-Instruct) converted at build time,
-# served with the demo packs from packs/ (mount another folder at /app/packs to replace them). Run:
+# served with the demo packs from packs/ (read-only, at /app/packs); uploads go to the volume at /data.
 #   docker build -t skillpack .
-#   docker run -p 8000:8000 -e SKILLPACK_ADMIN_TOKEN=change-me-please -v "$PWD/packs:/app/packs" skillpack
+#   docker run -p 8000:8000 -e SKILLPACK_ADMIN_TOKEN=change-me-please -v skillpack-data:/data skillpack
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    SKILLPACK_CACHE=/app/.cache SKILLPACK_PACKS=/app/packs
+    SKILLPACK_CACHE=/app/.cache SKILLPACK_PACKS=/data/packs SKILLPACK_READONLY_PACKS=/app/packs
 WORKDIR /app
 
 # pinned CPU wheel first: an unpinned torch requirement would pull a multi-GB CUDA build
@@ -23,9 +23,9 @@ COPY server ./server
 COPY packs ./packs
 RUN pip install --no-deps --no-build-isolation . \
  && python -m skillpacks.default_base \
- && useradd --create-home skillpack && chown -R skillpack /app
+ && useradd --create-home skillpack && mkdir -p /data/packs && chown -R skillpack /app/.cache /data
 USER skillpack
 
 EXPOSE 8000
-VOLUME ["/app/packs"]
+VOLUME ["/data"]
 CMD ["skillpack", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -339,7 +339,7 @@ async def admin_loop(url: str, pack_files: dict[str, bytes], cfg: LoadConfig, de
             op = ("upload", "pin", "replace", "unpin", "delete")[step % 5]
             if op in ("upload", "replace"):
                 r = await http.post("/admin/skillpacks", files={"file": ("p.skillpack", variants[step % 3])},
-                                    data={"name": CHURN})
+                                    data={"name": CHURN, "replace": "true"})
                 ok = r.status_code == 201
             elif op == "delete":
                 r = await http.delete(f"/admin/skillpacks/{CHURN}")

@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh), then serve the default base (SmolLM2-135M-Instruct,
-# converted on first use) with the packs in ./packs on http://127.0.0.1:8000.
+# converted on first use) on http://127.0.0.1:8000 with the demo packs in ./packs, served
+# read-only: uploads go to the pack store (~/.local/share/skillpack/packs unless --packs).
 # Extra arguments go to `skillpack serve` (e.g. --port 9000, --base DIR, --api-key KEY).
-# Without SKILLPACK_ADMIN_TOKEN an admin token is generated and printed once.
+# The admin token is SKILLPACK_ADMIN_TOKEN if set; otherwise one is generated once, kept in
+# ~/.config/skillpack/admin_token (mode 0600) and printed when the server is ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-if [ -z "${SKILLPACK_ADMIN_TOKEN:-}" ]; then
-  SKILLPACK_ADMIN_TOKEN="$(python -c 'import secrets; print(secrets.token_urlsafe(24))')"
-  export SKILLPACK_ADMIN_TOKEN
-  echo "admin token for /admin routes (Authorization: Bearer ...): ${SKILLPACK_ADMIN_TOKEN}"
-fi
-mkdir -p packs
-exec skillpack serve "$@"
+exec skillpack serve --readonly-packs "$PWD/packs" "$@"

@@ -63,7 +63,7 @@ async def lifespan(app: FastAPI):
         if inspect.isawaitable(result):
             await result
     store = PackStore(settings.packs, engine.pack_cache, served_base_fingerprint(settings, engine),
-                      settings.max_upload_bytes, settings.max_examples_bytes)
+                      settings.max_upload_bytes, settings.max_examples_bytes, readonly=settings.readonly_packs)
     store.register_all()
     app.state.engine, app.state.pack_store = engine, store
     log.info("serving %s with %d pack(s)", engine.model_id, len(engine.pack_cache.status()))

@@ -1,5 +1,9 @@
 """The pack store: a folder of verified `NAME.skillpack` files, kept in step with the pack cache.
 
+Besides its own (writable) folder the store serves read-only folders (the demo packs in the
+repo, a mounted volume): their packs are registered where they lie and never written,
+replaced or deleted, and their names cannot be taken by an upload.
+
 Uploads are written to a temporary file inside the store folder (so the final rename
 is atomic and on the same file system), bounded in size while they stream, fsynced,
 verified against the served base, then renamed into place and registered. Any failure
@@ -116,6 +120,7 @@ class Staging:
     def finish(self) -> None:
         """Flush and fsync: what gets verified is what a crash would leave on disk."""
         try:
+            os.fchmod(self.file.fileno(), 0o644)  # mkstemp makes 0600; a pack is meant to be read
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
@@ -128,6 +133,11 @@ class Staging:
         self.path.unlink(missing_ok=True)
 
 
+def folder_pack_names(folder: Path) -> list[str]:
+    """The names of the `NAME.skillpack` files in a folder, sorted."""
+    return sorted(p.name.removesuffix(SUFFIX) for p in folder.glob(f"*{SUFFIX}") if p.is_file())
+
+
 class PackStore:
     """The folder of packs the server offers; every change goes through here."""
 
@@ -136,9 +146,10 @@ class PackStore:
     examples_supported = True
 
     def __init__(self, root: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any, max_upload_bytes: int,
-                 max_examples_bytes: int = DEFAULT_MAX_EXAMPLES_BYTES):
+                 max_examples_bytes: int = DEFAULT_MAX_EXAMPLES_BYTES, readonly: list[Path] | tuple = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.readonly = [Path(folder) for folder in readonly]
         self.pack_cache = pack_cache
         self.base_fingerprint = base_fingerprint
         self.max_upload_bytes = max_upload_bytes
@@ -146,33 +157,61 @@ class PackStore:
         self._lock = asyncio.Lock()  # one rename+register (or delete) at a time
 
     def path_for(self, name: str) -> Path:
-        return self.root / f"{check_pack_name(name)}{SUFFIX}"
+        """Where the pack `name` is served from: a read-only folder's file, else the store's."""
+        return self.readonly_path(name) or self.root / f"{check_pack_name(name)}{SUFFIX}"
+
+    def readonly_path(self, name: str) -> Path | None:
+        """The read-only file of that name (the first folder that has one wins), if any."""
+        check_pack_name(name)
+        return next((p for folder in self.readonly if (p := folder / f"{name}{SUFFIX}").is_file()), None)
 
     def examples_path(self, name: str) -> Path:
-        return self.root / f"{check_pack_name(name)}{EXAMPLES_SUFFIX}"
+        """A pack's router examples sit beside the pack file."""
+        return self.path_for(name).with_name(f"{name}{EXAMPLES_SUFFIX}")
+
+    def router_sources(self) -> list[Path]:
+        """Folders whose `router.safetensors` may serve `model: "auto"`, the writable one first."""
+        return [self.root, *self.readonly]
+
+    def check_writable(self, name: str) -> None:
+        """409 when `name` is served from a read-only folder: it is never written, replaced or deleted."""
+        where = self.readonly_path(name)
+        if where is not None:
+            raise APIError(409, f"The pack `{name}` is served read-only from {where.parent}; it cannot be "
+                                "replaced, deleted or given other examples. Upload under another name.",
+                           param="name", code="pack_read_only")
 
     def is_registered(self, name: str) -> bool:
         return any(s.name == name for s in self.pack_cache.status())
 
     def names(self) -> list[str]:
-        return sorted(p.name.removesuffix(SUFFIX) for p in self.root.glob(f"*{SUFFIX}") if p.is_file())
+        """The packs in the store's own (writable) folder."""
+        return folder_pack_names(self.root)
 
     def register_all(self) -> list[str]:
-        """At startup: register every valid pack in the folder; log and skip the others."""
+        """At startup: register every valid pack of the read-only folders, then of the store's
+        own; log and skip the others, and a store pack whose name a read-only one holds."""
         for stale in [*self.root.glob(f"{TEMP_PREFIX}*"), *self.root.glob(f".*{EXAMPLES_SUFFIX}.*.tmp")]:
             stale.unlink(missing_ok=True)  # an upload or examples write cut off by a crash
-        registered = []
-        for name in self.names():
-            path = self.root / f"{name}{SUFFIX}"
-            try:
-                check_pack_name(name)
-                _format().verify_pack(path, self.base_fingerprint)
-                self.pack_cache.register(name, str(path), verified=True)
-            except (APIError, ValueError, OSError) as exc:
-                log.warning("skipping pack %s: %s", path, getattr(exc, "message", exc))
-                continue
-            registered.append(name)
-        log.info("registered %d pack(s) from %s", len(registered), self.root)
+        registered: list[str] = []
+        for folder in [*self.readonly, self.root]:
+            count = 0
+            for name in folder_pack_names(folder):
+                path = folder / f"{name}{SUFFIX}"
+                if name in registered:
+                    log.warning("skipping pack %s: the name `%s` is already served from %s", path, name,
+                                self.path_for(name).parent)
+                    continue
+                try:
+                    check_pack_name(name)
+                    _format().verify_pack(path, self.base_fingerprint)
+                    self.pack_cache.register(name, str(path), verified=True)
+                except (APIError, ValueError, OSError) as exc:
+                    log.warning("skipping pack %s: %s", path, getattr(exc, "message", exc))
+                    continue
+                registered.append(name)
+                count += 1
+            log.info("registered %d pack(s) from %s%s", count, folder, "" if folder == self.root else " (read-only)")
         return registered
 
     def manifest(self, name: str) -> dict:
@@ -187,11 +226,18 @@ class PackStore:
         except OSError as exc:
             raise storage_error(exc) from None
 
-    async def commit(self, staging: Staging, name: str | None,
-                     examples: Examples | None = None) -> tuple[str, dict, bool]:
+    def check_free(self, name: str, replace: bool) -> None:
+        """409 unless an upload may take `name`: not a read-only pack's, and free or `replace`."""
+        self.check_writable(name)
+        if not replace and (self.root / f"{name}{SUFFIX}").is_file():
+            raise APIError(409, f"A pack named `{name}` already exists; send `replace=true` with the upload to "
+                                "replace it, or upload under another `name`.", param="name", code="pack_exists")
+
+    async def commit(self, staging: Staging, name: str | None, examples: Examples | None = None,
+                     replace: bool = False) -> tuple[str, dict, bool]:
         """Verify a finished upload and put it in place under `name` (default: its manifest's),
         with its router examples when given (they replace the pack's sidecar; without them
-        a sidecar already there stays).
+        a sidecar already there stays). A pack of that name is replaced only when `replace`.
 
         Consumes `staging`: on success it becomes the pack file, on failure it is removed.
         Returns the name, the manifest, and whether an older version was replaced.
@@ -199,12 +245,16 @@ class PackStore:
         try:
             if examples is not None:
                 self._check_examples_supported()
+            if name is not None:
+                self.check_free(check_pack_name(name), replace)  # before spending a verify on it
             staging.finish()
             if staging.size == 0:
-                raise APIError(400, "The uploaded file is empty; expected a .skillpack file.", param="file")
+                raise APIError(400, "The uploaded file is empty; expected a .skillpack file.", param="file",
+                               code="empty_upload")
             manifest = await anyio.to_thread.run_sync(self._verify, staging.path)
             name = check_pack_name(name or str(manifest.get("name", "")))
             async with self._lock:
+                self.check_free(name, replace)
                 replaced = self._install(staging.path, name, examples)
             return name, manifest, replaced
         finally:
@@ -309,6 +359,7 @@ class PackStore:
     async def put_examples(self, name: str, examples: Examples) -> bool:
         """Write (or replace) a registered pack's sidecar; whether one was replaced."""
         self._check_examples_supported()
+        self.check_writable(name)
         path = self.examples_path(name)
         async with self._lock:
             if not self.is_registered(name):
@@ -320,6 +371,7 @@ class PackStore:
     async def delete_examples(self, name: str) -> None:
         """Remove a pack's sidecar (the pack stays, and leaves `model: "auto"`)."""
         self._check_examples_supported()
+        self.check_writable(name)
         path = self.examples_path(name)
         async with self._lock:
             try:
@@ -330,6 +382,7 @@ class PackStore:
 
     async def delete(self, name: str) -> None:
         """Unregister the pack, then remove its file and its router examples."""
+        self.check_writable(name)
         path = self.path_for(name)
         async with self._lock:
             if not path.is_file():

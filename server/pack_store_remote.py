@@ -66,8 +66,8 @@ class SharedPackStore(PackStore):
     examples_supported = False  # router examples are not published to the shared store (yet)
 
     def __init__(self, shared: str, mirror: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any,
-                 max_upload_bytes: int):
-        super().__init__(mirror, pack_cache, base_fingerprint, max_upload_bytes)
+                 max_upload_bytes: int, readonly: list[Path] | tuple = ()):
+        super().__init__(mirror, pack_cache, base_fingerprint, max_upload_bytes, readonly=readonly)
         self.shared = shared
         self.fs, self.shared_root = fsspec.core.url_to_fs(shared)
         self.fs.makedirs(self.shared_root, exist_ok=True)
@@ -121,6 +121,7 @@ class SharedPackStore(PackStore):
         """Download, verify and install one shared pack; whether it replaced a version, None if rejected."""
         staging = None
         try:
+            self.check_writable(name)  # a read-only pack of that name is served here instead
             staging = await anyio.to_thread.run_sync(self._download, info)
             await anyio.to_thread.run_sync(self._verify, staging.path)
             async with self._lock:
@@ -158,11 +159,20 @@ class SharedPackStore(PackStore):
 
     # ---- mirror -> shared ---------------------------------------------------------------
 
-    async def commit(self, staging: Staging, name: str | None,
-                     examples: Examples | None = None) -> tuple[str, dict, bool]:
+    def check_free(self, name: str, replace: bool) -> None:
+        """As in one process, and a name another replica published (not mirrored here yet) is taken too."""
+        super().check_free(name, replace)
+        # a stat on the shared store, on the event loop: commits are rare and hold the sync lock anyway
+        if not replace and self.fs.exists(self.shared_path(name)):
+            raise APIError(409, f"A pack named `{name}` already exists in the shared store; send `replace=true` "
+                                "with the upload to replace it, or upload under another `name`.",
+                           param="name", code="pack_exists")
+
+    async def commit(self, staging: Staging, name: str | None, examples: Examples | None = None,
+                     replace: bool = False) -> tuple[str, dict, bool]:
         """Verify and install the upload here, then publish it so every replica gets it."""
         async with self._sync_lock:
-            name, manifest, replaced = await super().commit(staging, name, examples)
+            name, manifest, replaced = await super().commit(staging, name, examples, replace)
             in_shared = await anyio.to_thread.run_sync(self.fs.exists, self.shared_path(name))
             try:
                 self._mirrored[name] = await anyio.to_thread.run_sync(self._publish, name)

@@ -130,7 +130,7 @@ def share_pack_store(app: FastAPI, shared: str, rescan_seconds: float) -> None:
         async with start_app(inner_app) as state:
             local = app.state.pack_store
             store = SharedPackStore(shared, local.root, local.pack_cache, local.base_fingerprint,
-                                    local.max_upload_bytes)
+                                    local.max_upload_bytes, readonly=local.readonly)
             await store.sync()
             app.state.pack_store = store
             rescans = asyncio.create_task(_rescan(store, rescan_seconds))

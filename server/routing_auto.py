@@ -115,10 +115,14 @@ class _Cached:
 
 @dataclass
 class AutoRouter:
-    """The router a server uses: loaded from the packs folder, checked against the packs
-    registered now, rebuilt in the background when they change."""
+    """The router a server uses: loaded from the pack folders, checked against the packs
+    registered now, rebuilt in the background when they change.
 
-    packs_dir: Path
+    `folders` are where a router file may be read (the pack store's own folder first, then its
+    read-only ones); a rebuilt router is written to the first. Each pack's examples sidecar
+    is read beside the pack's file, wherever that lies."""
+
+    folders: list[Path]
     pack_cache: object  # PackCacheProtocol
     tokenizer: object
     features: FeatureFn
@@ -132,7 +136,13 @@ class AutoRouter:
 
     @property
     def path(self) -> Path:
-        return Path(self.packs_dir) / ROUTER_FILE
+        """The router file in use: the first folder's that exists, else where a build goes."""
+        found = (Path(folder) / ROUTER_FILE for folder in self.folders)
+        return next((p for p in found if p.is_file()), self.out_path)
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.folders[0]) / ROUTER_FILE
 
     def reload(self) -> None:
         """Load the router file, if there is one built for this base."""
@@ -172,11 +182,16 @@ class AutoRouter:
             cached = self._hashes[(kind, path)] = _Cached(key, sha)
         return cached.sha
 
+    def routable(self) -> dict[str, Path]:
+        """Registered packs that have an examples sidecar: name -> pack file."""
+        return {s.name: Path(s.path) for s in self.pack_cache.status()
+                if Path(s.path).with_name(f"{s.name}{EXAMPLES_SUFFIX}").is_file()}
+
     def current_packs(self) -> dict[str, dict]:
         """Registered packs that have an examples sidecar: name -> their hashes now."""
         out = {}
         for status in self.pack_cache.status():
-            examples = Path(self.packs_dir) / f"{status.name}{EXAMPLES_SUFFIX}"
+            examples = Path(status.path).with_name(f"{status.name}{EXAMPLES_SUFFIX}")
             if not examples.is_file():
                 continue
             try:
@@ -212,15 +227,15 @@ class AutoRouter:
     def rebuild(self) -> Router:
         """Train a new router from the registered packs' sidecars and swap it in."""
         with self._lock:
-            names = sorted(self.current_packs())
-            if not names:
-                raise RouterError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) in "
-                                  f"{self.packs_dir}; the router needs at least one.")
+            packs = self.routable()
+            if not packs:
+                raise RouterError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) beside it; "
+                                  "the router needs at least one.")
             s = self.settings
-            router, _ = build_router(self.packs_dir, self.tokenizer, self.features, self.base_weights_sha256,
-                                     TrainConfig(hidden=s.hidden), max_examples=s.max_examples, names=names)
+            router, _ = build_router(self.folders[0], self.tokenizer, self.features, self.base_weights_sha256,
+                                     TrainConfig(hidden=s.hidden), max_examples=s.max_examples, packs=packs)
             self.router, self.last_error = router, None
-            log.info("router version %d built over %s", router.manifest["version"], names)
+            log.info("router version %d built over %s", router.manifest["version"], sorted(packs))
             return router
 
     def _rebuild_in_background(self) -> None:
@@ -257,7 +272,7 @@ class AutoRouter:
         reasons = self.refresh()
         router = self.router
         if router is None:
-            why = self.last_error or f"no router has been built for the packs in {self.packs_dir}"
+            why = self.last_error or f"no router has been built for the packs in {self.folders[0]}"
             building = " (one is being built; retry shortly)" if self._rebuilding and self._rebuilding.is_alive() else ""
             raise EngineError(f"`model: auto` is unavailable: {why}{building}. Run `skillpack router build` "
                               "or add NAME.examples.jsonl files next to the packs.", status=503,
@@ -282,7 +297,7 @@ def auto_router_for(app_state, engine) -> AutoRouter:
     if model is None or store is None or "weights_sha256" not in fingerprint:
         raise EngineError("`model: auto` needs the serving engine's own model; this engine has none.",
                           status=503, code="router_unavailable", param="model")
-    router = AutoRouter(Path(store.root), engine.pack_cache, engine.tokenizer, runtime_feature_fn(model),
+    router = AutoRouter(store.router_sources(), engine.pack_cache, engine.tokenizer, runtime_feature_fn(model),
                         fingerprint["weights_sha256"])
     router.reload()
     app_state.auto_router = router

@@ -150,7 +150,7 @@ def ensure_router(packs_dir: Path, skills: list[str], tokenizer, model, weights_
     if router_path.is_file():
         m = read_router_manifest(router_path)
         want = {n: {"payload_sha256": s.payload_sha256, "examples_sha256": s.examples_sha256}
-                for n in routable_packs(packs_dir) for s in [pack_source(packs_dir, n)]}
+                for n, path in routable_packs(packs_dir).items() for s in [pack_source(path)]}
         have = {n: {k: v[k] for k in ("payload_sha256", "examples_sha256")} for n, v in m["packs"].items()}
         fresh = want == have and m["base_weights_sha256"] == weights_sha
     if not fresh:

@@ -135,9 +135,10 @@ class PackSource:
     examples_sha256: str
 
 
-def pack_source(packs_dir: str | os.PathLike, name: str) -> PackSource:
-    pack = Path(packs_dir) / f"{validate_pack_name(name)}{PACK_SUFFIX}"
-    ex = examples_path(packs_dir, name)
+def pack_source(pack: Path) -> PackSource:
+    """The pack file `pack` and the examples sidecar beside it."""
+    name = validate_pack_name(pack.name.removesuffix(PACK_SUFFIX))
+    ex = examples_path(pack.parent, name)
     try:
         manifest = read_manifest(pack)
     except (PackError, CheckpointError, OSError) as e:
@@ -145,13 +146,13 @@ def pack_source(packs_dir: str | os.PathLike, name: str) -> PackSource:
     return PackSource(name, pack, ex, str(manifest["payload_sha256"]), file_sha256(ex))
 
 
-def routable_packs(packs_dir: str | os.PathLike) -> list[str]:
-    """Names of the packs in the folder that have an examples sidecar, sorted."""
+def routable_packs(packs_dir: str | os.PathLike) -> dict[str, Path]:
+    """The packs in the folder that have an examples sidecar: name -> pack file, sorted by name."""
     folder = Path(packs_dir)
     if not folder.is_dir():
         raise RouterError(f"packs folder {folder} does not exist.")
-    return sorted(p.name.removesuffix(PACK_SUFFIX) for p in folder.glob(f"*{PACK_SUFFIX}")
-                  if p.is_file() and examples_path(folder, p.name.removesuffix(PACK_SUFFIX)).is_file())
+    return {p.name.removesuffix(PACK_SUFFIX): p for p in sorted(folder.glob(f"*{PACK_SUFFIX}"))
+            if p.is_file() and examples_path(folder, p.name.removesuffix(PACK_SUFFIX)).is_file()}
 
 
 # ---- features ------------------------------------------------------------------------
@@ -380,9 +381,11 @@ class RoutingDecision:
     stale: bool = False
 
     def response_field(self) -> dict:
-        """The `skillpack_routing` object a response carries."""
+        """The `skillpack_routing` object a response carries. Out of distribution (or with no live
+        pack) the classifier's probability says nothing about the prompt, so `confidence` is null."""
+        meaningful = self.fallback in (None, "low_confidence")
         return {"packs": [{"name": n, "weight": _digits(w)} for n, w in self.packs],
-                "confidence": _digits(self.confidence), "fallback": self.fallback,
+                "confidence": _digits(self.confidence) if meaningful else None, "fallback": self.fallback,
                 "probabilities": {n: _digits(p) for n, p in self.probabilities.items()},
                 "router_version": self.router_version, "stale": self.stale}
 
@@ -419,9 +422,10 @@ def decide(router: Router, feature: torch.Tensor, live: set[str], top_k: int, mi
 
 def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, base_weights_sha256: str,
                  cfg: TrainConfig | None = None, max_examples: int = 256, out: str | os.PathLike | None = None,
-                 names: list[str] | None = None) -> tuple[Router, Path]:
-    """Train a router over every pack in `packs_dir` with an examples sidecar (or `names`),
-    write it (default `packs_dir/router.safetensors`) and return it with its path.
+                 packs: dict[str, Path] | None = None) -> tuple[Router, Path]:
+    """Train a router over every pack in `packs_dir` with an examples sidecar (or over `packs`,
+    name -> pack file, each with its sidecar beside it, wherever they lie), write it (default
+    `packs_dir/router.safetensors`) and return it with its path.
 
     The version is one more than that of the router already at `out`, if any.
     """
@@ -429,11 +433,12 @@ def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, b
     if not 1 <= max_examples <= MAX_EXAMPLE_LINES:
         raise ValueError(f"max_examples={max_examples}; expected 1..{MAX_EXAMPLE_LINES}.")
     folder = Path(packs_dir)
-    names = sorted(names) if names is not None else routable_packs(folder)
-    if not names:
+    packs = packs if packs is not None else routable_packs(folder)
+    if not packs:
         raise RouterError(f"no pack in {folder} has an examples file (NAME{EXAMPLES_SUFFIX}); "
                           "a router needs at least one.")
-    sources = {n: pack_source(folder, n) for n in names}
+    names = sorted(packs)
+    sources = {n: pack_source(Path(packs[n])) for n in names}
     prompts = {n: read_examples(s.examples_path)[:max_examples] for n, s in sources.items()}
     x, y, index = example_features(tokenizer, features, prompts)
     router, stats = train_router(x, y, index, names, cfg)

@@ -11,6 +11,18 @@ import pytest  # noqa: E402
 from tests.tiny_models import ARCHS, TinyPair, build_tiny_pair, build_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_folders(tmp_path_factory):
+    """XDG data and config homes of the test session's own: nothing a test runs (a pack store, a
+    generated admin token) lands in the real user's folders."""
+    root = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in ("XDG_DATA_HOME", "XDG_CONFIG_HOME"):
+            (root / variable).mkdir()
+            patch.setenv(variable, str(root / variable))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")

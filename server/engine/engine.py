@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from skillpack_server.engine.config import EngineConfig
+from skillpack_server.engine.config import ConfigError, EngineConfig, default_kv_budget
 from skillpack_server.engine.pack_cache import PackCache
 from skillpack_server.engine.sampling import make_generator, sample_tokens, token_logprobs
 from skillpack_server.engine.sequence import Sequence
@@ -39,7 +39,6 @@ from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_MODEL_LEN = 4096
 MAX_STOP_TOKEN_IDS = 64
 
 
@@ -75,15 +74,15 @@ class Engine:
 
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         self.tokenizer = tokenizer
-        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                             f"{cfg.max_position_embeddings}.")
-        budget = config.kv_budget_tokens or config.max_batch * self.max_model_len
+            raise ConfigError("max_model_len", f"max_model_len={self.max_model_len} exceeds this model's limit; "
+                                               f"expected at most max_position_embeddings={cfg.max_position_embeddings}.")
+        budget = config.kv_budget_tokens or default_kv_budget(config.max_batch, self.max_model_len)
         num_pages = -(-budget // config.page_size)
         if num_pages * config.page_size < self.max_model_len:
-            raise ValueError(f"kv_budget_tokens={budget} cannot hold one request of max_model_len="
-                             f"{self.max_model_len} tokens; expected at least that many.")
+            raise ConfigError("kv_budget_tokens", f"kv_budget_tokens={budget} cannot hold one request of "
+                                                  f"max_model_len={self.max_model_len} tokens; expected at least that many.")
         self.kv = PagedKVCache(cfg, num_pages, config.page_size, self.device, self.dtype)
         self.eos_ids = frozenset(cfg.eos_token_ids) | (
             {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set())

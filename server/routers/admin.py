@@ -23,6 +23,14 @@ def _status(engine: EngineProtocol, name: str) -> dict:
     raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
 
 
+def form_bool(fields: dict[str, str], key: str) -> bool:
+    """A true/false form field (absent = false)."""
+    value = fields.get(key, "false").strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise APIError(400, f"The form field `{key}` is {value!r}; expected true or false.", param=key)
+    return value in ("true", "1")
+
+
 async def _refresh_router(request: Request) -> None:
     """A pack or its examples changed: an `auto` router in use checks itself now and, if
     stale, starts its background rebuild (the check every `auto` request runs)."""
@@ -39,13 +47,14 @@ async def upload_pack(request: Request, store: PackStore = Depends(get_pack_stor
         name = upload.fields.get("name") or None
         if name is not None:
             check_pack_name(name)
+        replace = form_bool(upload.fields, "replace")
         # checked before the pack: bad examples leave no pack behind
         examples = None if upload.examples is None else await anyio.to_thread.run_sync(
             store.check_examples, upload.examples)
     except BaseException:
         staging.discard()
         raise
-    name, manifest, replaced = await store.commit(staging, name, examples)
+    name, manifest, replaced = await store.commit(staging, name, examples, replace=replace)
     await _refresh_router(request)
     return {"name": name, "replaced": replaced, "bytes": staging.size, "manifest": manifest,
             "examples": None if examples is None else examples.info()}

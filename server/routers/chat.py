@@ -13,7 +13,7 @@ from skillpack_server.errors import APIError, error_body
 from skillpack_server.metrics import Metrics
 from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_model, routing_headers, sse, token_budget,
+    Generation, check_prompt, make_request, resolve_model, routing_headers, served_model, sse, token_budget,
 )
 from skillpack_server.routers.text import token_bytes, token_text
 from skillpack_server.schemas.chat import ChatMessage, ChatRequest, ChatResponse
@@ -61,7 +61,8 @@ async def create_chat_completion(body: ChatRequest, request: Request, engine: En
         logprobs=top_k if body.logprobs else None,
     )
     gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "chatcmpl"), body.stop, metrics, ROUTE).start()
-    head = {"id": gen.request.request_id, "created": int(time.time()), "model": body.model}
+    head = {"id": gen.request.request_id, "created": int(time.time()),
+            "model": served_model(engine, body.model, routing)}
     if routing is not None:
         head["skillpack_routing"] = routing.response_field()
     if body.stream:

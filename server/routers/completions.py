@@ -13,7 +13,7 @@ from skillpack_server.errors import error_body
 from skillpack_server.metrics import Metrics
 from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_model, routing_headers, sse, token_budget,
+    Generation, check_prompt, make_request, resolve_model, routing_headers, served_model, sse, token_budget,
 )
 from skillpack_server.routers.text import token_text
 from skillpack_server.schemas.completions import CompletionRequest, CompletionResponse
@@ -80,7 +80,8 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "cmpl"), body.stop, metrics, ROUTE).start()
     echo_text = "" if not body.echo else (
         body.prompt if isinstance(body.prompt, str) else engine.tokenizer.decode(prompt_ids, skip_special_tokens=False))
-    head = {"id": gen.request.request_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
+    head = {"id": gen.request.request_id, "object": "text_completion", "created": int(time.time()),
+            "model": served_model(engine, body.model, routing)}
     if routing is not None:
         head["skillpack_routing"] = routing.response_field()
     if body.stream:

@@ -58,6 +58,14 @@ async def resolve_model(app_state, engine: EngineProtocol, model: str, mix: list
     return decision.packs, decision
 
 
+def served_model(engine: EngineProtocol, model: str, decision: RoutingDecision | None) -> str:
+    """A response's `model`: what served it. For `auto`, the packs the router chose (comma-separated,
+    as in the X-SkillPack-Packs header), or the base model's id when it fell back to no pack."""
+    if decision is None:
+        return model
+    return decision.header() or engine.model_id
+
+
 def routing_headers(decision: RoutingDecision | None) -> dict[str, str]:
     return {} if decision is None else {"X-SkillPack-Packs": decision.header()}
 

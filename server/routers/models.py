@@ -2,8 +2,6 @@
 `auto` (the router, docs/FUSION.md) when the pack folder holds a router or example prompts."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter, Depends, Request
 
 from skillpack_server.engine.types import EngineProtocol
@@ -11,7 +9,7 @@ from skillpack_server.errors import model_not_found
 from skillpack_server.routers.deps import get_engine
 from skillpack_server.routing_auto import AUTO_MODEL
 from skillpack_server.schemas.models import ModelCard, ModelList
-from skillpacks.router import ROUTER_FILE, examples_path
+from skillpacks.router import ROUTER_FILE
 
 router = APIRouter(tags=["models"])
 OWNER = "skillpack"
@@ -32,12 +30,12 @@ def _cards(request: Request, engine: EngineProtocol) -> list[dict]:
 
 def _routable(request: Request, packs: list[str]) -> bool:
     """`model: auto` can answer (or build its router on first use): a router file or a
-    registered pack's example prompts sit in the pack folder."""
+    registered pack's example prompts sit in a pack folder."""
     store = getattr(request.app.state, "pack_store", None)
     if store is None or not packs:
         return False
-    root = Path(store.root)
-    return (root / ROUTER_FILE).is_file() or any(examples_path(root, n).is_file() for n in packs)
+    return (any((folder / ROUTER_FILE).is_file() for folder in store.router_sources())
+            or any(store.examples_path(n).is_file() for n in packs))
 
 
 @router.get("/v1/models", response_model=ModelList)

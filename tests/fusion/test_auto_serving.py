@@ -47,7 +47,10 @@ def test_auto_answers_like_the_chosen_pack_and_names_it(fusion, packs_copy):
                 field = body["skillpack_routing"]
                 chosen = [p["name"] for p in field["packs"]]
                 assert r.headers["X-SkillPack-Packs"] == ",".join(chosen)
-                assert body["model"] == "auto" and field["router_version"] == 1 and not field["stale"]
+                assert body["model"] == (",".join(chosen) or base_id)  # what served it, not "auto"
+                assert field["router_version"] == 1 and not field["stale"]
+                if field["fallback"] == "out_of_distribution":
+                    assert field["confidence"] is None and chosen == []
                 assert abs(sum(field["probabilities"].values()) - 1) < 1e-5
                 routed += 1
                 correct += chosen == [name]
@@ -136,7 +139,7 @@ def test_router_follows_the_pack_store(fusion, packs_copy, tiny_tokenizer):
     try:
         for name in ("arith", "json", "sql"):
             eng.pack_cache.register(name, str(packs_copy / f"{name}.skillpack"))
-        auto = AutoRouter(packs_copy, eng.pack_cache, tiny_tokenizer, runtime_feature_fn(eng.model),
+        auto = AutoRouter([packs_copy], eng.pack_cache, tiny_tokenizer, runtime_feature_fn(eng.model),
                           fusion.fingerprint["weights_sha256"], RouterSettings(auto_rebuild=False))
         auto.reload()
         assert auto.status()["state"] == "fresh" and auto.status()["version"] == 1

@@ -141,6 +141,8 @@ def test_decision_top1_topk_threshold_ood_and_deleted_packs():
     # confident but far from class a's examples (distance 9 > 1.5 * radius 1) -> the base
     far = decide(r, torch.tensor([10.0, 0.0]), live, 1, 0.5, 1.5)
     assert far.packs == [] and far.fallback == "out_of_distribution"
+    assert far.confidence > 0.99 and far.response_field()["confidence"] is None  # confident, yet meaningless
+    assert amb.response_field()["confidence"] == float(f"{amb.confidence:.6g}") and d.response_field()["confidence"] > 0.5
     # pack a deleted: its mass is not handed to b, so a's prompt falls back to the base
     gone = decide(r, x, {"b", "c"}, 1, 0.5, 1.5)
     assert gone.packs == [] and gone.fallback == "low_confidence" and "a" not in gone.probabilities

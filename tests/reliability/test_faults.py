@@ -189,7 +189,7 @@ def test_a_crash_at_any_step_of_a_commit_leaves_old_or_new_never_half(pair, pack
         if point == "write":
             crash_here()
         staging.write(new[1000:])
-        asyncio.run(store.commit(staging, "p"))
+        asyncio.run(store.commit(staging, "p", replace=True))
     monkeypatch.undo()
 
     restarted = Registry()
@@ -246,7 +246,7 @@ def test_a_full_disk_fails_the_upload_cleanly(pair, pack_bytes, tmp_path, monkey
             else:
                 patch.setattr(pack_store.os, "replace", no_space)
             r = client.post("/admin/skillpacks", files={"file": ("p", pack_bytes["steady-a"])},
-                            data={"name": "skill"}, headers=ADMIN)
+                            data={"name": "skill", "replace": "true"}, headers=ADMIN)
         assert r.status_code == 507, r.text
         message = r.json()["error"]["message"]
         assert "No space left on device" in message and "nothing was stored" in message

@@ -72,7 +72,7 @@ def assert_in_step(store: SharedPackStore, shared: str) -> None:
 async def upload(store: SharedPackStore, data: bytes, name: str) -> tuple[str, dict, bool]:
     staging = store.staging()
     staging.write(data)
-    return await store.commit(staging, name)
+    return await store.commit(staging, name, replace=True)
 
 
 def test_uploads_replacements_and_deletes_reach_the_other_replica(engines, shared, tmp_path, pack_files):

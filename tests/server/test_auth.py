@@ -87,13 +87,3 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SKILLPACK_MAX_MODEL_LEN", "64")
     s = Settings(packs=tmp_path)
     assert s.admin_token == "from-the-env-123" and s.max_model_len == 64
-
-
-def test_serve_command_refuses_to_start_without_an_admin_token(monkeypatch, tmp_path, capsys):
-    from skillpacks.cli import main
-
-    monkeypatch.delenv("SKILLPACK_ADMIN_TOKEN", raising=False)
-    monkeypatch.delenv("SKILLPACK_NO_ADMIN_AUTH", raising=False)
-    assert main(["serve", "--packs", str(tmp_path / "store")]) == 2
-    assert "--no-admin-auth" in capsys.readouterr().err
-    assert (tmp_path / "store").is_dir()  # the default store folder is created

@@ -38,7 +38,8 @@ def pack_files(llama, tmp_path_factory):
 
 def upload(client, data: bytes, examples: bytes | None = None, name: str | None = None):
     files = {"file": ("p.skillpack", data)} | ({"examples": ("e.jsonl", examples)} if examples is not None else {})
-    return client.post("/admin/skillpacks", files=files, data={"name": name} if name else None, headers=ADMIN)
+    form = {"replace": "true"} | ({"name": name} if name else {})
+    return client.post("/admin/skillpacks", files=files, data=form, headers=ADMIN)
 
 
 def put_examples(client, name: str, data, **headers):

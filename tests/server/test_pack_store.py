@@ -30,9 +30,10 @@ def store(tmp_path):
     return folder
 
 
-def upload(client, data: bytes, name: str | None = None, filename: str = "x.skillpack"):
-    form = {"name": name} if name is not None else None
-    return client.post("/admin/skillpacks", files={"file": (filename, data)}, data=form, headers=ADMIN)
+def upload(client, data: bytes, name: str | None = None, filename: str = "x.skillpack",
+           replace: bool | str | None = None):
+    form = ({"name": name} if name is not None else {}) | ({"replace": str(replace).lower()} if replace is not None else {})
+    return client.post("/admin/skillpacks", files={"file": (filename, data)}, data=form or None, headers=ADMIN)
 
 
 def greedy(client, model):
@@ -80,7 +81,18 @@ def test_name_field_and_replacement(llama, store, pack_files):
         assert upload(client, pack_files["alpha"], name="math").json()["name"] == "math"
         first = greedy(client, "math")
         v1 = client.get("/admin/skillpacks/math", headers=ADMIN).json()["status"]["version"]
-        r = upload(client, pack_files["beta"], name="math")
+        for replace in (None, False):  # a taken name is refused unless the upload asks to replace it
+            r = upload(client, pack_files["beta"], name="math", replace=replace)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "pack_exists", r.text
+            assert "`math`" in r.json()["error"]["message"] and "replace=true" in r.json()["error"]["message"]
+            assert (store / "math.skillpack").read_bytes() == pack_files["alpha"]
+        r = upload(client, pack_files["alpha"], replace=True)
+        assert r.status_code == 201 and r.json() | {"manifest": None} == {  # a manifest's name is free: no 409
+            "name": "alpha", "replaced": False, "bytes": len(pack_files["alpha"]), "manifest": None, "examples": None}
+        assert upload(client, pack_files["alpha"]).status_code == 409  # taken now, by the manifest's name
+        assert upload(client, pack_files["alpha"], replace="maybe").status_code == 400
+        client.delete("/admin/skillpacks/alpha", headers=ADMIN)
+        r = upload(client, pack_files["beta"], name="math", replace=True)
         assert r.status_code == 201 and r.json()["replaced"] is True
         assert client.get("/admin/skillpacks/math", headers=ADMIN).json()["status"]["version"] > v1
         assert (store / "math.skillpack").read_bytes() == pack_files["beta"]
@@ -157,7 +169,8 @@ def test_replace_and_delete_while_requests_run(llama, store, pack_files):
     deleted finishes normally."""
     with live_server(settings_for(llama, store)) as url, httpx.Client(base_url=url, timeout=120) as http:
         def up(data):
-            r = http.post("/admin/skillpacks", files={"file": ("p", data)}, data={"name": "live"}, headers=ADMIN)
+            r = http.post("/admin/skillpacks", files={"file": ("p", data)}, data={"name": "live", "replace": "true"},
+                          headers=ADMIN)
             assert r.status_code == 201, r.text
 
         up(pack_files["alpha"])
