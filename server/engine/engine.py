@@ -28,6 +28,7 @@ import torch
 
 from skillpack_server.engine.config import ConfigError, EngineConfig, default_kv_budget
 from skillpack_server.engine.pack_cache import PackCache
+from skillpack_server.engine.logits import needs_processing, process_logits
 from skillpack_server.engine.sampling import make_generator, sample_tokens, token_logprobs
 from skillpack_server.engine.sequence import Sequence
 from skillpack_server.engine.types import EngineError, GenerationRequest, TokenEvent
@@ -182,6 +183,18 @@ class Engine:
                               param="stop_token_ids")
         if sp.seed is not None and not (isinstance(sp.seed, int) and 0 <= sp.seed < 2**63):
             raise EngineError(f"seed={sp.seed!r}; expected an integer in [0, 2**63).", param="seed")
+        if not (isinstance(sp.min_tokens, int) and 0 <= sp.min_tokens <= sp.max_tokens):
+            raise EngineError(f"min_tokens={sp.min_tokens!r}; expected an integer in [0, max_tokens={sp.max_tokens}].",
+                              param="min_tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(sp, name)
+            if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+                raise EngineError(f"{name}={value!r}; expected a number in [-2, 2].", param=name)
+        bad_bias = next((t for t, b in sp.logit_bias.items() if not (isinstance(t, int) and 0 <= t < vocab)
+                         or not (isinstance(b, (int, float)) and -100 <= b <= 100)), None)
+        if bad_bias is not None:
+            raise EngineError(f"logit_bias[{bad_bias!r}]={sp.logit_bias[bad_bias]!r}; expected token ids in "
+                              f"0..{vocab - 1} with biases in [-100, 100].", param="logit_bias")
         names = {name for name, _ in request.packs}
         limit = min(self.config.max_packs_per_request, self.config.pack_slots)
         if len(names) > limit:
@@ -313,8 +326,20 @@ class Engine:
         rows = torch.tensor([r for _, r in sampled], device=logits.device)
         chosen_logits = logits[rows]
         seqs = [p.seq for p, _ in sampled]
+        processed = chosen_logits
+        if any(needs_processing(s) for s in seqs):
+            processed = chosen_logits.clone()  # logprobs stay the model's own
+            errors = process_logits(processed, seqs)
+            if any(errors):
+                for seq, error in zip(seqs, errors):
+                    if error is not None:
+                        self._fail_row(seq, error)
+                keep = [i for i, error in enumerate(errors) if error is None]
+                if not keep:
+                    return
+                seqs, chosen_logits, processed = [seqs[i] for i in keep], chosen_logits[keep], processed[keep]
         params = [s.request.sampling for s in seqs]
-        tokens = sample_tokens(chosen_logits, [sp.temperature for sp in params], [sp.top_p for sp in params],
+        tokens = sample_tokens(processed, [sp.temperature for sp in params], [sp.top_p for sp in params],
                                [s.generator for s in seqs])
         top_k = max((sp.logprobs or 0) for sp in params)
         want_lp = any(sp.logprobs is not None for sp in params)
@@ -324,8 +349,12 @@ class Engine:
         top_v_list, top_i_list = (top_v.tolist(), top_i.tolist()) if want_lp else (None, None)
         for i, seq in enumerate(seqs):
             token = tokens_list[i]
-            seq.tokens.append(token)
             sp = seq.request.sampling
+            if sp.constraint is not None and not sp.constraint.accept(token):
+                self._fail_row(seq, EngineError(f"the structured-output grammar refused token {token} that its own "
+                                                "mask allowed.", status=500, code="grammar_error"))
+                continue
+            seq.tokens.append(token)
             finish = None
             if token in seq.stop_ids:
                 finish = "stop"

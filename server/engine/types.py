@@ -12,6 +12,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
+class TokenConstraint(Protocol):
+    """Which tokens a row may sample next (structured output); one per request, stateful."""
+
+    vocab_size: int  # ids at or past this are never allowed
+
+    def fill_mask(self, words: Any) -> None:
+        """Write the allowed next tokens into `words`, an int32 tensor (ceil(vocab_size / 32),):
+        bit t % 32 of word t // 32 is set when token t is allowed."""
+        ...
+
+    def accept(self, token: int) -> bool:
+        """Advance past the sampled token; False when it was not allowed."""
+        ...
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -22,6 +37,12 @@ class SamplingParams:
     logprobs: int | None = None  # top-k alternatives per generated token (0 = only the chosen one)
     prompt_logprobs: bool = False  # also return each prompt token's logprob (completions `echo`)
     ignore_eos: bool = False  # keep going past the model's end-of-sequence ids (stop_token_ids still stop)
+    # the logits processing below runs before sampling; reported logprobs stay the model's own
+    min_tokens: int = 0  # no stop id (EOS, stop_token_ids) is sampled before this many tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    constraint: TokenConstraint | None = None  # structured output: tokens outside it are never sampled
 
 
 @dataclass
