@@ -47,8 +47,11 @@ def _shrink_pool(x_ptr, out, rows, m_mask, slot, rb, split, in_features, stride_
                 xt = xt.to(tl.float32)  # at once: bf16 arithmetic is wrong in the interpreter
             if G >= KC:
                 grp = vec * groups + k0 // G  # the whole chunk is inside one group
-                sc = tl.load(scales_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
-                z = tl.load(zeros_ptr + grp, mask=r_mask, other=0.0).to(tl.float32)
+                # a chunk past in_features (the last 128-column block half empty) has no group of
+                # this row: k0 // G would name the next row's or fall past the pool, and 0 × NaN is NaN
+                g_mask = r_mask & (r * 0 + k0 < in_features)  # (R,): the interpreter rejects a 0-d compare in a mask
+                sc = tl.load(scales_ptr + grp, mask=g_mask, other=0.0).to(tl.float32)
+                z = tl.load(zeros_ptr + grp, mask=g_mask, other=0.0).to(tl.float32)
                 part = dot_acc(q, xt, tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.float32), PREC)
                 xsum = tl.sum(xt.to(tl.float32), axis=0)
                 acc += sc[:, None] * part + z[:, None] * xsum[None, :]

@@ -138,3 +138,35 @@ def test_cleared_and_reloaded_slot_reads_the_new_pack():
     y_kernel = y.clone()
     add_lowrank(y_kernel, x, slots, RowPacks.build(mix, "cpu"), backend="triton")
     torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, [new], mix), atol=2e-4, rtol=2e-4)
+
+
+def poison_pool_padding(factor, slot_rows):
+    """NaN into every scale and zero the kernels must never read: the rows past each slot's rank,
+    and (the tensors moved into a longer NaN buffer) the memory just past the pool's end."""
+    for name in ("scales", "zeros"):
+        data = getattr(factor, name)
+        for slot, rows in enumerate(slot_rows):
+            data[slot, rows:] = float("nan")
+        buf = torch.full((data.numel() + 4 * data.shape[-1],), float("nan"), dtype=data.dtype)
+        buf[: data.numel()] = data.flatten()
+        setattr(factor, name, buf[: data.numel()].view(data.shape))
+
+
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_shrink_reads_no_scale_past_in_features(group_size):
+    """576 inputs (SmolLM2): the last 128-column block is half empty. With groups as wide as
+    the K chunk the chunk past in_features must read neither the next row's group (slot 0's
+    padding rows) nor past the pool's end (slot 1 fills the pool to its last row)."""
+    ds = [make_delta(576, 40, [(8, 4)], group_size=group_size, seed=1),
+          make_delta(576, 40, [(16, 4)], group_size=group_size, seed=2)]
+    slots = load_slots(ds, max_rank=16)
+    (pool,) = slots.pools.values()
+    assert pool.cap == 16
+    poison_pool_padding(pool.a, [8, 16])
+    poison_pool_padding(pool.b, [8, 16])
+    mix = [[(0, 1.0)], [(1, 1.0)], [], [(1, 0.5), (0, 2.0)]]
+    x, y = batch(len(mix), torch.float32, 5, 576, 40)
+    y_kernel = y.clone()
+    add_lowrank(y_kernel, x, slots, RowPacks.build(mix, "cpu"), backend="triton", shape="decode")
+    assert torch.isfinite(y_kernel).all()
+    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=2e-4, rtol=2e-4)
