@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,35 +68,23 @@ def parse_auto_model(model: str) -> int | None:
 
 def runtime_feature_fn(model) -> FeatureFn:
     """Mean final-norm hidden state per prompt from the runtime `Transformer` (base weights
-    only: every module is called with packs=None; attention is plain causal SDPA, so the
-    paged KV cache the engine thread uses is never touched)."""
-    from skillpack_server.model.rope import apply_rope, rope_cos_sin
+    only, no packs), computed by the runtime's own layers on a private one-page KV cache, so
+    the paged KV cache the engine thread uses is never touched and every architecture the
+    runtime serves is featured exactly as it is served."""
+    from skillpack_server.model.batch import SeqChunk, build_step
+    from skillpack_server.model.kv_cache import PagedKVCache
 
-    cfg = model.config
-    device = model.model.embed_tokens.weight.device
+    weight = model.model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
 
     @torch.inference_mode()
     def one(ids: list[int]) -> torch.Tensor:
-        tokens = torch.tensor(ids[-MAX_FEATURE_TOKENS:], device=device)
-        n = tokens.numel()
-        x = model.model.embed_tokens(tokens, None)  # (T, dim)
-        pos = torch.arange(n, device=device)
-        cos, sin = rope_cos_sin(model.inv_freq, pos, x.dtype)
-        mask = pos[None, :] <= pos[:, None]  # (T, T) causal
-        if cfg.sliding_window is not None:
-            mask &= pos[None, :] > pos[:, None] - cfg.sliding_window
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            h = layer.input_layernorm(x, None)
-            q = apply_rope(attn.q_proj(h, None).view(n, attn.num_heads, attn.head_dim), cos, sin)
-            k = apply_rope(attn.k_proj(h, None).view(n, attn.num_kv_heads, attn.head_dim), cos, sin)
-            v = attn.v_proj(h, None).view(n, attn.num_kv_heads, attn.head_dim)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=mask, scale=attn.scale,
-                                                 enable_gqa=attn.num_heads != attn.num_kv_heads)  # (H, T, D)
-            x = x + attn.o_proj(out.transpose(0, 1).reshape(n, -1), None)
-            x = x + layer.mlp(layer.post_attention_layernorm(x, None), None)
-        return model.model.norm(x, None).float().mean(0).cpu()  # (dim,)
+        tokens = list(ids[-MAX_FEATURE_TOKENS:])
+        n = len(tokens)
+        kv = PagedKVCache(model.config, num_pages=1, page_size=n, device=device, dtype=dtype)
+        batch = build_step([SeqChunk(tokens, 0, [0], [], [])], n, max(model.num_pack_slots, 1), device)
+        hidden = model.final_hidden(batch, kv, torch.arange(n, device=device))  # (T, dim)
+        return hidden.float().mean(0).cpu()  # (dim,)
 
     def features(prompts: list[list[int]]) -> torch.Tensor:
         return torch.stack([one(p) for p in prompts])

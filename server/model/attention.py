@@ -11,9 +11,11 @@ def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor,
     batch: StepBatch, page_size: int, scale: float, sliding_window: int | None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write the step's new K/V into the cache, then attend each token to its sequence's
-    cached prefix (causal, optionally windowed).
+    cached prefix (causal, optionally windowed; each layer passes its own window).
+    `softcap` (Gemma 2): scores become softcap · tanh(scores / softcap) before the mask.
 
     q (N, H, D), k/v (N, KVH, D) for the step's N new tokens; caches (slots, KVH, D).
     Returns (N, H, D).
@@ -37,8 +39,16 @@ def paged_attention(
     mask = (key_pos <= q_pos) & (key_pos < batch.context_lens[:, None, None])  # (B, Tq, K)
     if sliding_window is not None:
         mask &= key_pos > q_pos - sliding_window
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-    )  # (B, H, Tq, D)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # (B, H, Tq, D)
+    else:
+        # SDPA cannot cap scores, so Gemma 2's layers take this eager path (softmax in float32, as transformers)
+        groups = q.shape[1] // k.shape[1]
+        scores = q_pad.transpose(1, 2) @ keys.repeat_interleave(groups, 1).transpose(2, 3) * scale  # (B, H, Tq, K)
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values.repeat_interleave(groups, 1)
     return out.transpose(1, 2)[batch.seq_index, batch.query_offset]

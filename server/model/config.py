@@ -1,7 +1,13 @@
 """The runtime's model configuration, read from a Hugging Face `config.json`.
 
-Only the Llama family is served: Llama (incl. SmolLM2, tied embeddings), Mistral and
-Qwen2 (q/k/v biases). Anything else is refused here, where the checkpoint enters.
+Served: Llama (incl. SmolLM2, tied embeddings), Mistral (sliding window), Qwen2 (q/k/v
+biases), Qwen3 (per-head q/k RMSNorm), Gemma 2 and Gemma 3 text (scaled embeddings,
+`1 + w` RMSNorms around attention and MLP, logit soft-capping, alternating sliding-window
+layers, Gemma 3's own rope for those) and Phi-3 (fused `qkv_proj` / `gate_up_proj`,
+partial rotary). The config is read by transformers' own config class
+(`skillpacks.architectures.transformers_config`), so every layer's window and rope are
+those of the transformers model; anything else is refused here, where the checkpoint
+enters, with one line listing what is supported.
 """
 from __future__ import annotations
 
@@ -9,14 +15,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# architecture name in config.json -> (model_type, whether q/k/v always carry a bias)
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", False),
-    "MistralForCausalLM": ("mistral", False),
-    "Qwen2ForCausalLM": ("qwen2", True),
-}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+from skillpacks.architectures import (
+    SUPPORTED_ARCHITECTURES, SUPPORTED_ROPE_TYPES, UnsupportedModelError, rope_parameters_by_layer_type,
+    transformers_config,
+)
+
+__all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError"]
+
 MAX_CONFIG_BYTES = 1 << 20
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 @dataclass
@@ -35,10 +43,23 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    rope_theta: float
-    rope_scaling: dict = field(default_factory=dict)  # rope_type + its parameters
-    sliding_window: int | None = None
+    # layer type ("full_attention" / "sliding_attention") -> rope_type, rope_theta and its parameters
+    rope: dict[str, dict] = field(default_factory=lambda: {"full_attention": {"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}})
+    layer_types: list[str] = field(default_factory=list)  # one per layer; empty = all full attention
+    sliding_window: int | None = None  # the window of "sliding_attention" layers
     eos_token_ids: list[int] = field(default_factory=list)
+    hidden_act: str = "silu"
+    rotary_dim: int | None = None  # leading dims of each head that rotate (Phi-3 partial rotary); None = all
+    attn_scale: float | None = None  # None = head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma 2: scores = cap · tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2/3: logits = cap · tanh(logits / cap)
+    embed_scale: float | None = None  # Gemma: embeddings times √hidden_size
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (1 + w)
+    sandwich_norms: bool = False  # Gemma: norms after attention and around the MLP too
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each q and k head
+    fused_qkv: bool = False  # Phi-3: one qkv_proj, rows [q; k; v]
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, rows [gate; up]
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -46,57 +67,82 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}; expected grouped-query attention."
             )
+        if not self.layer_types:
+            kind = "sliding_attention" if self.sliding_window else "full_attention"
+            self.layer_types = [kind] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types lists {len(self.layer_types)} layers; expected num_hidden_layers="
+                             f"{self.num_layers}.")
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.attn_scale is None:
+            self.attn_scale = self.head_dim ** -0.5
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden activation {self.hidden_act!r} is not supported; expected one of {ACTIVATIONS}.")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None = full causal attention)."""
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+    def rope_of(self, layer_type: str) -> dict:
+        """The rope parameters the layers of `layer_type` rotate with."""
+        return self.rope.get(layer_type) or next(iter(self.rope.values()))
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        arch = archs[0] if archs else None
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"architecture {arch!r} is not supported; the engine serves "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}."
-            )
-        _, always_qkv_bias = SUPPORTED_ARCHITECTURES[arch]
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act={act!r} is not supported; expected 'silu' (SwiGLU MLP).")
-        # transformers v5 keeps rope_theta inside rope_parameters; v4 configs keep it on top
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope_type {rope_type!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}."
-            )
-        rope["rope_type"] = rope_type
-        sliding = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-            sliding = None
-        elif arch == "Qwen2ForCausalLM" and sliding is not None:
-            raise ValueError("Qwen2 with use_sliding_window=true is not supported; expected full attention.")
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        eos = cfg.get("eos_token_id")
+        hf = transformers_config(cfg)  # refuses an unsupported architecture or rope type, in one line
+        arch = cfg["architectures"][0]
+        gemma = arch in GEMMA
+        if gemma and getattr(hf, "use_bidirectional_attention", False):
+            raise ValueError(f"{arch} with use_bidirectional_attention=true is not supported; expected causal "
+                             "attention.")
+        hidden, heads = int(hf.hidden_size), int(hf.num_attention_heads)
+        head_dim = int(getattr(hf, "head_dim", None) or hidden // heads)
+        ropes = rope_parameters_by_layer_type(hf)
+        for params in ropes.values():
+            params.setdefault("rope_type", "default")
+        rotary = {int(head_dim * float(p.get("partial_rotary_factor", 1.0))) for p in ropes.values()}
+        if len(rotary) != 1 or min(rotary) % 2:
+            raise ValueError(f"rotary dimensions {sorted(rotary)} differ between layer types or are odd; expected "
+                             "one even number of rotating dims per head.")
+        # Mistral and Phi-3 have no layer types: their window, if any, is on every layer
+        layer_types = list(getattr(hf, "layer_types", None) or [])
+        window = getattr(hf, "sliding_window", None)
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        always_qkv_bias = arch == "Qwen2ForCausalLM"
+        eos = hf.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         return cls(
             architecture=arch,
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=int(hf.vocab_size),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=int(hf.intermediate_size),
+            num_layers=int(hf.num_hidden_layers),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=always_qkv_bias or bool(cfg.get("attention_bias", False)),
-            o_bias=bool(cfg.get("attention_bias", False)) and not always_qkv_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            rope_theta=rope_theta,
-            rope_scaling=rope,
-            sliding_window=int(sliding) if sliding else None,
+            num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=int(hf.max_position_embeddings),
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=always_qkv_bias or (attention_bias and arch != "Phi3ForCausalLM"),
+            o_bias=attention_bias and not always_qkv_bias and arch != "Phi3ForCausalLM",
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)) and arch == "LlamaForCausalLM",
+            rope=ropes,
+            layer_types=layer_types if window else [],
+            sliding_window=int(window) if window else None,
             eos_token_ids=[int(e) for e in eos_ids],
+            hidden_act=hf.hidden_activation if gemma else hf.hidden_act,
+            rotary_dim=rotary.pop(),
+            attn_scale=float(hf.query_pre_attn_scalar) ** -0.5 if gemma else None,
+            # transformers' Gemma 3 attention never passes its attn_logit_softcapping on: neither do we
+            attn_softcap=getattr(hf, "attn_logit_softcapping", None) if arch == "Gemma2ForCausalLM" else None,
+            final_softcap=getattr(hf, "final_logit_softcapping", None),
+            embed_scale=hidden ** 0.5 if gemma else None,
+            norm_offset=1.0 if gemma else 0.0,
+            sandwich_norms=gemma,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            fused_qkv=arch == "Phi3ForCausalLM",
+            fused_gate_up=arch == "Phi3ForCausalLM",
         )
 
     @classmethod

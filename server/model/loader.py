@@ -1,8 +1,11 @@
 """Load a Hugging Face safetensors checkpoint folder into the runtime's Transformer.
 
 The model is built on the meta device (no memory, no init cost) and the checkpoint's
-tensors are assigned in place of its parameters, gpt-fast style. Only safetensors are
-read: a folder with only pickled `.bin` weights is refused.
+tensors are read one at a time (one file or the shards of `model.safetensors.index.json`),
+cast to the runtime's dtype and assigned in place of its parameters, gpt-fast style: peak
+memory is the model in its runtime dtype plus one tensor, never a second copy of the
+model (a bf16 checkpoint served in bf16 is read as is). Only safetensors are read: a
+folder with only pickled `.bin` weights is refused.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from skillpack_server.model.config import ModelConfig
 from skillpack_server.model.layers import Transformer
@@ -45,25 +48,30 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device, dtype: torch.dt
     cfg = ModelConfig.from_checkpoint(ckpt_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
-    state: dict[str, torch.Tensor] = {}
-    for path in checkpoint_files(ckpt_dir):
-        for name, tensor in load_file(path).items():
-            state[name] = tensor.to(device=device, dtype=dtype)
+    expected = model.state_dict()  # meta tensors: names and shapes only
+    files = checkpoint_files(ckpt_dir)
+    names: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            names |= set(f.keys())
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # tied: the output projection is the embedding
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        names.discard("lm_head.weight")  # tied: the output projection is the embedding
+    missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt_dir} does not match a {cfg.architecture}: missing tensors "
             f"{missing[:5]}, unexpected tensors {unexpected[:5]}."
         )
-    for name, param in model.state_dict().items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(
-                f"checkpoint tensor {name} has shape {tuple(state[name].shape)}; the config "
-                f"implies {tuple(param.shape)}."
-            )
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(names & set(f.keys())):
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(expected[name].shape):
+                    raise ValueError(f"checkpoint tensor {name} has shape {shape}; the config implies "
+                                     f"{tuple(expected[name].shape)}.")
+                # one tensor at a time: read (memory-mapped), cast, keep only the runtime's copy
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.setup_rope(device)
     return model.eval()

@@ -1,4 +1,4 @@
-"""Rotary position embeddings (rotate-half form, as Llama/Mistral/Qwen2 checkpoints expect)."""
+"""Rotary position embeddings (rotate-half form, as Llama/Mistral/Qwen/Gemma/Phi-3 checkpoints expect)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +8,13 @@ import torch
 from skillpack_server.model.config import ModelConfig
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """float32 (head_dim // 2,) inverse frequencies, with the config's rope scaling applied."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig, layer_type: str = "full_attention") -> torch.Tensor:
+    """float32 (rotary_dim // 2,) inverse frequencies of the layers of `layer_type`, with their
+    rope scaling applied."""
+    dim = cfg.rotary_dim
+    scaling = cfg.rope_of(layer_type)
+    theta = float(scaling.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
@@ -36,14 +38,18 @@ def _llama3_scale(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (N, head_dim) for token positions (N,); computed in float32."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (N, hd)
+    """cos, sin of shape (N, rotary_dim) for token positions (N,); computed in float32."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (N, rd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (N, heads, head_dim) by per-token angles cos/sin (N, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """Rotate the leading cos.shape[-1] dims of x (N, heads, head_dim) by per-token angles
+    cos/sin (N, rotary_dim); the rest of each head passes through (partial rotary)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    out = rot * cos[:, None, :] + rotated * sin[:, None, :]
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
