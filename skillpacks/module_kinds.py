@@ -1,4 +1,4 @@
-"""Classify a base checkpoint's tensor names into module kinds (Llama, Mistral, Qwen2).
+"""Classify a base checkpoint's tensor names into module kinds (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3).
 
 The kind decides how a module's delta is compressed. Budget builds store every weight
 matrix low-rank, embedding and lm_head included, and norms and biases exactly. The
@@ -6,7 +6,10 @@ matrix low-rank, embedding and lm_head included, and norms and biases exactly. T
 lm_head deltas to sparse entries instead: a full fine-tune moves every vocabulary row
 along a few shared directions (Adam's update reaches rows whose gradient is tiny), so at
 equal bytes a low-rank embedding delta keeps far more of it (docs/BUILD.md). SmolLM and
-Mistral use Llama's names; Qwen2 adds q/k/v biases.
+Mistral use Llama's names; Qwen2 adds q/k/v biases; Qwen3 and Gemma 3 per-head `q_norm` /
+`k_norm`; Gemma 2/3 `pre_feedforward_layernorm` / `post_feedforward_layernorm`. Phi-3's
+fused `qkv_proj` and `gate_up_proj` are one module each (attention, mlp): the delta of a
+fused weight is stored whole (docs/FORMAT.md, "Fused projections").
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ KINDS = ("embedding", "lm_head", "attention", "mlp", "norm", "bias", "other")
 EMBEDDING_NAME = "model.embed_tokens.weight"
 LM_HEAD_NAME = "lm_head.weight"
 
-_ATTENTION = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj\.weight$")
-_MLP = re.compile(r"^model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight$")
-_NORM = re.compile(r"^model\.(layers\.\d+\.(input_layernorm|post_attention_layernorm)|norm)\.weight$")
+_ATTENTION = re.compile(r"^model\.layers\.\d+\.self_attn\.(q|k|v|o|qkv)_proj\.weight$")
+_MLP = re.compile(r"^model\.layers\.\d+\.mlp\.(gate|up|down|gate_up)_proj\.weight$")
+_NORM = re.compile(r"^model\.(layers\.\d+\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+                   r"|post_feedforward_layernorm|self_attn\.[qk]_norm)|norm)\.weight$")
 _BIAS = re.compile(r"\.bias$")
 
 # which kinds are stored how (docs/FORMAT.md: lowrank | sparse | exact)

@@ -37,6 +37,25 @@ ARCHS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
 }
+# the architectures added for issue #18, kept apart so the ARCHS-parametrized tests do not
+# multiply: each gets its own tests (tests/server/test_architectures.py). Every feature is
+# set so that leaving it out changes the logits: head_dim ≠ hidden / heads (Qwen3), a
+# query_pre_attn_scalar ≠ head_dim, sliding windows shorter than the test prompts, caps
+# below the scores and logits (Gemma 2), another rope on full than on sliding layers
+# (Gemma 3), half-rotary heads and a window (Phi-3).
+NEW_ARCHS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=2.0,
+        final_logit_softcapping=6.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=False, sliding_window=5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+}
 
 
 @dataclass(frozen=True)
@@ -91,7 +110,7 @@ def _train(model, ids: torch.Tensor, steps: int, lr: float, seed: int) -> None:
 
 def build_tiny_pair(arch: str, root: Path, tokenizer: PreTrainedTokenizerFast | None = None) -> TinyPair:
     """Write `root/<arch>/base` and `root/<arch>/tuned` (skipped when already written)."""
-    cfg_name, model_name, extra = ARCHS[arch]
+    cfg_name, model_name, extra = (ARCHS | NEW_ARCHS)[arch]
     base_dir, tuned_dir = root / arch / "base", root / arch / "tuned"
     if (tuned_dir / "config.json").exists():
         return TinyPair(arch, base_dir, tuned_dir)
@@ -119,6 +138,6 @@ if __name__ == "__main__":  # python -m tests.tiny_models OUT_DIR: write every p
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")
     tok = build_tokenizer()
-    for name in ARCHS:
+    for name in ARCHS | NEW_ARCHS:
         print(build_tiny_pair(name, out, tok))
     os.sync()
