@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from skillpacks.architectures import UnsupportedModelError, check_supported
 from skillpacks.budget import (
     ExactModule, HeaderCost, LowRankModule, Plan, SparseModule, allocate, group_size_options, sparse_grid,
     sparse_spectrum,
@@ -193,6 +194,10 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         raise BuildError(f"preset {preset!r} fixes every module's ranks, so sensitivity has nothing to choose; "
                          "expected a budget build (no preset) with sensitivity.")
     base, tuned = open_checkpoint(base_dir), open_checkpoint(tuned_dir)
+    try:
+        check_supported(base.config)  # a pack no server can apply is refused before any work
+    except UnsupportedModelError as e:
+        raise BuildError(f"the base {base.path} cannot take packs: {e}") from None
     infos = _modules(base, check_pair(base, tuned))
     name = name or out.name.split(".")[0]
     fingerprint = base_fingerprint(base)

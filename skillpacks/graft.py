@@ -180,6 +180,9 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = labels != -100  # (B, T-1)
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma caps its logits after the head: the model's distribution is the capped one
+        logits = torch.tanh(logits / cap) * cap
     return logits.float(), labels[keep], keep
 
 

@@ -21,9 +21,18 @@ direction of it, and the tied embedding's top directions (it also writes the log
 exceed those of the linears sampled (1.5e-9 against 2e-11 to 8.5e-10), none of which a size-only
 criterion (‖ΔW − ΔŴ‖²) can see.
 
-Memory: the tuned model in float32, its gradients, and every low-rank module's singular
-vectors (measured on SmolLM2-135M: peak RSS 5.3x the float32 model), so this is for
-models that fit in RAM (or on the device) a few times over.
+How it runs: no parameter gradient is ever formed. Every module whose weight is measured
+gets hooks: its forward keeps the input projected on the right singular vectors, X V
+(tokens, k), its backward projects the output gradient on the left ones, Γ U, and
+uᵢᵀ∇W vᵢ = Σ_tokens (ΓU)ᵢ (XV)ᵢ is added to that example's sum, so the weight's gradient
+(the size of the model) never exists; the backward pass only carries activation gradients.
+A tied head is the embedding's one Parameter used twice: both uses add to the same sum.
+
+Memory: the tuned model in float32 (4 bytes per parameter) and every low-rank module's
+singular vectors U, V (float32, k·(out + in) per (out, in) matrix, k = min(out, in): about
+1.25 x the linears' parameters on Qwen2-shaped models, plus vocab·dim + dim² for the
+embedding), plus one example's activations: about 9-10 bytes per parameter, measured in
+docs/BUILD.md ("Build memory against model size").
 """
 from __future__ import annotations
 
@@ -107,7 +116,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model")
-    model.to(device)
+    model.to(device).requires_grad_(False)
     params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
     missing = [n for n in names if n not in params]
     if missing:
@@ -119,26 +128,87 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
         if torch.any(d):
             u, _, vh = delta_svd(d)
             factors[name] = (u.to(device, params[name].dtype), vh.to(device, params[name].dtype))
-    for name, p in params.items():
-        p.requires_grad_(name in factors)
+        del d
     fisher = {name: torch.zeros(vh.shape[0], dtype=torch.float64, device=device) for name, (_, vh) in factors.items()}
+    example = {name: torch.zeros_like(f) for name, f in fisher.items()}  # Σ over this example's tokens of uᵢᵀ∇W vᵢ
+    handles = _install_projections(model, params, factors, example)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = 0
-    for record in tqdm(records, desc="sensitivity", disable=not progress, leave=False):
-        batch = collate([_encode(tokenizer, record, max_len)], pad, device)
-        logits, _, _ = response_logits(model, batch)
-        if logits.shape[0] == 0:
-            continue
-        with torch.no_grad():
-            labels = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
-        tokens += labels.numel()
-        with torch.no_grad():
-            for name, (u, vh) in factors.items():
-                grad = params[name].grad
-                fisher[name] += (((u.T @ grad) * vh).sum(dim=1).double()) ** 2
+    try:
+        for record in tqdm(records, desc="sensitivity", disable=not progress, leave=False):
+            batch = collate([_encode(tokenizer, record, max_len)], pad, device)
+            logits, _, _ = response_logits(model, batch)
+            if logits.shape[0] == 0:
+                continue
+            with torch.no_grad():
+                labels = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            for acc in example.values():
+                acc.zero_()
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+            tokens += labels.numel()
+            for name, acc in example.items():
+                fisher[name] += acc ** 2
+    finally:
+        for handle in handles:
+            handle.remove()
     if tokens == 0:
         raise ValueError("the sensitivity records score no token (every response was cut off or empty).")
     return {name: (f / tokens).cpu() for name, f in fisher.items()}, tokens
+
+
+def _install_projections(model, params: dict, factors: dict, example: dict) -> list:
+    """Hooks that add, for every use of a measured weight, Σ_tokens (ΓU)ᵢ (XV)ᵢ to example[name]
+    (Γ the gradient of the module's output, X its input); returns their handles."""
+    from torch import nn
+
+    measured = {id(params[name]): name for name in factors}
+    handles = []
+
+    def linear_hook(name):
+        u, vh = factors[name]
+
+        def forward(module, inputs, output):
+            xv = inputs[0].detach().reshape(-1, vh.shape[1]) @ vh.T  # (T, k)
+
+            def backward(grad):  # returns None: the gradient flows on unchanged
+                example[name].add_(((grad.reshape(-1, u.shape[0]) @ u) * xv).sum(0).double())
+
+            _require_grad(output, name)
+            output.register_hook(backward)
+        return forward
+
+    def embedding_hook(name):
+        def forward(module, inputs, output):
+            output = output if output.requires_grad else output.requires_grad_()  # activations need gradients
+            if name is None:
+                return output
+            u, vh = factors[name]
+            ids = inputs[0].reshape(-1)
+            # a scaled embedding (Gemma) returns E[ids] · c: the weight's gradient is c times the output's
+            scale = float(module.embed_scale.to(module.weight.dtype)) if hasattr(module, "embed_scale") else 1.0
+
+            def backward(grad):
+                example[name].add_((u[ids] * (grad.reshape(-1, vh.shape[1]) @ vh.T)).sum(0).double() * scale)
+
+            output.register_hook(backward)
+            return output
+        return forward
+
+    embedding = model.get_input_embeddings()
+    for module in model.modules():
+        name = measured.get(id(getattr(module, "weight", None)))
+        if module is embedding:  # its output must carry gradients even when its weight is not measured
+            handles.append(module.register_forward_hook(embedding_hook(name)))
+        elif name is not None and isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(linear_hook(name)))
+        elif name is not None:
+            raise ValueError(f"'{name}' is the weight of a {type(module).__name__}; sensitivity measures linear "
+                             "and embedding weights only.")
+    return handles
+
+
+def _require_grad(output: torch.Tensor, name: str) -> None:
+    if not output.requires_grad:
+        raise ValueError(f"the output of the module using '{name}' carries no gradient; expected every measured "
+                         "module to lie between the input embedding and the loss.")
