@@ -30,7 +30,9 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload's
 
 def base_dir(settings: Settings) -> Path:
     if settings.base is not None:
-        return settings.base
+        from skillpacks.hub import resolve_checkpoint  # a folder, or a Hugging Face model id from its cache
+
+        return resolve_checkpoint(settings.base)
     from skillpacks.default_base import default_base_dir
 
     return default_base_dir()

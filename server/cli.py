@@ -7,7 +7,8 @@ import sys
 
 # option -> help; the Settings field is the option name with dashes as underscores
 OPTIONS = {
-    "--base": "base model checkpoint folder (default: SmolLM2-135M-Instruct, converted on first use)",
+    "--base": "base model: a checkpoint folder or a Hugging Face model id ORG/NAME from the hub cache "
+              "(default: SmolLM2-135M-Instruct, converted on first use)",
     "--packs": "pack store folder, where uploads go; created if missing "
                "(default: $XDG_DATA_HOME/skillpack/packs, i.e. ~/.local/share/skillpack/packs)",
     "--readonly-packs": "folders of packs served where they lie and never written, ':'-separated "
@@ -105,6 +106,8 @@ def build_engine_or_explain(settings):
     try:
         base = base_dir(settings)
     except (RuntimeError, ValueError, OSError) as exc:
+        if settings.base is not None:  # a folder or model id that cannot be found: the resolver's sentence says which
+            raise StartupError(f"{exc} (set {where_to_change('base')})") from None
         raise StartupError(f"the default base model is unavailable: {exc}") from None
     try:
         return build_engine(settings, base)

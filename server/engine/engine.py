@@ -38,6 +38,7 @@ from skillpack_server.model.loader import load_model
 from skillpack_server.model.pack_slots import PackSlots
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
+from skillpacks.hub import checkpoint_name
 
 log = logging.getLogger(__name__)
 MAX_STOP_TOKEN_IDS = 64
@@ -69,7 +70,7 @@ class Engine:
         self.dtype = config.resolve_dtype(self.device)
         self.model = load_model(ckpt, self.device, self.dtype)
         cfg = self.model.config
-        self.model_id = model_id or ckpt.resolve().name
+        self.model_id = model_id or checkpoint_name(ckpt)  # a hub snapshot is named by its model id, not its commit
         if tokenizer is None:
             from transformers import AutoTokenizer
 

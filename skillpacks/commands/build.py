@@ -11,8 +11,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from skillpacks.build import DEFAULT_BUDGET, PRESETS
     from skillpacks.sensitivity import DEFAULT_EXAMPLES
 
-    parser.add_argument("--base", required=True, help="base checkpoint folder (safetensors)")
-    parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint folder with the base's tensors")
+    parser.add_argument("--base", required=True, help="base checkpoint: a folder (safetensors) or a Hugging Face "
+                        "model id ORG/NAME, read from the hub cache")
+    parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint (folder or model id) with the base's tensors")
     parser.add_argument("--out", required=True, help="pack file to write, e.g. math.skillpack")
     parser.add_argument("--name", help="pack name (default: the output file's name without extension)")
     parser.add_argument("--description", default="", help="one line saying what the skill does")
@@ -34,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from skillpacks.build import build_pack
+    from skillpacks.hub import resolve_checkpoint
 
     if args.threads is not None:
         if not 1 <= args.threads <= 1024:
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        manifest = build_pack(args.base, args.tuned, args.out, name=args.name, description=args.description,
+        base, tuned = resolve_checkpoint(args.base), resolve_checkpoint(args.tuned, "tuned")
+        manifest = build_pack(base, tuned, args.out, name=args.name, description=args.description,
                               budget=args.budget, preset=args.preset, calib=args.calib, report=args.report,
                               progress=not args.quiet, sensitivity=args.sensitivity,
                               sensitivity_examples=args.sensitivity_examples)

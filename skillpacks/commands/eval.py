@@ -19,7 +19,8 @@ def _budgets(text: str) -> list[float]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skills", default="arithmetic,json_extract,sql", help="comma-separated demo skills")
-    parser.add_argument("--base", help="base checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help="base checkpoint folder or Hugging Face model id (default: the converted "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--tuned-root", help="folder holding one fine-tuned checkpoint per skill, named after it")
     parser.add_argument("--packs", default="packs/eval", help="folder of the packs to score, SKILL.1of16.skillpack "
                         "etc.; missing ones are built from base and fine-tune (default packs/eval)")
@@ -55,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
             if not args.tuned_root:
                 raise ValueError("--tuned-root is required to score (it holds one fine-tuned checkpoint per skill).")
             if args.base:
-                base = Path(args.base)
+                from skillpacks.hub import resolve_checkpoint
+
+                base = resolve_checkpoint(args.base)
             else:
                 from skillpacks.default_base import default_base_dir
 

@@ -10,7 +10,8 @@ from skillpacks.skills import SKILLS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="the base checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help="the base checkpoint folder or Hugging Face model id (default: the converted "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--packs", default="packs", help="folder with SKILL.skillpack for each skill (default packs/)")
     parser.add_argument("--skills", nargs="+", default=sorted(SKILLS), choices=sorted(SKILLS))
     parser.add_argument("--n-test", type=int, default=30, help="held-out test prompts per skill (default 30)")
@@ -27,10 +28,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from skillpacks.fusion_eval import markdown_table, run_fusion_eval, save_report
 
-    if args.base is None:
-        from skillpacks.default_base import default_base_dir
+    from skillpacks.hub import resolve_checkpoint
 
-        args.base = default_base_dir()
+    try:
+        if args.base is None:
+            from skillpacks.default_base import default_base_dir
+
+            args.base = default_base_dir()
+        args.base = resolve_checkpoint(args.base)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     command = "skillpack fusion-eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["fusion-eval"] else sys.argv[1:])
     out = Path(args.out)
     try:

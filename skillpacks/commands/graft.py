@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from skillpacks.commands import budget_arg
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="base checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    parser.add_argument("--base", help="base checkpoint folder or Hugging Face model id (default: the converted "
+                        "SmolLM2-135M-Instruct)")
     parser.add_argument("--data", help='JSONL of {"prompt", "response"} pairs (or use --teacher with --prompts)')
     parser.add_argument("--out", required=True, help="pack file to write, e.g. sql.skillpack")
     parser.add_argument("--name", help="pack name (default: the output file's name without extension)")
@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
             dpo_cfg = TrainConfig(steps=args.dpo_steps, lr=args.dpo_lr, batch_size=args.batch_size,
                                   warmup_steps=min(args.warmup_steps, args.dpo_steps), seed=args.seed)
         if args.base:
-            base = Path(args.base)
+            from skillpacks.hub import resolve_checkpoint
+
+            base = resolve_checkpoint(args.base)
         else:
             from skillpacks.default_base import default_base_dir
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from skillpacks.hub import resolve_checkpoint
 from skillpacks.peft_io import import_peft
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
+    parser.add_argument("--base", required=True, help="the base the adapter was trained on: a folder or a Hugging Face model id")
     parser.add_argument("--out", required=True, help="the .skillpack file to write")
     parser.add_argument("--bits", default="8",
                         help="bit width, or comma-separated widths for rank tiers, largest singular values first "
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --bits {args.bits!r} is not a comma-separated list of integers (e.g. 8 or 8,4).", file=sys.stderr)
         return 2
     try:
-        manifest = import_peft(args.adapter, args.base, args.out, bits=bits, group_size=args.group_size,
+        manifest = import_peft(args.adapter, resolve_checkpoint(args.base), args.out, bits=bits, group_size=args.group_size,
                                name=args.name, description=args.description)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

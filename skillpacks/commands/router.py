@@ -12,7 +12,8 @@ from skillpacks.router import ROUTER_FILE, RouterError, TrainConfig, examples_pa
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     build = sub.add_parser("build", help="train a router over the packs that have example prompts")
-    build.add_argument("--base", help="the base checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    build.add_argument("--base", help="the base checkpoint folder or Hugging Face model id (default: the converted "
+                       "SmolLM2-135M-Instruct)")
     build.add_argument("--packs", required=True, help="the folder of NAME.skillpack files (and NAME.examples.jsonl)")
     build.add_argument("--examples", action="append", default=[], metavar="NAME=FILE",
                        help="a JSONL file of {'prompt': ...} lines to store as pack NAME's examples sidecar "
@@ -50,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
             from skillpacks.default_base import default_base_dir
 
             args.base = default_base_dir()
+        from skillpacks.hub import resolve_checkpoint
+
+        args.base = resolve_checkpoint(args.base)
         cfg = TrainConfig(hidden=args.hidden, steps=args.steps, seed=args.seed)
         _store_examples(packs, args.examples)
         tokenizer = AutoTokenizer.from_pretrained(args.base)
