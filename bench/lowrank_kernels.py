@@ -6,9 +6,10 @@ mixed 8/4/2-bit tiers), bf16 activations. Per case it times, side by side in one
 from a CUDA graph (launch cost removed), and (deq) dequantize each used slot then torch
 matmuls; it reports the kernels' achieved GB/s for the bytes they must read against the
 device's copy bandwidth measured in the same run. On CPU it runs the torch twin on small
-shapes and says the GPU figures are missing.
+shapes and says the GPU figures are missing; `--dry-run` runs the GPU cases' code on tiny
+shapes under the Triton interpreter instead (no CUDA graphs; what tests/bench checks).
 
-    python bench/lowrank_kernels.py [--out DIR] [--quick]
+    python bench/lowrank_kernels.py [--out DIR] [--quick | --dry-run]
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ GPU_BATCHES = [1, 16, 64, 256]
 PACK_COUNTS = [1, 8, 64]
 CPU_SHAPES = [(576, 576), (576, 1536)]
 CPU_BATCHES = [1, 16]
+DRY_SHAPES, DRY_BATCHES, DRY_PACKS = [(256, 192)], [1, 4], [1, 2]
 GROUP_SIZE = 128
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -101,46 +103,67 @@ def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
         y.index_add_(0, rows, ((t.to(x.dtype) @ b.T.to(x.dtype)) * w[:, None].to(x.dtype)))
 
 
-def gpu_cases(quick: bool, out_dir: Path | None = None) -> dict:
+def gpu_cases(quick: bool, out_dir: Path) -> dict:
     from triton.testing import do_bench
 
+    device = torch.device("cuda")
+    copy_gbs = measure_copy_bandwidth(device)
+    name = torch.cuda.get_device_name(device)
+    print(f"device {name}: measured copy bandwidth {copy_gbs:.0f} GB/s")
+    return kernel_cases(name, device, torch.bfloat16, GPU_SHAPES[:1] if quick else GPU_SHAPES, GPU_BATCHES,
+                        PACK_COUNTS, copy_gbs, lambda fn, reps: do_bench(fn, warmup=min(10, reps), rep=reps),
+                        lambda fn: graph_timer(fn, device), out_dir)
+
+
+def dry_run_cases(out_dir: Path) -> dict:
+    """The GPU cases' code on tiny shapes, Triton under the interpreter on CPU tensors; each timing is one call."""
+    def once(fn, reps=1):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    return kernel_cases("cpu dry run", torch.device("cpu"), torch.float32, DRY_SHAPES, DRY_BATCHES, DRY_PACKS,
+                        float("nan"), once, once, out_dir)
+
+
+def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, copy_gbs: float, timer, graph_ms_of,
+                 out_dir: Path) -> dict:
+    """Every (shape, batch, packs) case; timer(fn, reps) and graph_ms_of(fn) return milliseconds per call.
+    The JSON is rewritten after each shape, so a timeout keeps what was measured."""
     from skillpack_kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
 
-    device = torch.device("cuda")
-    dtype = torch.bfloat16
-    copy_gbs = measure_copy_bandwidth(device)
-    print(f"device {torch.cuda.get_device_name(device)}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     rows_out = []
-    shapes = GPU_SHAPES[:1] if quick else GPU_SHAPES
     header = (f"{'in x out':>12} {'batch':>5} {'packs':>5} {'shape':>7} {'base us':>8} {'kern us':>8} "
               f"{'graph us':>8} {'dec us':>7} {'seg us':>7} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5} "
               f"{'stepG us':>8} {'baseG us':>8} {'step+%':>6}")
     print(header)
     for in_f, out_f in shapes:
-        num_slots = max(PACK_COUNTS)
+        num_slots = max(pack_counts)
         deltas = [random_delta(in_f, out_f, i, device) for i in range(num_slots)]
         slots = LowRankSlots(in_f, out_f, num_slots, 64, device, dtype)
         for i, d in enumerate(deltas):
             slots.load(i, d)
         w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
-        for batch in GPU_BATCHES:
+        for batch in batches:
             x = torch.randn(batch, in_f, device=device, dtype=dtype)
             y = torch.empty(batch, out_f, device=device, dtype=dtype)
-            base_ms = do_bench(lambda: torch.matmul(x, w.T, out=y), warmup=10, rep=50)
-            for packs in PACK_COUNTS:
-                if packs > batch and packs != PACK_COUNTS[0]:
+            base_ms = timer(lambda: torch.matmul(x, w.T, out=y), 50)
+            for packs in pack_counts:
+                if packs > batch and packs != pack_counts[0]:
                     continue  # fewer rows than packs: the same case as packs == batch
                 routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], device)
                 used = sorted(routing.slots_used)
                 must_read = sum(packed_bytes(deltas[s]) for s in used) + x.numel() * 2 + 2 * y.numel() * 2
-                kern_ms = do_bench(lambda: add_lowrank(y, x, slots, routing), warmup=10, rep=50)
-                graph_ms = graph_timer(lambda: add_lowrank(y, x, slots, routing), device)
-                forced = {s: graph_timer(lambda: add_lowrank(y, x, slots, routing, shape=s), device)
-                          for s in ("decode", "segment")}
+                def kernels(shape="auto"):
+                    add_lowrank(y, x, slots, routing, backend="triton", shape=shape)
+
+                kern_ms = timer(kernels, 50)
+                graph_ms = graph_ms_of(kernels)
+                forced = {s: graph_ms_of(lambda: kernels(s)) for s in ("decode", "segment")}
                 # the decode step as served: base GEMM then the deltas, one graph, against the GEMM alone
-                base_graph_ms = graph_timer(lambda: torch.matmul(x, w.T, out=y), device)
-                step_ms = graph_timer(lambda: (torch.matmul(x, w.T, out=y), add_lowrank(y, x, slots, routing)), device)
-                deq_ms = do_bench(lambda: dequant_then_matmul(y, x, slots, routing), warmup=3, rep=10)
+                base_graph_ms = graph_ms_of(lambda: torch.matmul(x, w.T, out=y))
+                step_ms = graph_ms_of(lambda: (torch.matmul(x, w.T, out=y), kernels()))
+                deq_ms = timer(lambda: dequant_then_matmul(y, x, slots, routing), 10)
                 per_slot = routing.num_pairs / len(used)
                 shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
                 gbs = must_read / (graph_ms * 1e-3) / 1e9
@@ -161,13 +184,14 @@ def gpu_cases(quick: bool, out_dir: Path | None = None) -> dict:
                       f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f} "
                       f"{row['step_graph_us']:>8.1f} {row['base_graph_us']:>8.1f} {row['step_over_base_pct']:>6.1f}")
         del slots, deltas, w
-        torch.cuda.empty_cache()
-        write_json(_gpu_result(device, copy_gbs, rows_out), out_dir)  # a shape at a time, in case of a timeout
-    return _gpu_result(device, copy_gbs, rows_out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_json(_gpu_result(device_name, dtype, copy_gbs, rows_out), out_dir)  # a shape at a time
+    return _gpu_result(device_name, dtype, copy_gbs, rows_out)
 
 
-def _gpu_result(device, copy_gbs: float, rows_out: list) -> dict:
-    return {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16", "copy_bandwidth_gbs": copy_gbs,
+def _gpu_result(device_name: str, dtype, copy_gbs: float, rows_out: list) -> dict:
+    return {"device": device_name, "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gbs": copy_gbs,
             "torch": torch.__version__, "triton": _triton_version(), "cases": rows_out,
             "notes": ("overhead_pct = kernels (CUDA graph) / base GEMM x 100; eager adds Python launch cost; "
                       "step_over_base_pct = (base GEMM + kernels in one graph) / (base GEMM alone in a graph) - 1")}
@@ -212,30 +236,36 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def write_json(result: dict, out_dir: Path | None) -> Path:
-    """Write bench/results/kernels-<device>.json atomically, and a copy into out_dir if given."""
+def write_json(result: dict, out_dir: Path) -> Path:
+    """Write out_dir/kernels-<device>.json atomically."""
     name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
     result = {**result, "machine": platform.node(), "cpu_count": os.cpu_count(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    text = json.dumps(result, indent=2)
-    paths = [RESULTS / f"kernels-{name}.json"] + ([out_dir / f"kernels-{name}.json"] if out_dir else [])
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(f.name, path)
-        print(f"wrote {path}")
-    return paths[0]
+    path = out_dir / f"kernels-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(json.dumps(result, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(f.name, 0o644)  # a temp file is private; a results file is for everyone
+    os.replace(f.name, path)
+    print(f"wrote {path}")
+    return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="also copy the JSON into this folder")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="folder for kernels-<device>.json (default bench/results)")
     ap.add_argument("--quick", action="store_true", help="GPU: only the 4096x4096 shape")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the GPU cases on tiny shapes, Triton interpreted on CPU (needs TRITON_INTERPRET=1)")
     args = ap.parse_args()
-    if torch.cuda.is_available():
+    if args.dry_run:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--dry-run runs Triton on CPU tensors: set TRITON_INTERPRET=1.")
+        dry_run_cases(args.out)
+    elif torch.cuda.is_available():
         gpu_cases(args.quick, args.out)
     else:
         write_json(cpu_cases(), args.out)
