@@ -40,12 +40,13 @@ def decode_case(batch: int, context: int, heads: int, kv_heads: int, dim: int, p
     per_seq = -(-context // page_size)
     num_pages = batch * per_seq + 1
     pages = torch.randperm(num_pages, generator=g)[: batch * per_seq].view(batch, per_seq)
-    k_cache = torch.randn(num_pages * page_size, kv_heads, dim, generator=g).to(device, dtype)
-    v_cache = torch.randn(num_pages * page_size, kv_heads, dim, generator=g).to(device, dtype)
-    q = torch.randn(batch, heads, dim, generator=g).to(device, dtype)
-    k = torch.randn(batch, kv_heads, dim, generator=g).to(device, dtype)
-    v = torch.randn(batch, kv_heads, dim, generator=g).to(device, dtype)
-    return q, k, v, k_cache, v_cache, pages
+    gd = torch.Generator(device=device).manual_seed(seed)  # the caches are up to 0.5 GB: drawn where they live
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gd, device=device).to(dtype)
+
+    return (randn(batch, heads, dim), randn(batch, kv_heads, dim), randn(batch, kv_heads, dim),
+            randn(num_pages * page_size, kv_heads, dim), randn(num_pages * page_size, kv_heads, dim), pages)
 
 
 def server_step(q, k, v, k_cache, v_cache, pages, context: int, page_size: int):

@@ -237,21 +237,26 @@ def generate_greedy(engine, requests: list[tuple[list[int], str | None]], max_to
 
 
 def agreement(engine, pack_paths: dict[str, Path], prompt_tokens: int, max_tokens: int) -> dict:
-    """One request per pack plus a base request in one mixed batch, against each pack merged."""
+    """One request per pack plus a base request in one mixed batch, against each pack merged (every
+    row of the batch on the merged weights, the pack's row compared)."""
     vocab = engine.model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     names = list(pack_paths)
     requests = [(torch.randint(0, vocab - 2, (prompt_tokens,), generator=g).tolist(), name)
                 for name in names + [None]]
+    prompts_only = [(prompt, None) for prompt, _ in requests]
     mixed = generate_greedy(engine, requests, max_tokens)
-    plain = generate_greedy(engine, [(prompt, None) for prompt, _ in requests], max_tokens)  # no pack at all
+    plain = generate_greedy(engine, prompts_only, max_tokens)  # no pack at all
     merger = DenseMerge(engine)
     reference = []
-    for prompt, name in requests:
-        if name:
-            merger.merge(pack_paths[name])
+    for k, (_, name) in enumerate(requests):
+        if not name:
+            reference.append(plain[k])
+            continue
+        # the whole batch again on the merged weights: the same shapes, so the same GEMM kernels, as the mixed run
+        merger.merge(pack_paths[name])
         try:
-            reference += generate_greedy(engine, [(prompt, None)], max_tokens)
+            reference.append(generate_greedy(engine, prompts_only, max_tokens)[k])
         finally:
             merger.restore()
     pack_rows = [(m, r, b) for m, r, b, (_, name) in zip(mixed, reference, plain, requests) if name]
