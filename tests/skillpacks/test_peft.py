@@ -23,10 +23,10 @@ def logits(model) -> torch.Tensor:
         return model(input_ids=IDS).logits.double()
 
 
-def make_lora(base_dir, out_dir, r=4, alpha=8, rslora=False, seed=0, **extra):
+def make_lora(base_dir, out_dir, r=4, alpha=8, rslora=False, seed=0, targets=TARGETS, **extra):
     """A real peft LoRA on the base, with random non-zero B so the adapter does something."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, use_rslora=rslora, lora_dropout=0.0, **extra)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, lora_dropout=0.0, **extra)
     peft_model = get_peft_model(model, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -60,12 +60,18 @@ def test_lora_svd_drops_dead_ranks():
 
 
 def test_import_then_merge_matches_peft_merge_and_unload(tiny_pair, tmp_path):
+    check_import_then_merge(tiny_pair, tmp_path, TARGETS, rslora=tiny_pair.arch == "qwen2")
+
+
+def check_import_then_merge(tiny_pair, tmp_path, targets, rslora=False):
+    """Import a real peft LoRA on `targets`, merge the pack: each module's delta and the logits equal
+    peft's merge_and_unload within the 8-bit codes' error."""
     adapter = tmp_path / "adapter"
-    peft_model = make_lora(tiny_pair.base, adapter, rslora=tiny_pair.arch == "qwen2")
+    peft_model = make_lora(tiny_pair.base, adapter, rslora=rslora, targets=targets)
     pack = tmp_path / "lora.skillpack"
     manifest = import_peft(adapter, tiny_pair.base, pack, bits=8, group_size=32)
     assert manifest["name"] == "lora" and verify_pack(pack)
-    assert len(manifest["modules"]) == 2 * len(TARGETS)
+    assert len(manifest["modules"]) == 2 * len(targets)
     assert all(m["layout"]["rank"] == 4 and m["stats"]["rel_error"] < 0.02 for m in manifest["modules"])
     merged = merge_pack(pack, tiny_pair.base, tmp_path / "merged")
     want = peft_model.merge_and_unload()

@@ -1,0 +1,86 @@
+"""The builder's side of Qwen3, Gemma 2, Gemma 3 and Phi-3: a real peft LoRA on each imports (the
+fused Phi-3 modules as they are), and the hooks' rank sensitivity is the Fisher along each
+singular direction of transformers' own float64 parameter gradients (Gemma's scaled embedding
+and capped logits, Phi-3's fused weights).
+
+The oracle here is autograd, not central differences as in test_sensitivity.py: Gemma's norms
+and eager softmax cast to float32 even in a float64 model, which puts ~1e-7 noise on log p,
+several percent of the tail directions' difference quotients; the gradient of the same float64
+model has no such step and agrees with the hooks to ~1e-6.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from skillpacks.compress import delta_svd
+from skillpacks.graft import collate, encode_pair, response_logits
+from skillpacks.sensitivity import rank_sensitivity
+from tests.skillpacks.test_peft import check_import_then_merge
+from tests.skillpacks.test_sensitivity import RANKS, RECORDS, _deltas
+from tests.tiny_models import NEW_ARCHS, build_tiny_pair
+
+LORA_TARGETS = {
+    "qwen3": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+    "gemma3": ["k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # fused modules, targeted whole
+}
+SENSITIVITY_NAMES = {
+    "gemma2": ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"],  # tied, scaled, capped
+    "gemma3": ["model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"],
+    "phi3": ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.gate_up_proj.weight", "lm_head.weight"],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(NEW_ARCHS))
+def test_a_peft_lora_imports_and_merges_like_peft(arch, tiny_root, tiny_tokenizer, tmp_path):
+    check_import_then_merge(build_tiny_pair(arch, tiny_root, tiny_tokenizer), tmp_path, LORA_TARGETS[arch])
+
+
+def _gradient_fisher(pair, records, names, ranks, seed=0):
+    """The oracle: Σ over records of (uᵢᵀ ∇W log p(ỹ) vᵢ)² from the float64 model's full parameter
+    gradient (transformers' forward and backward), labels drawn as rank_sensitivity draws them."""
+    tok = AutoTokenizer.from_pretrained(pair.tuned)
+    model = AutoModelForCausalLM.from_pretrained(pair.tuned, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    batches, labels = [], []
+    with torch.no_grad():
+        for record in records:
+            batch = collate([encode_pair(tok, record["prompt"], record["response"], 512)], tok.eos_token_id)
+            logits, _, _ = response_logits(model, batch)
+            batches.append(batch)
+            labels.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1))
+    model.double().requires_grad_(False)
+    params = dict(model.named_parameters())
+    vectors = {n: delta_svd(d) for n, d in _deltas(pair).items() if n in names}
+    out = {n: torch.zeros(len(ranks), dtype=torch.float64) for n in names}
+    for n in names:
+        params[n].requires_grad_(True)
+    for batch, y in zip(batches, labels):
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        keep = batch["labels"][:, 1:] != -100
+        torch.log_softmax(logits[:, :-1][keep], dim=-1).gather(1, y[:, None]).sum().backward()
+        for n in names:
+            u, _, vh = vectors[n]
+            grad = params[n].grad
+            out[n] += torch.stack([(u[:, i].double() @ grad @ vh[i].double()) ** 2 for i in ranks])
+    tokens = sum(y.numel() for y in labels)
+    return {n: v / tokens for n, v in out.items()}, tokens
+
+
+@pytest.mark.parametrize("arch", sorted(SENSITIVITY_NAMES))
+def test_rank_sensitivity_is_the_fisher_along_each_singular_direction(arch, tiny_root, tiny_tokenizer):
+    pair = build_tiny_pair(arch, tiny_root, tiny_tokenizer)
+    names, records = SENSITIVITY_NAMES[arch], RECORDS[:4]
+    deltas = _deltas(pair)
+    fisher, tokens = rank_sensitivity(pair.tuned, records, names, deltas.__getitem__, device="cpu")
+    oracle, oracle_tokens = _gradient_fisher(pair, records, names, RANKS)
+    assert tokens == oracle_tokens > 0
+    for n in names:
+        assert fisher[n].shape == (min(deltas[n].shape),)
+        # float32 projections against the float64 gradient
+        assert torch.allclose(fisher[n][RANKS], oracle[n], rtol=1e-3, atol=1e-6 * float(oracle[n].max())), n
+        assert float(oracle[n].max()) > 10 * float(oracle[n].min())  # directions differ: not one constant
