@@ -101,7 +101,8 @@ def summary(out: Path) -> None:
             for c in result.get("cases", []):
                 if c["packs"] in (8, 64) and c["batch"] in (16, 64, 256):
                     print(f"  kernels {c['in']}x{c['out']} b{c['batch']} p{c['packs']}: step "
-                          f"+{c['step_over_base_pct']:.0f}% over the GEMM, {c['pct_of_copy_bw']:.0f}% of copy bandwidth")
+                          f"+{c['step_over_base_pct']:.0f}% over the GEMM (8 layers: "
+                          f"+{c['step_cold_over_base_pct']:.0f}%), {c['pct_of_copy_bw']:.0f}% of copy bandwidth")
         elif name.startswith("attention-"):
             for c in result.get("cases", []):
                 print(f"  attention b{c['batch']} ctx{c['context']}: kernel {c['kernel_us']:.0f} us "

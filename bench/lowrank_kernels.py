@@ -5,7 +5,10 @@ mixed 8/4/2-bit tiers), bf16 activations. Per case it times, side by side in one
 (base) the dense base GEMM alone, (kernels) `add_lowrank` on Triton, eager and replayed
 from a CUDA graph (launch cost removed), and (deq) dequantize each used slot then torch
 matmuls; it reports the kernels' achieved GB/s for the bytes they must read against the
-device's copy bandwidth measured in the same run. On CPU it runs the torch twin on small
+device's copy bandwidth measured in the same run; and the decode step as served (base GEMM +
+deltas in one CUDA graph against the GEMM alone), once on one weight (L2-resident at 4096²)
+and once walking 8 distinct layers' weights and slot sets (`step_cold_over_base_pct`: the
+memory traffic of a real model, the number the ≤ 10 % goal is about). On CPU it runs the torch twin on small
 shapes and says the GPU figures are missing; `--dry-run` runs the GPU cases' code on tiny
 shapes under the Triton interpreter instead (no CUDA graphs; what tests/bench checks).
 
@@ -34,6 +37,7 @@ from skillpack_kernels.routing import RowPacks  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 GPU_BATCHES = [1, 16, 64, 256]
+COLD_LAYERS = 8  # distinct layers a "cold" step walks: 8 × 32-117 MB of weights, past any L2
 PACK_COUNTS = [1, 8, 64]
 CPU_SHAPES = [(576, 576), (576, 1536)]
 CPU_BATCHES = [1, 16]
@@ -111,7 +115,8 @@ def gpu_cases(quick: bool, out_dir: Path) -> dict:
     name = torch.cuda.get_device_name(device)
     print(f"device {name}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     return kernel_cases(name, device, torch.bfloat16, GPU_SHAPES[:1] if quick else GPU_SHAPES, GPU_BATCHES,
-                        PACK_COUNTS, copy_gbs, lambda fn, reps: do_bench(fn, warmup=min(10, reps), rep=reps),
+                        PACK_COUNTS, COLD_LAYERS, copy_gbs,
+                        lambda fn, reps: do_bench(fn, warmup=min(10, reps), rep=reps),
                         lambda fn: graph_timer(fn, device), out_dir)
 
 
@@ -122,28 +127,34 @@ def dry_run_cases(out_dir: Path) -> dict:
         fn()
         return (time.perf_counter() - t) * 1e3
 
-    return kernel_cases("cpu dry run", torch.device("cpu"), torch.float32, DRY_SHAPES, DRY_BATCHES, DRY_PACKS,
+    return kernel_cases("cpu dry run", torch.device("cpu"), torch.float32, DRY_SHAPES, DRY_BATCHES, DRY_PACKS, 2,
                         float("nan"), once, once, out_dir)
 
 
-def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, copy_gbs: float, timer, graph_ms_of,
-                 out_dir: Path) -> dict:
-    """Every (shape, batch, packs) case; timer(fn, reps) and graph_ms_of(fn) return milliseconds per call.
-    The JSON is rewritten after each shape, so a timeout keeps what was measured."""
+def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, layers: int, copy_gbs: float, timer,
+                 graph_ms_of, out_dir: Path) -> dict:
+    """Every (shape, batch, packs) case; timer(fn, reps) and graph_ms_of(fn) return milliseconds per call;
+    `layers` distinct weights and slot sets for the cold step. The JSON is rewritten after each shape,
+    so a timeout keeps what was measured."""
     from skillpack_kernels.lowrank_triton import SEGMENT_MIN_ROWS_PER_SLOT
 
     rows_out = []
     header = (f"{'in x out':>12} {'batch':>5} {'packs':>5} {'shape':>7} {'base us':>8} {'kern us':>8} "
               f"{'graph us':>8} {'dec us':>7} {'seg us':>7} {'deq us':>8} {'over%':>6} {'GB/s':>6} {'%bw':>5} "
-              f"{'stepG us':>8} {'baseG us':>8} {'step+%':>6}")
+              f"{'stepG us':>8} {'baseG us':>8} {'step+%':>6} {'cold+%':>6}")
     print(header)
     for in_f, out_f in shapes:
         num_slots = max(pack_counts)
         deltas = [random_delta(in_f, out_f, i, device) for i in range(num_slots)]
-        slots = LowRankSlots(in_f, out_f, num_slots, 64, device, dtype)
-        for i, d in enumerate(deltas):
-            slots.load(i, d)
-        w = torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5
+        # `layers` distinct weights and slot sets (the same packs, copied): a step through them
+        # reads from memory, not L2, as a model's layers do (one 4096² bf16 weight fits in L2)
+        layer_slots = []
+        for _ in range(layers):
+            layer_slots.append(LowRankSlots(in_f, out_f, num_slots, 64, device, dtype))
+            for i, d in enumerate(deltas):
+                layer_slots[-1].load(i, d)
+        layer_w = [torch.randn(out_f, in_f, device=device, dtype=dtype) / in_f**0.5 for _ in range(layers)]
+        slots, w = layer_slots[0], layer_w[0]
         for batch in batches:
             x = torch.randn(batch, in_f, device=device, dtype=dtype)
             y = torch.empty(batch, out_f, device=device, dtype=dtype)
@@ -163,6 +174,15 @@ def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, 
                 # the decode step as served: base GEMM then the deltas, one graph, against the GEMM alone
                 base_graph_ms = graph_ms_of(lambda: torch.matmul(x, w.T, out=y))
                 step_ms = graph_ms_of(lambda: (torch.matmul(x, w.T, out=y), kernels()))
+
+                def layer_steps(with_packs: bool):
+                    for wl, sl in zip(layer_w, layer_slots):
+                        torch.matmul(x, wl.T, out=y)
+                        if with_packs:
+                            add_lowrank(y, x, sl, routing, backend="triton")
+
+                base_cold_ms = graph_ms_of(lambda: layer_steps(False)) / layers
+                step_cold_ms = graph_ms_of(lambda: layer_steps(True)) / layers
                 deq_ms = timer(lambda: dequant_then_matmul(y, x, slots, routing), 10)
                 per_slot = routing.num_pairs / len(used)
                 shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
@@ -174,6 +194,8 @@ def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, 
                     "deq_matmul_us": deq_ms * 1e3, "overhead_pct": 100 * graph_ms / base_ms,
                     "base_graph_us": base_graph_ms * 1e3, "step_graph_us": step_ms * 1e3,
                     "step_over_base_pct": 100 * (step_ms / base_graph_ms - 1),
+                    "base_cold_graph_us": base_cold_ms * 1e3, "step_cold_graph_us": step_cold_ms * 1e3,
+                    "step_cold_over_base_pct": 100 * (step_cold_ms / base_cold_ms - 1),
                     "overhead_eager_pct": 100 * kern_ms / base_ms, "bytes_read": must_read,
                     "achieved_gbs": gbs, "pct_of_copy_bw": 100 * gbs / copy_gbs,
                 }
@@ -182,8 +204,9 @@ def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, 
                       f"{row['kernels_us']:>8.1f} {row['kernels_graph_us']:>8.1f} "
                       f"{row['graph_decode_us']:>7.1f} {row['graph_segment_us']:>7.1f} {row['deq_matmul_us']:>8.1f} "
                       f"{row['overhead_pct']:>6.1f} {gbs:>6.0f} {row['pct_of_copy_bw']:>5.1f} "
-                      f"{row['step_graph_us']:>8.1f} {row['base_graph_us']:>8.1f} {row['step_over_base_pct']:>6.1f}")
-        del slots, deltas, w
+                      f"{row['step_graph_us']:>8.1f} {row['base_graph_us']:>8.1f} {row['step_over_base_pct']:>6.1f} "
+                      f"{row['step_cold_over_base_pct']:>6.1f}")
+        del slots, deltas, w, layer_slots, layer_w
         if device.type == "cuda":
             torch.cuda.empty_cache()
         write_json(_gpu_result(device_name, dtype, copy_gbs, rows_out), out_dir)  # a shape at a time
@@ -194,7 +217,10 @@ def _gpu_result(device_name: str, dtype, copy_gbs: float, rows_out: list) -> dic
     return {"device": device_name, "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gbs": copy_gbs,
             "torch": torch.__version__, "triton": _triton_version(), "cases": rows_out,
             "notes": ("overhead_pct = kernels (CUDA graph) / base GEMM x 100; eager adds Python launch cost; "
-                      "step_over_base_pct = (base GEMM + kernels in one graph) / (base GEMM alone in a graph) - 1")}
+                      "step_over_base_pct = (base GEMM + kernels in one graph) / (base GEMM alone in a graph) - 1, "
+                      "one weight and slot set (L2-resident at 4096x4096); step_cold_over_base_pct: the same over "
+                      f"{COLD_LAYERS} distinct layers' weights and slot sets in one graph, as a model's layers "
+                      "read them")}
 
 
 def cpu_cases() -> dict:
