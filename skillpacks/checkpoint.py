@@ -342,15 +342,25 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, files, config)
 
 
-def load_causal_lm(folder: str | os.PathLike, why: str):
-    """(tokenizer, float32 model in eval mode) of a checkpoint folder, through transformers;
-    a folder transformers cannot load is refused with `why` (e.g. "calibration runs the base
-    model") in the message."""
+def run_dtype(ckpt: Checkpoint) -> torch.dtype:
+    """The dtype to run a checkpoint's model in without a wider copy of its weights: float32
+    when every floating tensor is stored in 32 bits or more, else bfloat16 (an fp16 checkpoint
+    too: bf16 keeps float32's range, which some models' activations need)."""
+    stored = {ckpt.dtype(n) for n in ckpt.names() if ckpt.dtype(n).is_floating_point}
+    return torch.float32 if stored <= {torch.float32, torch.float64} else torch.bfloat16
+
+
+def load_causal_lm(folder: str | os.PathLike, why: str, dtype: torch.dtype | None = None):
+    """(tokenizer, model in eval mode) of a checkpoint folder, through transformers, in `dtype`
+    (default `run_dtype`: a bf16/fp16 checkpoint runs in bf16, never as a float32 copy); a folder
+    transformers cannot load is refused with `why` (e.g. "calibration runs the base model") in the
+    message."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = dtype or run_dtype(open_checkpoint(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"{why}, but {folder} cannot be loaded with its tokenizer by transformers "
                          f"({str(e)[:300]}).") from e

@@ -28,11 +28,16 @@ uᵢᵀ∇W vᵢ = Σ_tokens (ΓU)ᵢ (XV)ᵢ is added to that example's sum, so
 (the size of the model) never exists; the backward pass only carries activation gradients.
 A tied head is the embedding's one Parameter used twice: both uses add to the same sum.
 
-Memory: the tuned model in float32 (4 bytes per parameter) and every low-rank module's
-singular vectors U, V (float32, k·(out + in) per (out, in) matrix, k = min(out, in): about
-1.25 x the linears' parameters on Qwen2-shaped models, plus vocab·dim + dim² for the
-embedding), plus one example's activations: about 9-10 bytes per parameter, measured in
-docs/BUILD.md ("Build memory against model size").
+The model runs in its checkpoint's precision (`checkpoint.run_dtype`): a float32 fine-tune
+(what `skillpack graft` saves) in float32; a bf16 or fp16 one in bf16, its singular vectors
+too, with each token's products summed in float32. Rounding to bf16 moves each fᵢ by far
+less than the estimate's own sampling noise over 64 records (tested).
+
+Memory: the tuned model (2 bytes per parameter in bf16, 4 in float32) and every low-rank
+module's singular vectors U, V in the same dtype (k·(out + in) per (out, in) matrix,
+k = min(out, in): about 1.25 x the linears' parameters on Qwen2-shaped models, plus
+vocab·dim + dim² for the embedding), plus one example's activations; measured against model
+size in docs/BUILD.md ("Build memory against model size").
 """
 from __future__ import annotations
 
@@ -100,11 +105,12 @@ def _encode(tokenizer, record: dict[str, str], max_len: int) -> tuple[list[int],
 def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names: list[str],
                      delta: Callable[[str], torch.Tensor], max_examples: int = DEFAULT_EXAMPLES,
                      seed: int = 0, max_len: int = MAX_SEQ_TOKENS, device: str | None = None,
-                     progress: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                     progress: bool = False, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """({name: fᵢ / tokens (float64, one per singular value of that delta)}, tokens scored).
 
     `names` are the 2-D tensors to measure (parameter names of the tuned model); `delta(name)`
-    returns tuned − base of one. Deltas that are all zero are left out.
+    returns tuned − base of one. Deltas that are all zero are left out. `dtype`: what the model
+    runs in (default: `checkpoint.run_dtype` of the tuned checkpoint).
     """
     from skillpacks.checkpoint import load_causal_lm
     from skillpacks.graft import collate, response_logits
@@ -115,7 +121,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     if not records:
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model")
+    tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model", dtype)
     model.to(device).requires_grad_(False)
     params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
     missing = [n for n in names if n not in params]
@@ -169,10 +175,10 @@ def _install_projections(model, params: dict, factors: dict, example: dict) -> l
         u, vh = factors[name]
 
         def forward(module, inputs, output):
-            xv = inputs[0].detach().reshape(-1, vh.shape[1]) @ vh.T  # (T, k)
+            xv = (inputs[0].detach().reshape(-1, vh.shape[1]) @ vh.T).float()  # (T, k)
 
             def backward(grad):  # returns None: the gradient flows on unchanged
-                example[name].add_(((grad.reshape(-1, u.shape[0]) @ u) * xv).sum(0).double())
+                example[name].add_(((grad.reshape(-1, u.shape[0]) @ u).float() * xv).sum(0).double())
 
             _require_grad(output, name)
             output.register_hook(backward)
@@ -189,7 +195,8 @@ def _install_projections(model, params: dict, factors: dict, example: dict) -> l
             scale = float(module.embed_scale.to(module.weight.dtype)) if hasattr(module, "embed_scale") else 1.0
 
             def backward(grad):
-                example[name].add_((u[ids] * (grad.reshape(-1, vh.shape[1]) @ vh.T)).sum(0).double() * scale)
+                gv = (grad.reshape(-1, vh.shape[1]) @ vh.T).float()  # (T, k)
+                example[name].add_((u[ids].float() * gv).sum(0).double() * scale)
 
             output.register_hook(backward)
             return output

@@ -84,3 +84,29 @@ def test_rank_sensitivity_is_the_fisher_along_each_singular_direction(arch, tiny
         # float32 projections against the float64 gradient
         assert torch.allclose(fisher[n][RANKS], oracle[n], rtol=1e-3, atol=1e-6 * float(oracle[n].max())), n
         assert float(oracle[n].max()) > 10 * float(oracle[n].min())  # directions differ: not one constant
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_bf16_moves_the_sensitivity_far_less_than_its_sampling_noise(arch, tiny_root, tiny_tokenizer):
+    """A bf16 checkpoint is measured in bf16: over the top ranks, the median relative change of fᵢ from
+    float32 must stay well under the change that another draw of the labels makes."""
+    pair = build_tiny_pair(arch, tiny_root, tiny_tokenizer)
+    deltas = _deltas(pair)
+    names = ["model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    run = lambda **kw: rank_sensitivity(pair.tuned, RECORDS, names, deltas.__getitem__, device="cpu", **kw)[0]  # noqa: E731
+    f32, other_draw, bf16 = run(), run(seed=1), run(dtype=torch.bfloat16)
+    for n in names:
+        change = lambda f: float(((f[n][:16] - f32[n][:16]).abs() / f32[n][:16]).median())  # noqa: E731
+        assert change(bf16) < 0.06 and change(bf16) < 0.25 * change(other_draw), (n, change(bf16), change(other_draw))
+
+
+def test_a_bf16_checkpoint_runs_in_bf16_without_a_float32_copy(tiny_root, tiny_tokenizer, tmp_path):
+    from skillpacks.checkpoint import load_causal_lm, open_checkpoint, run_dtype
+
+    pair = build_tiny_pair("qwen3", tiny_root, tiny_tokenizer)
+    AutoModelForCausalLM.from_pretrained(pair.base, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    AutoTokenizer.from_pretrained(pair.base).save_pretrained(tmp_path / "bf16")
+    assert run_dtype(open_checkpoint(pair.base)) == torch.float32
+    assert run_dtype(open_checkpoint(tmp_path / "bf16")) == torch.bfloat16
+    _, model = load_causal_lm(tmp_path / "bf16", "testing")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
