@@ -20,6 +20,7 @@ from skillpack_server.settings import Settings
 from skillpacks.checkpoint import CheckpointError, open_checkpoint
 from skillpacks.cli import main as cli_main
 from skillpacks.hub import checkpoint_name, is_hub_id, resolve_checkpoint
+from tests.server.test_serve_command import one_line_error
 from tests.tiny_models import build_tiny_pair
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -74,12 +75,14 @@ def test_commands_take_the_model_id_as_base(hub, tmp_path, capsys):
     assert base_dir(Settings(base="tiny-org/tiny-llama")) == resolve_checkpoint("tiny-org/tiny-llama")
 
 
-def test_an_uncached_id_is_one_sentence_naming_it(hub, capsys):
+def test_an_uncached_id_is_one_sentence_naming_it(hub, capsys, tmp_path):
     with pytest.raises(ValueError, match="model tiny-org/absent is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
         resolve_checkpoint("tiny-org/absent")
     assert cli_main(["verify", "x.skillpack", "--base", "tiny-org/absent"]) == 1
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "'tiny-org/absent'" in err
+    err = one_line_error(["--base", "tiny-org/absent", "--packs", str(tmp_path / "store")], capsys)  # serve
+    assert "tiny-org/absent is not in the Hugging Face cache" in err and "--base or SKILLPACK_BASE" in err
     with pytest.raises(ValueError, match="nor a Hugging Face model id of the form ORG/NAME"):
         resolve_checkpoint("no/such/folder")
 
