@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from skillpacks.compress import delta_svd
 from skillpacks.graft import collate, encode_pair, response_logits
 from skillpacks.sensitivity import rank_sensitivity
-from tests.skillpacks.test_peft import check_import_then_merge
+from tests.skillpacks.test_peft import check_export_loads_in_peft, check_import_then_merge
 from tests.skillpacks.test_sensitivity import RANKS, RECORDS, _deltas
 from tests.tiny_models import NEW_ARCHS, build_tiny_pair
 
@@ -69,6 +69,10 @@ def _gradient_fisher(pair, records, names, ranks, seed=0):
             out[n] += torch.stack([(u[:, i].double() @ grad @ vh[i].double()) ** 2 for i in ranks])
     tokens = sum(y.numel() for y in labels)
     return {n: v / tokens for n, v in out.items()}, tokens
+
+
+def test_a_pack_on_fused_modules_exports_as_a_peft_adapter_peft_loads(tiny_root, tiny_tokenizer, tmp_path):
+    check_export_loads_in_peft(build_tiny_pair("phi3", tiny_root, tiny_tokenizer), tmp_path)
 
 
 @pytest.mark.parametrize("arch", sorted(SENSITIVITY_NAMES))
