@@ -147,6 +147,7 @@ def test_a_sharded_bf16_checkpoint_loads_tensor_by_tensor(tiny_root, tiny_tokeni
 
 
 def _unsupported(tmp_path, pair, change: dict):
+    """A copy of the base with `change` merged into its config.json."""
     folder = tmp_path / "unsupported"
     shutil.copytree(pair.base, folder)
     config = json.loads((folder / "config.json").read_text())
@@ -171,3 +172,17 @@ def test_unsupported_models_are_one_line_listing_what_is_supported(change, names
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert names in err and all(n in err for n in everything), err
     assert not (tmp_path / "x.skillpack").exists()
+
+
+def test_qwen_sliding_layers_follow_transformers_layer_types(tiny_root, tiny_tokenizer, tmp_path):
+    """Qwen2/3 with use_sliding_window: the layers from max_window_layers on are windowed, as
+    transformers' config sets them (once refused; now read from the same layer_types)."""
+    pair = build_tiny_pair("qwen2", tiny_root, tiny_tokenizer)
+    folder = _unsupported(tmp_path, pair, {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1,
+                                           "layer_types": None})  # saved configs list them: let transformers derive
+    runtime = load_model(folder, "cpu", torch.float32)
+    assert runtime.config.layer_types == ["full_attention", "sliding_attention"]
+    kv = PagedKVCache(runtime.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
+    want = reference_logits(hf_model(folder), PROMPTS[0])
+    torch.testing.assert_close(run_chunks(runtime, kv, PROMPTS[:1], [[]], split=5)[0], want, atol=ATOL, rtol=0)
+    assert (want - reference_logits(hf_model(pair.base), PROMPTS[0])).abs().max() > 100 * ATOL
