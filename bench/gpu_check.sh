@@ -23,6 +23,7 @@ CACHE="${GPU_CHECK_CACHE:-${TMPDIR:-/tmp}/skillpack-gpu-bench}"
 # The GPU image does not have the project installed: link its folders under their import
 # names (pyproject.toml's package-dir) instead of installing it there; wheels go to $names/site.
 names=$(mktemp -d)
+trap 'rm -rf "$names"' EXIT
 ln -s "$PWD/kernels" "$names/skillpack_kernels"
 ln -s "$PWD/server" "$names/skillpack_server"
 site="$names/site"
@@ -86,16 +87,15 @@ stage() {  # stage NAME LIMIT_S COMMAND...: run under `timeout`, log to OUT/NAME
 
 stage wheels 60 bash -c install_wheels
 stage versions 30 "$PY" bench/gpu_check_report.py versions "$OUT"
-stage gpu-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 "${TEST_FLAGS[@]}" \
+stage gpu-tests 100 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE --durations=5 ${TEST_FLAGS[@]+"${TEST_FLAGS[@]}"} \
     tests/kernels tests/server/test_runtime.py tests/server/test_mixed_batch.py
-stage kernels 90 "$PY" bench/lowrank_kernels.py --out "$OUT" "${DRY_FLAG[@]}"
-stage attention 40 "$PY" bench/attention_kernels.py --out "$OUT" "${DRY_FLAG[@]}"
-stage engine 190 "$PY" bench/gpu_engine.py --out "$OUT" --cache "$CACHE" "${DRY_FLAG[@]}"
-stage http 90 "$PY" bench/gpu_http.py --out "$OUT" --cache "$CACHE" "${DRY_FLAG[@]}"
+stage kernels 90 "$PY" bench/lowrank_kernels.py --out "$OUT" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
+stage attention 40 "$PY" bench/attention_kernels.py --out "$OUT" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
+stage engine 190 "$PY" bench/gpu_engine.py --out "$OUT" --cache "$CACHE" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
+stage http 90 "$PY" bench/gpu_http.py --out "$OUT" --cache "$CACHE" ${DRY_FLAG[@]+"${DRY_FLAG[@]}"}
 
 echo "SUMMARY ($((SECONDS)) s; $OUT/gpu_check.json)"
 "$PY" bench/gpu_check_report.py summary "$OUT"
-rm -rf "$names"
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "not ok: ${failed[*]}"
     exit 1
