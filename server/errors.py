@@ -61,6 +61,8 @@ def _validation_message(err: dict, param: str | None) -> str:
         return f"`{param}` is required." if param else "A required field is missing."
     if err.get("type") == "json_invalid":
         return "The request body is not valid JSON."
+    if err.get("type") == "extra_forbidden":  # OpenAI's wording for a field it does not know
+        return f"Unrecognized request argument supplied: {param}"
     if not param or f"`{param}`" in msg:  # the sentence already names the field
         return msg
     return f"Invalid value for `{param}`: {msg}"

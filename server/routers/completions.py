@@ -1,19 +1,22 @@
-"""`POST /v1/completions`: OpenAI's text completions, with echo, logprobs and SSE streaming."""
+"""`POST /v1/completions`: OpenAI's text completions — several prompts, `n` and `best_of` as rows of
+one batch — with echo, logprobs and SSE streaming."""
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from skillpack_server.engine.types import EngineError, EngineProtocol, SamplingParams, TokenEvent
+from skillpack_server.engine.types import EngineError, EngineProtocol, TokenEvent
 from skillpack_server.errors import error_body
 from skillpack_server.metrics import Metrics
 from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.routers.generation import (
-    Generation, check_prompt, make_request, resolve_model, routing_headers, served_model, sse, token_budget,
+    Generation, Piece, check_prompt, choice_seed, make_request, merged_pieces, new_id, resolve_model, routing_headers,
+    sampling_for, served_model, sse, start_all, token_budget, total_usage,
 )
 from skillpack_server.routers.text import token_text
 from skillpack_server.schemas.completions import CompletionRequest, CompletionResponse
@@ -64,67 +67,115 @@ def _prompt_events(gen: Generation) -> list[TokenEvent]:
     return events
 
 
+@dataclass
+class Row:
+    """One completion being generated: its prompt, its engine request, what it produced."""
+
+    prompt: int  # position of its prompt in the request
+    gen: Generation
+    echo: str
+    logprobs: LogprobsBuilder | None
+    text: str = ""
+    reason: str = "length"
+    cumulative_logprob: float = 0.0
+    echoed: bool = False
+
+    def take_echo(self) -> dict | None:
+        """Start the text with the echoed prompt (once, before the first piece); its logprobs."""
+        self.echoed = True
+        self.text = self.echo
+        if self.logprobs is None or not self.echo:
+            return None
+        lp = self.logprobs.add(_prompt_events(self.gen))
+        self.logprobs.offset = len(self.echo)
+        return lp
+
+    def add(self, piece: Piece) -> dict | None:
+        """Take a piece; the legacy logprobs of its tokens."""
+        self.text += piece.text
+        self.reason = piece.finish_reason or self.reason
+        self.cumulative_logprob += sum(ev.logprob or 0.0 for ev in piece.tokens)
+        return self.logprobs.add(piece.tokens) if self.logprobs is not None else None
+
+    def choice(self, index: int) -> dict:
+        return {"index": index, "text": self.text, "logprobs": self.logprobs.out if self.logprobs else None,
+                "finish_reason": self.reason}
+
+
+def _param(body: CompletionRequest, i: int) -> str:
+    return "prompt" if len(body.prompt) == 1 else f"prompt.{i}"
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False)
 async def create_completion(body: CompletionRequest, request: Request, engine: EngineProtocol = Depends(get_engine),
                             metrics: Metrics = Depends(get_metrics)):
-    prompt_ids = _prompt_ids(engine, body.prompt)
-    check_prompt(engine, prompt_ids, "prompt")
-    max_tokens = token_budget(engine, len(prompt_ids), body.max_tokens, "max_tokens")
-    packs, routing = await resolve_model(request.app.state, engine, body.model, body.skillpacks, prompt_ids)
+    prompts = [_prompt_ids(engine, p) for p in body.prompt]
+    budgets = []
+    for i, ids in enumerate(prompts):
+        check_prompt(engine, ids, _param(body, i))
+        budgets.append(token_budget(engine, len(ids), body.max_tokens, "max_tokens"))
+    routes = [await resolve_model(request.app.state, engine, body.model, body.skillpacks, ids) for ids in prompts]
     want_logprobs = body.logprobs is not None
-    sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-        logprobs=body.logprobs,
-        prompt_logprobs=body.echo and want_logprobs,
-    )
-    gen = await Generation(engine, make_request(prompt_ids, packs, sampling, "cmpl"), body.stop, metrics, ROUTE).start()
-    echo_text = "" if not body.echo else (
-        body.prompt if isinstance(body.prompt, str) else engine.tokenizer.decode(prompt_ids, skip_special_tokens=False))
-    head = {"id": gen.request.request_id, "object": "text_completion", "created": int(time.time()),
-            "model": served_model(engine, body.model, routing)}
-    if routing is not None:
+    # best_of ranks candidates by their summed logprobs, so it asks for them even when not shown
+    logprobs = body.logprobs if want_logprobs else (0 if body.candidates > body.n else None)
+    rows = []
+    for i, (ids, budget, (packs, _)) in enumerate(zip(prompts, budgets, routes)):
+        echo = "" if not body.echo else (body.prompt[i] if isinstance(body.prompt[i], str) else
+                                         engine.tokenizer.decode(ids, skip_special_tokens=False))
+        for j in range(body.candidates):
+            sampling = sampling_for(body, budget, choice_seed(body.seed, j), logprobs,
+                                    prompt_logprobs=body.echo and want_logprobs)
+            gen = Generation(engine, make_request(ids, packs, sampling, "cmpl"), body.stop, metrics, ROUTE)
+            rows.append(Row(i, gen, echo, LogprobsBuilder(engine.tokenizer) if want_logprobs else None))
+    await start_all([r.gen for r in rows])
+    decisions = [decision for _, decision in routes]
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": ",".join(dict.fromkeys(served_model(engine, body.model, d) for d in decisions))}
+    routing = decisions[0]
+    if routing is not None and len(decisions) == 1:
         head["skillpack_routing"] = routing.response_field()
+    headers = routing_headers(routing) if len(decisions) == 1 else {}
+    usage = lambda: total_usage([len(ids) for ids in prompts], [r.gen for r in rows])  # noqa: E731
     if body.stream:
-        stream = _stream(gen, body, head, echo_text, engine.tokenizer)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **routing_headers(routing)})
+        return StreamingResponse(_stream(rows, body, head, decisions, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **headers})
 
-    text, reason, logprobs = echo_text, "length", LogprobsBuilder(engine.tokenizer) if want_logprobs else None
-    pieces = [piece async for piece in gen.pieces()]
-    if logprobs is not None and body.echo:
-        logprobs.add(_prompt_events(gen))
-        logprobs.offset = len(echo_text)
-    for piece in pieces:
-        text += piece.text
-        reason = piece.finish_reason or reason
-        if logprobs is not None:
-            logprobs.add(piece.tokens)
-    choice = {"index": 0, "text": text, "logprobs": logprobs.out if logprobs else None, "finish_reason": reason}
-    payload = {**head, "choices": [choice], "usage": gen.usage()}
-    # routed answers carry the extension field, which the OpenAI response model would drop
-    return payload if routing is None else JSONResponse(payload, headers=routing_headers(routing))
+    async for i, piece in merged_pieces([r.gen for r in rows]):
+        if not rows[i].echoed:
+            rows[i].take_echo()
+        rows[i].add(piece)
+    choices = []
+    for i in range(len(prompts)):
+        candidates = [r for r in rows if r.prompt == i]
+        if body.candidates > body.n:
+            candidates = sorted(candidates, key=lambda r: r.cumulative_logprob, reverse=True)[: body.n]
+        choices += [r.choice(i * body.n + k) for k, r in enumerate(candidates)]
+    for choice, decision in zip(choices, [d for d in decisions for _ in range(body.n)]):
+        if decision is not None and len(decisions) > 1:
+            choice["skillpack_routing"] = decision.response_field()
+    payload = {**head, "choices": choices, "usage": usage()}
+    # routed answers carry the extension fields, which the OpenAI response model would drop
+    return payload if routing is None else JSONResponse(payload, headers=headers)
 
 
-async def _stream(gen: Generation, body: CompletionRequest, head: dict, echo_text: str, tokenizer) -> AsyncIterator[str]:
-    logprobs = LogprobsBuilder(tokenizer) if body.logprobs is not None else None
-
-    def chunk(text: str, events: list[TokenEvent], reason: str | None, prompt: bool = False) -> dict:
-        lp = None
-        if logprobs is not None:
-            lp = logprobs.add(events)
-            if prompt:
-                logprobs.offset = len(echo_text)
-        return {**head, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}]}
+async def _stream(rows: list[Row], body: CompletionRequest, head: dict, decisions, usage) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        decision = decisions[rows[index].prompt]
+        if decision is not None and len(decisions) > 1:
+            choice["skillpack_routing"] = decision.response_field()
+        return {**head, "choices": [choice]}
 
     try:
-        sent_echo = not body.echo
-        async for piece in gen.pieces():
-            if not sent_echo:
-                yield sse(chunk(echo_text, _prompt_events(gen) if logprobs else [], None, prompt=True))
-                sent_echo = True
-            yield sse(chunk(piece.text, piece.tokens, piece.finish_reason))
+        async for i, piece in merged_pieces([r.gen for r in rows]):
+            row = rows[i]
+            if not row.echoed:
+                lp = row.take_echo()
+                if row.echo:
+                    yield sse(chunk(i, row.echo, lp, None))
+            yield sse(chunk(i, piece.text, row.add(piece), piece.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": gen.usage()})
+            yield sse({**head, "choices": [], "usage": usage()})
     except EngineError as exc:  # the response has started: report in-band, as OpenAI does
         yield sse(error_body(exc.status, str(exc), getattr(exc, "param", None), exc.code))
     yield sse("[DONE]")

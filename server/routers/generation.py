@@ -2,6 +2,7 @@
 that turns token events into text pieces (stop strings cut here, then the engine is aborted)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -199,6 +200,71 @@ def make_request(prompt_ids: list[int], packs: list[tuple[str, float]], sampling
     if sampling.seed is not None:
         sampling.seed &= ENGINE_SEED_MASK  # OpenAI takes any integer; the engine, 63 bits
     return GenerationRequest(request_id=new_id(prefix), prompt_ids=prompt_ids, packs=packs, sampling=sampling)
+
+
+def sampling_for(body, max_tokens: int, seed: int | None, logprobs: int | None, **extra) -> SamplingParams:
+    """The engine's sampling parameters from the fields completions and chat share."""
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed, logprobs=logprobs,
+        stop_token_ids=list(body.stop_token_ids), ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
+        logit_bias=dict(body.logit_bias), presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, **extra)
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of a prompt's `choice`-th completion: reproducible, distinct per choice, and the
+    same whether the prompt came alone or with others."""
+    return None if seed is None else (seed + choice) & ENGINE_SEED_MASK
+
+
+async def start_all(gens: list[Generation]) -> None:
+    """Start every choice (each a row of the batch); if one is refused, none runs."""
+    try:
+        await asyncio.gather(*(g.start() for g in gens))
+    except BaseException:
+        for g in gens:
+            await g.close()
+        raise
+
+
+async def merged_pieces(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece]]:
+    """Every choice's pieces as they come, tagged with the choice's position, interleaved."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for piece in gen.pieces():
+                await queue.put((i, piece))
+        except BaseException as exc:  # handed to the consumer, which decides
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for g in gens:
+            await g.close()
+
+
+def total_usage(prompt_lengths: list[int], gens: list[Generation]) -> dict:
+    """Each prompt counted once, every completion's tokens (best_of candidates included)."""
+    prompt = sum(prompt_lengths)
+    completion = sum(g.generated for g in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(payload: dict | str) -> str:

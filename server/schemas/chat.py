@@ -1,46 +1,183 @@
-"""`POST /v1/chat/completions`: the request body and the response shapes."""
+"""`POST /v1/chat/completions`: the request body and the response shapes, tools and
+structured output included."""
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skillpack_server.schemas.common import GenerationFields, Usage, unsupported
 
 MAX_TOP_LOGPROBS = 20
 MAX_MESSAGES = 1024
+MAX_TOOLS = 128
+MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema (response_format or a tool's parameters), serialized
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # function and json_schema names, as OpenAI requires
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def text_of(v: Any, where: str = "content") -> str | None:
+    """A string, an array of `{"type": "text", "text": ...}` parts (joined), or null."""
+    if v is None or isinstance(v, str):
+        return v
+    if not isinstance(v, list):
+        raise ValueError(f"expected `{where}` to be a string or an array of content parts.")
+    texts = []
+    for i, part in enumerate(v):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "refusal") \
+                or not isinstance(part.get(part.get("type")), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"part {i} has type {kind!r}; only text parts (type 'text' with a 'text' string) "
+                             "are served.")
+        texts.append(part[part["type"]])
+    return "".join(texts)
+
+
+def bounded_schema(schema: dict, what: str) -> dict:
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise ValueError(f"{what} is larger than {MAX_SCHEMA_BYTES} bytes of JSON.")
+    return schema
+
+
+class FunctionCall(BaseModel):
+    """A call the assistant made: `arguments` is a JSON text, as OpenAI sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    arguments: str = Field(max_length=MAX_SCHEMA_BYTES)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """One turn of the history; which fields a turn takes depends on its role (checked below)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str
-    name: str | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    # fields in the order their checks need them: content's looks at the role and the calls
+    role: Literal[ROLES]
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # assistant
+    function_call: FunctionCall | None = None  # assistant (deprecated form)
+    tool_call_id: str | None = Field(None, max_length=256)  # tool
+    refusal: str | None = None  # assistant: a refusal in the history is shown as its content
+    content: str | None = Field(None, validate_default=True)
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_content(cls, v: Any) -> str:
-        """A string, or an array of `{"type": "text", "text": ...}` parts (joined)."""
-        if v is None:
-            return ""
-        if isinstance(v, str):
-            return v
-        if not isinstance(v, list):
-            raise ValueError("expected a string or an array of content parts.")
-        texts = []
-        for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ValueError(f"part {i} has type {kind!r}; only text parts (type 'text' with a 'text' string) are served.")
-            texts.append(part["text"])
-        return "".join(texts)
+    def _text_content(cls, v: Any) -> str | None:
+        return text_of(v)
+
+    @field_validator("content")
+    @classmethod
+    def _content_when_needed(cls, v: str | None, info) -> str | None:
+        role, data = info.data.get("role"), info.data
+        if role == "assistant" and v is None and data.get("refusal") is not None:
+            return data["refusal"]
+        if v is None and not (role == "assistant" and (data.get("tool_calls") or data.get("function_call"))):
+            raise ValueError(f"a {role!r} message needs `content` (only an assistant message that makes tool "
+                             "calls may leave it null).")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> ChatMessage:
+        if self.role != "assistant" and (self.tool_calls or self.function_call or self.refusal):
+            raise ValueError(f"only assistant messages carry `tool_calls`, `function_call` or `refusal`, not "
+                             f"{self.role!r} ones.")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a `tool` message needs the `tool_call_id` of the call it answers.")
+        if self.role != "tool" and self.tool_call_id:
+            raise ValueError(f"`tool_call_id` belongs on `tool` messages, not {self.role!r} ones.")
+        if self.role == "function" and not self.name:
+            raise ValueError("a `function` message needs the `name` of the function it answers.")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(None, max_length=16384)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, v: dict) -> dict:
+        return bounded_schema(v, "a function's `parameters`")
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    function: FunctionDefinition | None = None
+    custom: dict[str, Any] | None = None  # OpenAI's free-form tools: refused below, by type
+
+    @model_validator(mode="after")
+    def _function_tools(self) -> Tool:
+        if self.type != "function":
+            raise unsupported(f"tools of type {self.type!r}", "only type 'function' is served")
+        if self.function is None:
+            raise ValueError("a `function` tool needs its `function` definition.")
+        return self
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    function: NamedFunction | None = None
+
+    @model_validator(mode="after")
+    def _function_choice(self) -> NamedToolChoice:
+        if self.type != "function" or self.function is None:
+            raise unsupported(f"tool_choice of type {self.type!r}",
+                              "use 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}")
+        return self
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = None
+    # `schema` would shadow a pydantic BaseModel attribute
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v: dict | None) -> dict | None:
+        return None if v is None else bounded_schema(v, "`response_format.json_schema.schema`")
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
 
-    type: str
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("`json_schema` is required with type 'json_schema' and only allowed with it.")
+        return self
 
 
 class ChatRequest(GenerationFields):
@@ -50,31 +187,25 @@ class ChatRequest(GenerationFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a reply makes at most one call, which either value allows
+    # deprecated by OpenAI, still documented: served as tools with a single call
+    functions: list[FunctionDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     # documented by OpenAI, not served: any non-null value is refused by name
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     web_search_options: Any = None
     reasoning_effort: Any = None
+    verbosity: Any = None
 
-    @field_validator("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-                     "audio", "prediction", "web_search_options", "reasoning_effort")
+    @field_validator("audio", "prediction", "web_search_options", "reasoning_effort", "verbosity")
     @classmethod
     def _not_served(cls, v: Any, info) -> Any:
         if v is not None:
             raise unsupported(info.field_name)
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, v: ResponseFormat | None) -> ResponseFormat | None:
-        if v is not None and v.type != "text":
-            raise unsupported("response_format", f"only type 'text' is served, got {v.type!r}")
         return v
 
     @field_validator("modalities")
@@ -91,9 +222,61 @@ class ChatRequest(GenerationFields):
             raise ValueError("`top_logprobs` needs `logprobs` set to true.")
         return v
 
+    @field_validator("functions")
+    @classmethod
+    def _not_with_tools(cls, v: list | None, info) -> list | None:
+        if v is not None and info.data.get("tools") is not None:
+            raise ValueError("send `tools` or the deprecated `functions`, not both.")
+        names = [f.name for f in v or []] or [t.function.name for t in info.data.get("tools") or []]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"each function name may appear once; repeated: {', '.join(repeated)}.")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _choice_among_the_tools(cls, v: Any, info) -> Any:
+        if v is None:
+            return v
+        if info.field_name == "function_call" and info.data.get("tool_choice") is not None:
+            raise ValueError("send `tool_choice` or the deprecated `function_call`, not both.")
+        offered = [t.function.name for t in info.data.get("tools") or []] + \
+            [f.name for f in info.data.get("functions") or []]
+        name = v.function.name if isinstance(v, NamedToolChoice) else v.name if isinstance(v, NamedFunction) else None
+        if name is not None and name not in offered:
+            raise ValueError(f"the chosen function `{name}` is not among the tools ({', '.join(offered) or 'none given'}).")
+        if v in ("auto", "required") and not offered:
+            raise ValueError(f"'{v}' needs `tools` to choose from.")
+        return v
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def function_definitions(self) -> list[FunctionDefinition]:
+        """The functions the model may call, from `tools` or the deprecated `functions`."""
+        if self.functions is not None:
+            return self.functions
+        return [t.function for t in self.tools or []]
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        """'none', 'auto', 'required', a function's name, or None when the request has no tools.
+        As OpenAI defaults: 'auto' when tools are given, else none."""
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if isinstance(choice, NamedToolChoice):
+            return choice.function.name
+        if isinstance(choice, NamedFunction):
+            return choice.name
+        if choice is None:
+            return "auto" if self.function_definitions else None
+        return choice
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request used `functions`: the reply carries `function_call`, not `tool_calls`."""
+        return self.functions is not None
 
 
 class TopLogprob(BaseModel):
@@ -112,14 +295,17 @@ class ChoiceLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "function_call"] | None = None
 
 
 class ChatResponse(BaseModel):
@@ -129,3 +315,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None

@@ -1,10 +1,11 @@
-"""Fields shared by the completions and chat bodies: pack mixes, stop, stream options, usage."""
+"""Fields shared by the completions and chat bodies: sampling, pack mixes, stop, stream options,
+vLLM's extension fields, usage."""
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # per-request bounds that do not depend on the served model (the rest live in Settings)
 MAX_STOP_SEQUENCES = 4
@@ -12,6 +13,10 @@ MAX_STOP_CHARS = 256
 MAX_PACKS = 8
 MAX_PACK_WEIGHT = 4.0
 MAX_SEED = 2**63 - 1
+MAX_CHOICES = 64  # prompts x (best_of or n) in one request: each is a row of the batch
+MAX_LOGIT_BIAS = 1024  # entries
+MAX_STOP_TOKEN_IDS = 64
+SERVICE_TIERS = ("auto", "default")  # the tiers this server serves (it has one)
 
 
 class SkillpackRef(BaseModel):
@@ -31,7 +36,17 @@ class SkillpackRef(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, v: bool | None) -> bool | None:
+        if v:
+            raise unsupported("stream_options.include_obfuscation", "chunks carry no obfuscation padding")
+        return v
 
 
 class Usage(BaseModel):
@@ -73,24 +88,51 @@ def unsupported(field: str, why: str = "") -> ValueError:
     return ValueError(f"`{field}` is not supported by this server{': ' + why if why else ''}.")
 
 
-class GenerationFields(BaseModel):
-    """What completions and chat share. Unknown fields are ignored, as OpenAI does; fields
-    OpenAI documents but this server does not implement are refused (never silently ignored)."""
+def normalize_logit_bias(value: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `{"token id": bias}` -> {id: bias}, each bias in [-100, 100]."""
+    if not value:
+        return {}
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids can be biased, got {len(value)}.")
+    out = {}
+    for key, bias in value.items():
+        if not str(key).isdigit():
+            raise ValueError(f"keys are token ids as strings (e.g. \"50256\"), got {key!r}.")
+        if not (math.isfinite(bias) and -100 <= bias <= 100):
+            raise ValueError(f"biases must be in [-100, 100], got {bias} for token {key}.")
+        out[int(key)] = float(bias)
+    return out
 
-    model_config = ConfigDict(extra="ignore")
+
+class GenerationFields(BaseModel):
+    """What completions and chat share. As OpenAI does, an unknown field is a 400 that names it;
+    documented fields this server cannot honour are refused by name, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: list[str] = []
     seed: int | None = Field(None, ge=-MAX_SEED, le=MAX_SEED)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] = {}
+    # identifiers and cache hints: they ask nothing this server would have to do
+    user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=256)
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    # vLLM's extension fields (docs/API.md), honoured
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] = Field([], max_length=MAX_STOP_TOKEN_IDS)
+    # this server's extension: a weighted mix of packs on the base model
     skillpacks: list[SkillpackRef] | None = None
 
     @field_validator("stop", mode="before")
@@ -98,25 +140,32 @@ class GenerationFields(BaseModel):
     def _stop(cls, v: Any) -> list[str]:
         return normalize_stop(v)
 
-    @field_validator("n")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise unsupported("n", f"only n=1 is served, got {v}")
+    def _bias(cls, v: Any) -> dict[int, float]:
+        if v is not None and not isinstance(v, dict):
+            raise ValueError("expected an object mapping token ids to biases.")
+        return normalize_logit_bias(v)
+
+    @field_validator("service_tier")
+    @classmethod
+    def _tier(cls, v: str | None) -> str | None:
+        if v is not None and v not in SERVICE_TIERS:
+            raise unsupported("service_tier", f"this server has one tier ({' or '.join(SERVICE_TIERS)}), got {v!r}")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("store")
     @classmethod
-    def _no_penalty(cls, v: float, info) -> float:
-        if v != 0:
-            raise unsupported(info.field_name, "only 0 is served")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
+    def _no_store(cls, v: bool | None) -> bool | None:
         if v:
-            raise unsupported("logit_bias")
+            raise unsupported("store", "this server does not keep completions")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _no_metadata(cls, v: dict | None) -> dict | None:
+        if v:
+            raise unsupported("metadata", "it is attached to stored completions, which this server does not keep")
         return v
 
     @field_validator("skillpacks")
@@ -130,3 +179,10 @@ class GenerationFields(BaseModel):
         if v is not None and not info.data.get("stream", False):
             raise ValueError("`stream_options` is only allowed when `stream` is true.")
         return v
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        limit = getattr(self, "token_limit", None)
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError(f"`min_tokens` ({self.min_tokens}) is above the token limit ({limit}).")
+        return self

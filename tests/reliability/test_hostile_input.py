@@ -263,13 +263,13 @@ BAD_FIELDS = [
     ("max_tokens", -1), ("max_tokens", 10**9), ("max_tokens", 1.5), ("max_tokens", "many"), ("max_tokens", 2**70),
     ("temperature", -0.1), ("temperature", 2.01), ("temperature", math.inf), ("temperature", math.nan),
     ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan), ("seed", 2**64),
-    ("logprobs", 6), ("logprobs", -1), ("n", 2), ("stop", ["a", "b", "c", "d", "e"]), ("stop", "x" * 257),
+    ("logprobs", 6), ("logprobs", -1), ("n", 100), ("stop", ["a", "b", "c", "d", "e"]), ("stop", "x" * 257),
     ("skillpacks", [{"name": "skill", "weight": 4.5}]), ("skillpacks", [{"name": "skill", "weight": -9}]),
     ("skillpacks", [{"name": "skill", "weight": math.inf}]), ("skillpacks", [{"name": "skill", "weight": math.nan}]),
     ("skillpacks", [{"name": "skill", "weight": "heavy"}]), ("skillpacks", []),
     ("skillpacks", [{"name": f"p{i}"} for i in range(9)]), ("skillpacks", [{"name": "skill"}, {"name": "skill"}]),
     ("skillpacks", [{"name": "skill", "weight": 1, "evil": True}]), ("prompt", [10**12]), ("prompt", [-1]),
-    ("prompt", ""), ("prompt", [[1], [2]]), ("prompt", {"text": "hi"}), ("model", ""), ("model", "x" * 300),
+    ("prompt", ""), ("prompt", [[1], []]), ("prompt", {"text": "hi"}), ("model", ""), ("model", "x" * 300),
 ]
 
 

@@ -99,18 +99,29 @@ def test_stop_strings_apply_to_chat(client):
     assert out["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-    ("functions", [{"name": "f"}]), ("response_format", {"type": "json_object"}), ("n", 3),
-    ("top_logprobs", 2), ("audio", {"voice": "x"}), ("modalities", ["text", "audio"]),
-    ("frequency_penalty", 1.0), ("max_tokens", 0), ("max_completion_tokens", -3),
-    ("messages", []), ("temperature", 9),
+@pytest.mark.parametrize("field, value, param", [
+    ("tools", [{"type": "custom", "custom": {"name": "f"}}], "tools.0"),
+    ("tools", [{"type": "function", "function": {"name": "bad name"}}], "tools.0.function.name"),
+    ("tool_choice", "auto", "tool_choice"), ("tool_choice", {"type": "function", "function": {"name": "g"}}, "tool_choice"),
+    ("functions", [{"name": "f"}, {"name": "f"}], "functions"), ("function_call", "auto", "function_call"),
+    ("response_format", {"type": "xml"}, "response_format.type"),
+    ("response_format", {"type": "json_schema"}, "response_format"),
+    ("n", 0, "n"), ("n", 65, "n"), ("top_logprobs", 2, "top_logprobs"), ("audio", {"voice": "x"}, "audio"),
+    ("modalities", ["text", "audio"], "modalities"), ("frequency_penalty", 3.0, "frequency_penalty"),
+    ("max_tokens", 0, "max_tokens"), ("max_completion_tokens", -3, "max_completion_tokens"), ("messages", [], "messages"),
+    ("temperature", 9, "temperature"), ("store", True, "store"), ("metadata", {"a": "b"}, "metadata"),
+    ("service_tier", "flex", "service_tier"), ("reasoning_effort", "low", "reasoning_effort"),
+    ("logit_bias", {"abc": 1}, "logit_bias"), ("logit_bias", {"5": 101}, "logit_bias"),
+    ("min_tokens", 99, None), ("some_new_field", 1, "some_new_field"),
 ])
-def test_unsupported_or_bad_fields_are_refused_by_name(client, base_id, field, value):
-    r = client.post("/v1/chat/completions", json={"model": base_id, "messages": MESSAGES, field: value})
+def test_unsupported_or_bad_fields_are_refused_by_name(client, base_id, field, value, param):
+    body = {"model": base_id, "messages": MESSAGES, field: value} | ({"max_tokens": 4} if field == "min_tokens" else {})
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == field and field in err["message"]
+    assert err["param"] == param and field in err["message"], err
+    if field == "some_new_field":
+        assert err["message"] == "Unrecognized request argument supplied: some_new_field"
 
 
 def test_response_format_text_is_accepted(client, base_id):
@@ -119,7 +130,10 @@ def test_response_format_text_is_accepted(client, base_id):
 
 @pytest.mark.parametrize("messages, param", [
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages.0.content"),
-    ([{"role": "tool", "content": "x"}], "messages.0.role"),
+    ([{"role": "tool", "content": "x"}], "messages.0"),
+    ([{"role": "critic", "content": "x"}], "messages.0.role"),
+    ([{"role": "user", "content": None}], "messages.0.content"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0"),
     ([{"content": "x"}], "messages.0.role"),
 ])
 def test_bad_messages_name_the_field(client, base_id, messages, param):

@@ -130,11 +130,12 @@ def test_same_seed_same_sample(client, base_id):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 2), ("best_of", 3), ("suffix", "x"), ("logit_bias", {"1": 2}), ("presence_penalty", 0.5),
+    ("n", 0), ("n", 65), ("best_of", 0), ("suffix", "x"), ("logit_bias", {"x": 2}), ("presence_penalty", 2.5),
     ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5), ("logprobs", 6),
     ("max_tokens", -1), ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("stop", 3), ("prompt", ""),
-    ("prompt", ["a", "b"]), ("prompt", [[1, 2], [3]]), ("prompt", [1, "a"]), ("prompt", {"a": 1}),
-    ("seed", 2**70), ("stream_options", {"include_usage": True}),
+    ("prompt", ["a", ""]), ("prompt", [[1, 2], []]), ("prompt", [1, "a"]), ("prompt", {"a": 1}),
+    ("prompt", ["a"] * 65), ("seed", 2**70), ("stream_options", {"include_usage": True}),
+    ("stop_token_ids", list(range(65))), ("min_tokens", -1),
 ])
 def test_bad_fields_are_refused_by_name(client, base_id, field, value):
     r = client.post("/v1/completions", json={"model": base_id, "prompt": "hi", field: value})
@@ -153,9 +154,24 @@ def test_context_bounds(client, base_id, tokenizer):
     assert r.status_code == 400 and str(len(tokenizer) + 3) in r.json()["error"]["message"]
 
 
-def test_unknown_fields_are_ignored(client, base_id):
-    out = complete(client, model=base_id, prompt="hi", max_tokens=1, some_future_field={"x": 1}, user="u1")
+def test_unknown_fields_are_refused_as_openai_does(client, base_id):
+    r = client.post("/v1/completions", json={"model": base_id, "prompt": "hi", "some_future_field": {"x": 1}})
+    assert r.status_code == 400 and r.json()["error"] == {
+        "message": "Unrecognized request argument supplied: some_future_field", "type": "invalid_request_error",
+        "param": "some_future_field", "code": "invalid_value"}
+    # identifiers and cache hints ask nothing of the server: accepted
+    out = complete(client, model=base_id, prompt="hi", max_tokens=1, user="u1", safety_identifier="s",
+                   prompt_cache_key="k", service_tier="auto", store=False)
     assert out["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("body, why", [
+    ({"best_of": 2, "n": 3}, "at least `n`"), ({"best_of": 3, "stream": True}, "cannot be streamed"),
+    ({"prompt": ["a"] * 9, "n": 8}, "at most 64"), ({"min_tokens": 20, "max_tokens": 4}, "above the token limit"),
+])
+def test_choice_counts_are_bounded(client, base_id, body, why):
+    r = client.post("/v1/completions", json={"model": base_id, "prompt": "hi"} | body)
+    assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
 
 
 def test_unknown_model_is_a_404_naming_it(client):

@@ -56,7 +56,7 @@ def test_errors_map_to_the_client_exceptions(api, base_id):
     with pytest.raises(openai.NotFoundError, match="ghost"):
         api.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError) as info:
-        api.chat.completions.create(model=base_id, messages=[{"role": "user", "content": "hi"}], n=2)
+        api.chat.completions.create(model=base_id, messages=[{"role": "user", "content": "hi"}], n=0)
     assert info.value.param == "n"
     bad = openai.OpenAI(base_url=api.base_url, api_key="wrong-key-000", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
