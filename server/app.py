@@ -16,6 +16,7 @@ from skillpack_server.auth import require_admin, require_api_key
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import error_response, install_error_handlers
 from skillpack_server.metrics import Metrics
+from skillpack_server.openapi import install_openapi
 from skillpack_server.pack_store import PackStore
 from skillpack_server.routers import admin, chat, completions, health, models
 from skillpack_server.settings import Settings, get_settings
@@ -167,7 +168,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.include_router(models.router, dependencies=inference)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])
     app.include_router(health.router)
+    routers = (completions.router, chat.router, models.router, admin.router, health.router)
+    app.state.route_methods = [(route.path_regex, route.methods) for router in routers for route in router.routes] + [
+        (route.path_regex, route.methods) for route in app.router.routes if getattr(route, "methods", None)]
 
+    install_openapi(app, api_key=bool(settings.api_key), admin_auth=not settings.no_admin_auth)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(RequestMetrics, metrics=app.state.metrics)
     return app

@@ -5,17 +5,19 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from skillpack_server.engine.types import EngineError
 
 log = logging.getLogger("skillpack.server")
+CLIENT_CLOSED_REQUEST = 499
 
 # OpenAI's `type` for each status class the server returns
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+    404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
     413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
     503: "service_unavailable_error",
 }
@@ -84,14 +86,31 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return error_response(400, _validation_message(first, param), param, "invalid_value")
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path (Starlette's own 405 names only the first).
+    `app.state.route_methods` is [(path regex, methods)] of every route, listed at start-up."""
+    path = request.scope.get("path", "")
+    return sorted({m for regex, methods in request.app.state.route_methods if regex.match(path) for m in methods})
+
+
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = getattr(exc, "headers", None)
     if exc.status_code == 404:
         message = f"No route matches {request.method} {request.url.path}."
     elif exc.status_code == 405:
-        message = f"Method {request.method} is not allowed on {request.url.path}."
+        allowed = allowed_methods(request)
+        message = f"Method {request.method} is not allowed on {request.url.path}; it takes {', '.join(allowed)}."
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
+    return error_response(exc.status_code, message, None, None, headers)
+
+
+async def _on_client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # the client closed the connection mid-body: nobody reads this answer; 499 (nginx's
+    # "client closed request") keeps it out of the 5xx counts that page someone
+    log.info("client went away during %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -105,4 +124,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineError, _on_engine_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(Exception, _on_unexpected)

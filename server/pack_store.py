@@ -265,7 +265,9 @@ class PackStore:
         try:
             manifest = pack_format.verify_pack(path, self.base_fingerprint)
         except ValueError as exc:  # PackError and the checkpoint reader's errors are ValueErrors
-            raise APIError(400, f"The uploaded pack was rejected: {exc}", param="file", code="invalid_pack") from None
+            # the reader names the file it read: the server's temporary path is nobody's business
+            why = str(exc).replace(str(path), "the uploaded file")
+            raise APIError(400, f"The uploaded pack was rejected: {why}", param="file", code="invalid_pack") from None
         return manifest_dict(manifest)
 
     def _install(self, temp: Path, name: str, examples: Examples | None = None) -> bool:

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # a pack's router examples (NAME.examples.jsonl), uploaded or PUT; held in memory while
     # checked, so bounded; at most what skillpacks.router reads (64 MiB)
     max_examples_bytes: int = Field(DEFAULT_MAX_EXAMPLES_BYTES, ge=1024, le=64 * MiB)
+    # an upload whose body stops arriving for this long is cut off (408): a stalled client
+    # would otherwise hold its connection and temporary file forever
+    upload_read_timeout: float = Field(30.0, gt=0, le=3600)
 
     @field_validator("readonly_packs", mode="before")
     @classmethod

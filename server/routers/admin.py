@@ -43,7 +43,8 @@ async def _refresh_router(request: Request) -> None:
 async def upload_pack(request: Request, store: PackStore = Depends(get_pack_store)):
     staging = store.staging()
     try:
-        upload = await receive_pack_upload(request, staging, store.max_examples_bytes)
+        upload = await receive_pack_upload(request, staging, store.max_examples_bytes,
+                                           request.app.state.settings.upload_read_timeout)
         name = upload.fields.get("name") or None
         if name is not None:
             check_pack_name(name)
@@ -84,7 +85,7 @@ async def put_examples(name: str, request: Request, store: PackStore = Depends(g
     check_pack_name(name)
     if not store.is_registered(name):  # before reading a body that could not be used
         raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
-    data = await receive_examples(request, store.max_examples_bytes)
+    data = await receive_examples(request, store.max_examples_bytes, request.app.state.settings.upload_read_timeout)
     examples = await anyio.to_thread.run_sync(store.check_examples, data)
     replaced = await store.put_examples(name, examples)
     await _refresh_router(request)

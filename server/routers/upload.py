@@ -2,6 +2,8 @@
 into memory), its optional router examples and the raw examples body bounded in memory."""
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -96,7 +98,22 @@ class _Parts:
         self.ended = True
 
 
-async def receive_pack_upload(request: Request, staging: Staging, max_examples_bytes: int) -> PackUpload:
+async def body_chunks(request: Request, read_timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a 408 when no bytes come for `read_timeout` seconds."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), read_timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise APIError(408, f"The upload stalled: no bytes arrived for {read_timeout:g} s "
+                                "(SKILLPACK_UPLOAD_READ_TIMEOUT); nothing was stored.", code="upload_stalled") from None
+        yield chunk
+
+
+async def receive_pack_upload(request: Request, staging: Staging, max_examples_bytes: int,
+                              read_timeout: float) -> PackUpload:
     """Parse the multipart body as it arrives: the pack into `staging`, the rest returned."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
@@ -109,7 +126,7 @@ async def receive_pack_upload(request: Request, staging: Staging, max_examples_b
             "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
             "on_headers_finished", "on_part_data", "on_part_end", "on_end")
     })
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, read_timeout):
         parser.write(chunk)
     parser.finalize()
     if not parts.ended:
@@ -119,7 +136,7 @@ async def receive_pack_upload(request: Request, staging: Staging, max_examples_b
     return PackUpload(parts.fields, None if parts.examples is None else bytes(parts.examples))
 
 
-async def receive_examples(request: Request, max_examples_bytes: int) -> bytes:
+async def receive_examples(request: Request, max_examples_bytes: int, read_timeout: float) -> bytes:
     """The raw request body (a JSONL examples file), read as it arrives and cut off at the limit."""
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type == b"multipart/form-data":
@@ -127,7 +144,7 @@ async def receive_examples(request: Request, max_examples_bytes: int) -> bytes:
                             f"not as a form; a form with an `{EXAMPLES_FIELD}` part is for uploading a pack.",
                        param=EXAMPLES_FIELD)
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request, read_timeout):
         body += chunk
         if len(body) > max_examples_bytes:
             raise examples_too_large(max_examples_bytes)
