@@ -13,6 +13,8 @@ from skillpack_server.engine.types import EngineError
 
 log = logging.getLogger("skillpack.server")
 CLIENT_CLOSED_REQUEST = 499
+# members of the chat messages' tagged union (by role): not fields of their own
+UNION_TAGS = ("system", "developer", "user", "assistant", "tool", "function")
 
 # OpenAI's `type` for each status class the server returns
 _TYPES = {
@@ -50,9 +52,13 @@ def model_not_found(model: str) -> APIError:
     return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def _param_of(loc: tuple) -> str | None:
-    """`('body', 'messages', 0, 'content')` -> `messages.0.content` (the field OpenAI calls param)."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+def _param_of(err: dict) -> str | None:
+    """`('body', 'messages', 0, 'user', 'content')` -> `messages.0.content` (the field OpenAI calls
+    param): a tagged union's member name (a chat role) is dropped, a bad tag names its field."""
+    loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for i, p in enumerate(loc) if not (i > 1 and loc[i - 2] == "messages" and p in UNION_TAGS)]
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        parts.append(str(err.get("ctx", {}).get("discriminator", "")).strip("'"))
     return ".".join(parts) or None
 
 
@@ -82,7 +88,7 @@ async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _param_of(tuple(first.get("loc", ())))
+    param = _param_of(first)
     return error_response(400, _validation_message(first, param), param, "invalid_value")
 
 

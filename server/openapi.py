@@ -20,6 +20,7 @@ WHY = {
     400: "the request is invalid; `error.param` names the field", 401: "the bearer token is missing or wrong",
     404: "no such model or pack", 405: "the path takes other methods (listed in `Allow`)",
     408: "the upload stalled", 409: "the pack name is taken or read-only", 413: "the body is over its size limit",
+    415: "the body is not of the media type the route reads",
     429: "the queue is full; retry", 503: "the model or pack store is not ready yet, or the router is unavailable",
 }
 PACK_NAME = {"type": "string", "pattern": PACK_NAME_RE.pattern, "minLength": 1, "maxLength": 64}
@@ -29,8 +30,9 @@ UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
         "name": {**PACK_NAME, "description": "the name to serve it under (default: the manifest's)"},
         "replace": {"type": "boolean", "default": False, "description": "replace a pack of that name"},
         "examples": {"type": "string", "format": "binary", "description": "router examples (JSON lines)"}}}}}}
-EXAMPLES_BODY = {"required": True, "content": {"application/jsonl": {"schema": {
-    "type": "string", "description": 'JSON lines, each an object with a "prompt" string'}}}}
+# the route reads any media type but a form; JSON lines are text
+EXAMPLES_BODY = {"required": True, "content": {"text/plain": {"schema": {
+    "type": "string", "description": 'JSON lines, each an object with a "prompt" string (any media type but a form)'}}}}
 
 
 def _responses(path: str, method: str, secured: bool) -> list[int]:
@@ -42,7 +44,7 @@ def _responses(path: str, method: str, secured: bool) -> list[int]:
     if method in ("post", "put"):
         codes.append(413)
     if path == "/admin/skillpacks" and method == "post" or path.endswith("/examples") and method == "put":
-        codes.append(408)
+        codes += [408, 415]
     if path.startswith("/admin/skillpacks") and method in ("post", "put", "delete"):
         codes.append(409)
     if path.startswith("/v1/") and method == "post":

@@ -43,10 +43,12 @@ def template_turns(messages: list[ChatMessage], template: str,
     turns = []
     for m in messages:
         role = "system" if m.role == "developer" else m.role  # templates know `system` only
-        turn: dict[str, Any] = {"role": role, "content": m.content or ""}
-        calls = [(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or []]
-        if m.function_call is not None:
-            calls.append((None, m.function_call.name, m.function_call.arguments))
+        content = m.content if m.content is not None else getattr(m, "refusal", None)
+        turn: dict[str, Any] = {"role": role, "content": content or ""}
+        calls = [(c.id, c.function.name, c.function.arguments) for c in getattr(m, "tool_calls", None) or []]
+        function_call = getattr(m, "function_call", None)
+        if function_call is not None:
+            calls.append((None, function_call.name, function_call.arguments))
         if calls and knows_calls:
             turn["tool_calls"] = [{"id": cid, "type": "function",
                                    "function": {"name": name, "arguments": _arguments_value(args)}}
@@ -56,7 +58,7 @@ def template_turns(messages: list[ChatMessage], template: str,
                 call_text(name, args) for _, name, args in calls)
         if m.role in ("tool", "function"):
             turn["role"] = "tool"
-            if m.tool_call_id:
+            if getattr(m, "tool_call_id", None):
                 turn["tool_call_id"] = m.tool_call_id
             if m.name:
                 turn["name"] = m.name

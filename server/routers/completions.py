@@ -103,13 +103,14 @@ class Row:
 
 
 def _param(body: CompletionRequest, i: int) -> str:
-    return "prompt" if len(body.prompt) == 1 else f"prompt.{i}"
+    return "prompt" if isinstance(body.prompt, str) or len(body.prompts) == 1 else f"prompt.{i}"
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=False)
 async def create_completion(body: CompletionRequest, request: Request, engine: EngineProtocol = Depends(get_engine),
                             metrics: Metrics = Depends(get_metrics)):
-    prompts = [_prompt_ids(engine, p) for p in body.prompt]
+    texts = body.prompts
+    prompts = [_prompt_ids(engine, p) for p in texts]
     budgets = []
     for i, ids in enumerate(prompts):
         check_prompt(engine, ids, _param(body, i))
@@ -120,7 +121,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     logprobs = body.logprobs if want_logprobs else (0 if body.candidates > body.n else None)
     rows = []
     for i, (ids, budget, (packs, _)) in enumerate(zip(prompts, budgets, routes)):
-        echo = "" if not body.echo else (body.prompt[i] if isinstance(body.prompt[i], str) else
+        echo = "" if not body.echo else (texts[i] if isinstance(texts[i], str) else
                                          engine.tokenizer.decode(ids, skip_special_tokens=False))
         for j in range(body.candidates):
             sampling = sampling_for(body, budget, choice_seed(body.seed, j), logprobs,

@@ -32,7 +32,7 @@ def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | 
     if mix is not None:
         if model != engine.model_id:
             raise APIError(400, f"`skillpacks` mixes packs on the base model: set `model` to "
-                                f"`{engine.model_id}`, not `{model}`.", param="model")
+                                f"`{engine.model_id}`, not `{model}`.", param="model", code="invalid_value")
         for i, ref in enumerate(mix):
             if ref.name not in known:
                 raise APIError(404, f"The pack `{ref.name}` does not exist.", param=f"skillpacks.{i}.name",

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from skillpack_server.errors import APIError
@@ -126,9 +127,12 @@ async def receive_pack_upload(request: Request, staging: Staging, max_examples_b
             "on_part_begin", "on_header_field", "on_header_value", "on_header_end",
             "on_headers_finished", "on_part_data", "on_part_end", "on_end")
     })
-    async for chunk in body_chunks(request, read_timeout):
-        parser.write(chunk)
-    parser.finalize()
+    try:
+        async for chunk in body_chunks(request, read_timeout):
+            parser.write(chunk)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise APIError(400, f"The multipart body is malformed: {exc}.", param=FILE_FIELD) from None
     if not parts.ended:
         raise APIError(400, "The multipart body ended before its closing boundary.", param=FILE_FIELD)
     if not parts.saw_file:

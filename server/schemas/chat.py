@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -15,7 +15,6 @@ MAX_MESSAGES = 1024
 MAX_TOOLS = 128
 MAX_SCHEMA_BYTES = 64 * 1024  # a JSON schema (response_format or a tool's parameters), serialized
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # function and json_schema names, as OpenAI requires
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 def text_of(v: Any, where: str = "content") -> str | None:
@@ -58,48 +57,50 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    """One turn of the history; which fields a turn takes depends on its role (checked below)."""
+class _Turn(BaseModel):
+    """What every turn has; each role's class adds what it takes (OpenAI's schema is a `oneOf` by role)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # fields in the order their checks need them: content's looks at the role and the calls
-    role: Literal[ROLES]
     name: str | None = Field(None, max_length=256)
-    tool_calls: list[ToolCall] | None = None  # assistant
-    function_call: FunctionCall | None = None  # assistant (deprecated form)
-    tool_call_id: str | None = Field(None, max_length=256)  # tool
-    refusal: str | None = None  # assistant: a refusal in the history is shown as its content
-    content: str | None = Field(None, validate_default=True)
 
-    @field_validator("content", mode="before")
+    @field_validator("content", mode="before", check_fields=False)
     @classmethod
     def _text_content(cls, v: Any) -> str | None:
         return text_of(v)
 
-    @field_validator("content")
-    @classmethod
-    def _content_when_needed(cls, v: str | None, info) -> str | None:
-        role, data = info.data.get("role"), info.data
-        if role == "assistant" and v is None and data.get("refusal") is not None:
-            return data["refusal"]
-        if v is None and not (role == "assistant" and (data.get("tool_calls") or data.get("function_call"))):
-            raise ValueError(f"a {role!r} message needs `content` (only an assistant message that makes tool "
-                             "calls may leave it null).")
-        return v
 
-    @model_validator(mode="after")
-    def _fields_fit_the_role(self) -> ChatMessage:
-        if self.role != "assistant" and (self.tool_calls or self.function_call or self.refusal):
-            raise ValueError(f"only assistant messages carry `tool_calls`, `function_call` or `refusal`, not "
-                             f"{self.role!r} ones.")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("a `tool` message needs the `tool_call_id` of the call it answers.")
-        if self.role != "tool" and self.tool_call_id:
-            raise ValueError(f"`tool_call_id` belongs on `tool` messages, not {self.role!r} ones.")
-        if self.role == "function" and not self.name:
-            raise ValueError("a `function` message needs the `name` of the function it answers.")
-        return self
+class SystemTurn(_Turn):
+    role: Literal["system", "developer"]
+    content: str
+
+
+class UserTurn(_Turn):
+    role: Literal["user"]
+    content: str
+
+
+class AssistantTurn(_Turn):
+    role: Literal["assistant"]
+    content: str | None = None  # null when the turn made tool calls
+    refusal: str | None = None  # a refusal in the history is shown as the turn's content
+    tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # the deprecated form of one call
+
+
+class ToolTurn(_Turn):
+    role: Literal["tool"]
+    content: str
+    tool_call_id: str = Field(min_length=1, max_length=256)
+
+
+class FunctionTurn(_Turn):
+    role: Literal["function"]  # the deprecated form of a tool result
+    content: str | None = None
+    name: str = Field(min_length=1, max_length=256)
+
+
+ChatMessage = Annotated[SystemTurn | UserTurn | AssistantTurn | ToolTurn | FunctionTurn, Field(discriminator="role")]
 
 
 class FunctionDefinition(BaseModel):

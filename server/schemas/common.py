@@ -133,7 +133,7 @@ class GenerationFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] = Field([], max_length=MAX_STOP_TOKEN_IDS)
     # this server's extension: a weighted mix of packs on the base model
-    skillpacks: list[SkillpackRef] | None = None
+    skillpacks: list[SkillpackRef] | None = Field(None, min_length=1, max_length=MAX_PACKS)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """`POST /v1/completions`: the request body and the response shapes (OpenAI's legacy completions)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -36,8 +36,14 @@ def normalize_prompts(value: Any) -> list[str | list[int]]:
     return prompts
 
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
+
 class CompletionRequest(GenerationFields):
-    prompt: list[str | list[int]]
+    # the published forms, kept as sent; `prompts` is the list the server runs
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)] | TokenIds | \
+        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -46,8 +52,13 @@ class CompletionRequest(GenerationFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: Any) -> list[str | list[int]]:
-        return normalize_prompts(v)
+    def _prompt(cls, v: Any) -> Any:
+        normalize_prompts(v)  # the checks, with sentences that say what was wrong
+        return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        return normalize_prompts(self.prompt)
 
     @field_validator("suffix")
     @classmethod
@@ -71,9 +82,9 @@ class CompletionRequest(GenerationFields):
             raise ValueError(f"`best_of` ({self.best_of}) must be at least `n` ({self.n}).")
         if self.stream and self.candidates > self.n:
             raise ValueError("`best_of` above `n` cannot be streamed: the best are known only at the end.")
-        total = len(self.prompt) * self.candidates
+        total = len(self.prompts) * self.candidates
         if total > MAX_CHOICES:
-            raise ValueError(f"{len(self.prompt)} prompts x {self.candidates} completions = {total} rows; "
+            raise ValueError(f"{len(self.prompts)} prompts x {self.candidates} completions = {total} rows; "
                              f"at most {MAX_CHOICES} are served in one request.")
         return self
 

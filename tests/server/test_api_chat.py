@@ -130,10 +130,10 @@ def test_response_format_text_is_accepted(client, base_id):
 
 @pytest.mark.parametrize("messages, param", [
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages.0.content"),
-    ([{"role": "tool", "content": "x"}], "messages.0"),
+    ([{"role": "tool", "content": "x"}], "messages.0.tool_call_id"),
     ([{"role": "critic", "content": "x"}], "messages.0.role"),
     ([{"role": "user", "content": None}], "messages.0.content"),
-    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages.0.tool_call_id"),
     ([{"content": "x"}], "messages.0.role"),
 ])
 def test_bad_messages_name_the_field(client, base_id, messages, param):

@@ -31,7 +31,7 @@ def test_the_document_declares_security_bodies_errors_and_names(llama, tmp_path)
     upload = paths["/admin/skillpacks"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert upload["required"] == ["file"] and upload["properties"]["file"]["format"] == "binary"
     assert set(upload["properties"]) == {"file", "name", "replace", "examples"}
-    assert "application/jsonl" in paths["/admin/skillpacks/{name}/examples"]["put"]["requestBody"]["content"]
+    assert "text/plain" in paths["/admin/skillpacks/{name}/examples"]["put"]["requestBody"]["content"]
     for path, operations in paths.items():
         for method, op in operations.items():
             assert "422" not in op["responses"], (method, path)
