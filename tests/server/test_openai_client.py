@@ -75,3 +75,24 @@ def test_default_base_answers_through_the_client(tmp_path):
         out = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
                                              messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in out.choices[0].message.content
+
+
+def test_batched_prompts_and_n_through_the_sdk(api, base_id):
+    out = api.completions.create(model=base_id, prompt=["def f(x):", "import os"], n=2, max_tokens=4,
+                                 temperature=1.0, seed=9)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    lone = api.completions.create(model=base_id, prompt="import os", max_tokens=4, temperature=1.0, seed=10)
+    assert out.choices[3].text == lone.choices[0].text  # prompt 1, choice 1: seed + 1
+
+
+def test_streaming_several_choices_through_the_sdk(api, base_id):
+    body = dict(model=base_id, messages=[{"role": "user", "content": "hi"}], n=3, max_tokens=5, temperature=1.0,
+                seed=4)
+    whole = api.chat.completions.create(**body)
+    texts, reasons = {}, {}
+    for chunk in api.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            reasons[choice.index] = choice.finish_reason or reasons.get(choice.index)
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
