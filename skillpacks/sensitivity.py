@@ -112,7 +112,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     returns tuned − base of one. Deltas that are all zero are left out. `dtype`: what the model
     runs in (default: `checkpoint.run_dtype` of the tuned checkpoint).
     """
-    from skillpacks.checkpoint import load_causal_lm
+    from skillpacks.checkpoint import load_causal_lm, open_checkpoint, run_dtype
     from skillpacks.graft import collate, response_logits
 
     if not 1 <= max_examples <= MAX_EXAMPLES:
@@ -121,6 +121,16 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     if not records:
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or run_dtype(open_checkpoint(tuned_dir))
+    # every SVD before the model is loaded: the largest (the embedding's) needs a few times its
+    # matrix in workspace, which would otherwise come on top of the model
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in names:
+        d = delta(name)
+        if torch.any(d):
+            u, _, vh = delta_svd(d)
+            factors[name] = (u.to(device, dtype), vh.to(device, dtype))
+        del d
     tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model", dtype)
     model.to(device).requires_grad_(False)
     params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
@@ -128,13 +138,6 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     if missing:
         raise ValueError(f"the tuned model has no parameter '{missing[0]}' ({len(missing)} missing); "
                          "expected the checkpoint's tensor names to be the model's parameter names.")
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in names:
-        d = delta(name)
-        if torch.any(d):
-            u, _, vh = delta_svd(d)
-            factors[name] = (u.to(device, params[name].dtype), vh.to(device, params[name].dtype))
-        del d
     fisher = {name: torch.zeros(vh.shape[0], dtype=torch.float64, device=device) for name, (_, vh) in factors.items()}
     example = {name: torch.zeros_like(f) for name, f in fisher.items()}  # Σ over this example's tokens of uᵢᵀ∇W vᵢ
     handles = _install_projections(model, params, factors, example)
