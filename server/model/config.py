@@ -4,7 +4,7 @@ Served: Llama (incl. SmolLM2, tied embeddings), Mistral (sliding window), Qwen2 
 biases), Qwen3 (per-head q/k RMSNorm), Gemma 2 and Gemma 3 text (scaled embeddings,
 `1 + w` RMSNorms around attention and MLP, logit soft-capping, alternating sliding-window
 layers, Gemma 3's own rope for those) and Phi-3 (fused `qkv_proj` / `gate_up_proj`,
-partial rotary). The config is read by transformers' own config class
+partial rotary, longrope up to its original context). The config is read by transformers' own config class
 (`skillpacks.architectures.transformers_config`), so every layer's window and rope are
 those of the transformers model; anything else is refused here, where the checkpoint
 enters, with one line listing what is supported.
@@ -12,6 +12,7 @@ enters, with one line listing what is supported.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,16 @@ class ModelConfig:
         if len(rotary) != 1 or min(rotary) % 2:
             raise ValueError(f"rotary dimensions {sorted(rotary)} differ between layer types or are odd; expected "
                              "one even number of rotating dims per head.")
+        # longrope (Phi-3.5, Phi-4-mini) switches to its long factors once a sequence passes the
+        # original length, re-rotating every earlier key; a paged cache cannot, so it is served up to there
+        limit = int(hf.max_position_embeddings)
+        for params in ropes.values():
+            if params["rope_type"] == "longrope":
+                original = int(params["original_max_position_embeddings"])
+                factor = float(params.get("factor") or limit / original)
+                params.setdefault("attention_factor", math.sqrt(1 + math.log(factor) / math.log(original))
+                                  if factor > 1 else 1.0)
+                limit = min(limit, original)
         # Mistral and Phi-3 have no layer types: their window, if any, is on every layer
         layer_types = list(getattr(hf, "layer_types", None) or [])
         window = getattr(hf, "sliding_window", None)
@@ -122,7 +133,7 @@ class ModelConfig:
             num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or heads),
             head_dim=head_dim,
             rms_norm_eps=float(hf.rms_norm_eps),
-            max_position_embeddings=int(hf.max_position_embeddings),
+            max_position_embeddings=limit,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
             qkv_bias=always_qkv_bias or (attention_bias and arch != "Phi3ForCausalLM"),
             o_bias=attention_bias and not always_qkv_bias and arch != "Phi3ForCausalLM",

@@ -23,7 +23,7 @@ from skillpack_server.model.attention import paged_attention
 from skillpack_server.model.batch import PackRouting, StepBatch
 from skillpack_server.model.config import ModelConfig
 from skillpack_server.model.kv_cache import PagedKVCache
-from skillpack_server.model.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from skillpack_server.model.rope import apply_rope, rope_attention_scaling, rope_cos_sin, rope_inv_freq
 from skillpack_server.model.vocab_delta import VocabDelta
 
 
@@ -236,6 +236,7 @@ class Transformer(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size)
         self.inv_freqs: dict[str, torch.Tensor] = {}  # layer type -> its rope frequencies, set after loading
+        self.rope_scales = {t: rope_attention_scaling(cfg, t) for t in set(cfg.layer_types)}
         self.num_pack_slots = 0  # set by skillpack_server.model.pack_slots.PackSlots
 
     def setup_rope(self, device) -> None:
@@ -251,7 +252,7 @@ class Transformer(nn.Module):
         """The final-norm hidden states (M, dim) of the step's token rows `rows`, after writing its K/V."""
         packs = batch.packs
         x = self.model.embed_tokens(batch.token_ids, packs)  # (N, dim)
-        ropes = {t: rope_cos_sin(f, batch.positions, x.dtype) for t, f in self.inv_freqs.items()}
+        ropes = {t: rope_cos_sin(f, batch.positions, x.dtype, self.rope_scales[t]) for t, f in self.inv_freqs.items()}
         for i, layer in enumerate(self.model.layers):
             cos, sin = ropes[layer.self_attn.layer_type]
             x = layer(x, cos, sin, batch, kv.k[i], kv.v[i], kv.page_size)

@@ -16,11 +16,18 @@ def rope_inv_freq(cfg: ModelConfig, layer_type: str = "full_attention") -> torch
     theta = float(scaling.get("rope_theta", 10000.0))
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     kind = scaling.get("rope_type", "default")
+    if kind == "longrope":  # the short factors: sequences stay within the original length (config.py)
+        return inv_freq / torch.tensor(scaling["short_factor"], dtype=torch.float32)
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
         return _llama3_scale(inv_freq, scaling)
     return inv_freq
+
+
+def rope_attention_scaling(cfg: ModelConfig, layer_type: str = "full_attention") -> float:
+    """The factor cos and sin are multiplied by (longrope's attention factor; 1 otherwise)."""
+    return float(cfg.rope_of(layer_type).get("attention_factor", 1.0))
 
 
 def _llama3_scale(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
@@ -37,11 +44,11 @@ def _llama3_scale(inv_freq: torch.Tensor, p: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (N, rotary_dim) for token positions (N,); computed in float32."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos, sin of shape (N, rotary_dim) for token positions (N,), times `scale`; computed in float32."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, rd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (N, rd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,7 @@ def test_unsupported_models_are_one_line_listing_what_is_supported(change, names
                                                                    capsys):
     pair = build_tiny_pair("qwen3", tiny_root, tiny_tokenizer)
     folder = _unsupported(tmp_path, pair, change)
+    capsys.readouterr()  # building the pair (when this test runs first) writes progress bars to stderr
     everything = [*SUPPORTED_ARCHITECTURES, *SUPPORTED_ROPE_TYPES]
     err = one_line_error(["--base", str(folder), "--packs", str(tmp_path / "store")], capsys)
     assert names in err and all(n in err for n in everything), err
@@ -182,6 +183,23 @@ def test_qwen_sliding_layers_follow_transformers_layer_types(tiny_root, tiny_tok
                                            "layer_types": None})  # saved configs list them: let transformers derive
     runtime = load_model(folder, "cpu", torch.float32)
     assert runtime.config.layer_types == ["full_attention", "sliding_attention"]
+    kv = PagedKVCache(runtime.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
+    want = reference_logits(hf_model(folder), PROMPTS[0])
+    torch.testing.assert_close(run_chunks(runtime, kv, PROMPTS[:1], [[]], split=5)[0], want, atol=ATOL, rtol=0)
+    assert (want - reference_logits(hf_model(pair.base), PROMPTS[0])).abs().max() > 100 * ATOL
+
+
+def test_longrope_is_served_with_its_short_factors_up_to_the_original_length(tiny_root, tiny_tokenizer, tmp_path):
+    """Phi-3.5 / Phi-4-mini rope: within original_max_position_embeddings transformers rotates by the
+    short factors and scales cos/sin by the attention factor; the runtime matches it and caps the
+    context there (past it transformers would re-rotate every key by the long factors)."""
+    pair = build_tiny_pair("phi3", tiny_root, tiny_tokenizer)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5, 2.5, 4.0], "long_factor": [2.0, 4.0, 8.0, 16.0],
+            "original_max_position_embeddings": 64}
+    folder = _unsupported(tmp_path, pair, {"rope_parameters": rope, "original_max_position_embeddings": 64})
+    runtime = load_model(folder, "cpu", torch.float32)
+    assert runtime.config.max_position_embeddings == 64  # max_position_embeddings 512 is not served
     kv = PagedKVCache(runtime.config, num_pages=16, page_size=4, device="cpu", dtype=torch.float32)
     want = reference_logits(hf_model(folder), PROMPTS[0])
     torch.testing.assert_close(run_chunks(runtime, kv, PROMPTS[:1], [[]], split=5)[0], want, atol=ATOL, rtol=0)
