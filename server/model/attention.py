@@ -1,10 +1,29 @@
-"""Attention over the paged KV cache for a step mixing prefill chunks and decode tokens."""
+"""Attention over the paged KV cache for a step mixing prefill chunks and decode tokens.
+
+Semantics, for new token i of sequence b at position p (window w, softcap c, GQA group of h):
+
+    keys j of b with  max(0, p - w + 1) <= j <= p
+    out[i, h] = softmax_j(cap(q[i, h] · K[b, j, h // G] · scale)) @ V[b, j, h // G],  cap(s) = c·tanh(s / c)
+
+Each sequence reads only the pages it fills (and, under a window, only the window's), so a
+step costs what its tokens attend to, never a copy padded to the longest sequence. On CUDA
+(without soft-capping) decode rows go to the Triton kernel that reads K/V pages in place
+(`skillpack_kernels.paged_attention`); prefill chunks run per sequence through SDPA (flash when
+the chunk starts the sequence). On the CPU, decode rows are one grouped matmul per sequence,
+or one padded batch when there are many of similar length (fewer, larger ops).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from skillpack_server.model.batch import StepBatch
+from skillpack_server.model.batch import SeqSpan, StepBatch
+
+# padded batching of decode rows pays off once there are this many, with at most this much padding
+BATCH_DECODE_MIN_ROWS = 4
+BATCH_DECODE_MAX_PADDING = 0.5
+# decode rows through the Triton kernel: "auto" = on CUDA; tests set "triton" to run it interpreted
+DECODE_KERNEL = "auto"
 
 
 def paged_attention(
@@ -22,33 +41,118 @@ def paged_attention(
     """
     k_cache[batch.slot_mapping] = k
     v_cache[batch.slot_mapping] = v
-    num_seqs, num_pages = batch.block_tables.shape
-    offsets = torch.arange(page_size, device=q.device)
-    ctx_slots = (batch.block_tables[:, :, None] * page_size + offsets).view(num_seqs, num_pages * page_size)
-    key_pos = torch.arange(num_pages * page_size, device=q.device)
-    # slots past a sequence's length hold stale or other requests' K/V, possibly non-finite;
-    # a masked score still meets its key and value (NaN + -inf, 0 * NaN are NaN): zero them
-    outside = (key_pos >= batch.context_lens[:, None])[:, None, :, None]  # (B, 1, K, 1)
-    keys = k_cache[ctx_slots].transpose(1, 2).masked_fill(outside, 0)  # (B, KVH, K, D)
-    values = v_cache[ctx_slots].transpose(1, 2).masked_fill(outside, 0)
-    max_q = batch.query_pos.shape[1]
-    q_pad = q.new_zeros(num_seqs, max_q, q.shape[1], q.shape[2])
-    q_pad[batch.seq_index, batch.query_offset] = q
-    q_pos = batch.query_pos[:, :, None]  # (B, Tq, 1)
-    # padded query rows sit at position 0 and so still see key 0: no all-masked (NaN) rows
-    mask = (key_pos <= q_pos) & (key_pos < batch.context_lens[:, None, None])  # (B, Tq, K)
-    if sliding_window is not None:
-        mask &= key_pos > q_pos - sliding_window
-    if softcap is None:
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # (B, H, Tq, D)
+    out = torch.empty_like(q)
+    decode = [s for s in batch.spans if s.rows == 1]
+    prefill = [s for s in batch.spans if s.rows > 1]
+    kernel = q.is_cuda if DECODE_KERNEL == "auto" else DECODE_KERNEL == "triton"
+    if decode and kernel and softcap is None:
+        _decode_in_place(q, k_cache, v_cache, batch, page_size, scale, sliding_window, out)
+    elif decode and _batch_the_decode_rows(decode, page_size):
+        _decode_padded(q, k_cache, v_cache, decode, page_size, scale, sliding_window, softcap, out)
     else:
-        # SDPA cannot cap scores, so Gemma 2's layers take this eager path (softmax in float32, as transformers)
-        groups = q.shape[1] // k.shape[1]
-        scores = q_pad.transpose(1, 2) @ keys.repeat_interleave(groups, 1).transpose(2, 3) * scale  # (B, H, Tq, K)
-        scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values.repeat_interleave(groups, 1)
-    return out.transpose(1, 2)[batch.seq_index, batch.query_offset]
+        for span in decode:
+            out[span.first] = _attend(q[span.first : span.first + 1], k_cache, v_cache, span, page_size, scale,
+                                      sliding_window, softcap)[0]
+    for span in prefill:
+        out[span.first : span.first + span.rows] = _attend(q[span.first : span.first + span.rows], k_cache, v_cache,
+                                                           span, page_size, scale, sliding_window, softcap)
+    return out
+
+
+def _window_start(span: SeqSpan, window: int | None) -> int:
+    """The first key any of the span's queries attends to."""
+    return 0 if window is None else max(0, span.start - window + 1)
+
+
+def _gather(cache: torch.Tensor, pages: torch.Tensor, page_size: int, lo: int, hi: int) -> torch.Tensor:
+    """Keys (or values) lo..hi-1 of a sequence, (hi - lo, KVH, D), read page by page."""
+    first = lo // page_size
+    blocks = cache.view(-1, page_size, *cache.shape[1:]).index_select(0, pages[first : -(-hi // page_size)])
+    return blocks.reshape(-1, *cache.shape[1:])[lo - first * page_size : hi - first * page_size]
+
+
+def _visible(span: SeqSpan, lo: int, hi: int, window: int | None, device) -> torch.Tensor:
+    """(T, L) bool: which of keys lo..hi-1 each of the span's queries sees."""
+    key_pos = torch.arange(lo, hi, device=device)
+    q_pos = torch.arange(span.start, hi, device=device)[:, None]
+    visible = key_pos <= q_pos
+    if window is not None:
+        visible &= key_pos > q_pos - window
+    return visible
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: SeqSpan, page_size: int,
+            scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
+    """One sequence's new tokens q (T, H, D) over its cached keys; (T, H, D)."""
+    t, heads, dim = q.shape
+    lo, hi = _window_start(span, window), span.context_len
+    keys = _gather(k_cache, span.pages, page_size, lo, hi)  # (L, KVH, D)
+    values = _gather(v_cache, span.pages, page_size, lo, hi)
+    kv_heads = keys.shape[1]
+    if t > 1 and softcap is None:
+        # a chunk that starts the sequence, with no window cutting into it, is plain causal: SDPA's
+        # fused (flash) path; otherwise an explicit (T, L) mask
+        plain_causal = span.start == 0 and (window is None or window >= t)
+        mask = None if plain_causal else _visible(span, lo, hi, window, q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask,
+            is_causal=plain_causal, scale=scale, enable_gqa=heads != kv_heads)
+        return out[0].transpose(0, 1)
+    # grouped matmul: every query head of a KV head at once, no copy of K/V per query head
+    qg = q.permute(1, 0, 2).reshape(kv_heads, heads // kv_heads * t, dim)  # (KVH, G*T, D)
+    scores = _capped(torch.bmm(qg, keys.permute(1, 2, 0)) * scale, softcap)  # (KVH, G*T, L)
+    if t > 1:
+        scores = scores.masked_fill(~_visible(span, lo, hi, window, q.device).repeat(heads // kv_heads, 1),
+                                    float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    out = torch.bmm(probs, values.transpose(0, 1))  # (KVH, G*T, D)
+    return out.view(heads, t, dim).transpose(0, 1)
+
+
+def _batch_the_decode_rows(decode: list[SeqSpan], page_size: int) -> bool:
+    """Many decode rows of similar length: one padded batch beats a loop of small ops."""
+    if len(decode) < BATCH_DECODE_MIN_ROWS:
+        return False
+    pages = [len(s.pages) for s in decode]
+    return max(pages) * len(pages) <= (1 + BATCH_DECODE_MAX_PADDING) * sum(pages)
+
+
+def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: list[SeqSpan],
+                   page_size: int, scale: float, window: int | None, softcap: float | None, out: torch.Tensor) -> None:
+    """Every decode row at once over its pages, padded to the longest (a few pages at most)."""
+    heads, dim = q.shape[1:]
+    kv_heads = k_cache.shape[1]
+    width = max(len(s.pages) for s in decode)
+    tables = torch.zeros(len(decode), width, dtype=torch.long, device=q.device)
+    for i, s in enumerate(decode):
+        tables[i, : len(s.pages)] = s.pages
+    rows = torch.tensor([s.first for s in decode], device=q.device)
+    lens = torch.tensor([s.context_len for s in decode], device=q.device)
+    keys = k_cache.view(-1, page_size, kv_heads, dim)[tables].view(len(decode), -1, kv_heads, dim)  # (B, K, KVH, D)
+    values = v_cache.view(-1, page_size, kv_heads, dim)[tables].view(len(decode), -1, kv_heads, dim)
+    key_pos = torch.arange(width * page_size, device=q.device)
+    visible = key_pos < lens[:, None]  # (B, K)
+    if window is not None:
+        visible &= key_pos > lens[:, None] - 1 - window
+    # past a sequence's end lie other requests' slots, maybe non-finite: 0 x NaN would leak
+    values = values.masked_fill(~visible[:, :, None, None], 0)
+    qg = q[rows].view(len(decode), kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
+    scores = _capped(torch.einsum("bhgd,bkhd->bhgk", qg, keys) * scale, softcap)
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    out[rows] = torch.einsum("bhgk,bkhd->bhgd", probs, values).reshape(len(decode), heads, dim)
+
+
+def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
+                     page_size: int, scale: float, window: int | None, out: torch.Tensor) -> None:
+    """Decode rows through the Triton kernel that reads each page where it lies."""
+    from skillpack_kernels.paged_attention import paged_attention_triton
+
+    rows = torch.tensor([s.first for s in batch.spans if s.rows == 1], device=q.device)
+    out[rows] = paged_attention_triton(q[rows], k_cache, v_cache, batch.block_tables, batch.context_lens,
+                                       page_size, scale, window, seq_index=batch.seq_index[rows],
+                                       positions=batch.positions[rows])

@@ -53,17 +53,31 @@ class PackRouting:
 
 
 @dataclass
+class SeqSpan:
+    """One sequence's part of the step, for attention: its rows, where they sit, its pages."""
+
+    first: int  # first of its rows among the step's N tokens
+    rows: int  # its new tokens this step (1 for a decode row)
+    start: int  # position of its first new token
+    pages: torch.Tensor  # (P_b,) long, on the device: its block table, exactly as long as it is
+
+    @property
+    def context_len(self) -> int:
+        """Tokens cached after this step."""
+        return self.start + self.rows
+
+
+@dataclass
 class StepBatch:
     token_ids: torch.Tensor  # (N,) long: every new token of the step, row after row
     positions: torch.Tensor  # (N,) long
     slot_mapping: torch.Tensor  # (N,) long: KV slot each new token writes
     seq_index: torch.Tensor  # (N,) long: which sequence of the step a token belongs to
-    query_offset: torch.Tensor  # (N,) long: index of the token within its sequence's chunk
-    query_pos: torch.Tensor  # (B, Tq) long: positions laid out padded, per sequence
     block_tables: torch.Tensor  # (B, P) long: page ids, padded with page 0
     context_lens: torch.Tensor  # (B,) long: cached tokens after this step
     logits_rows: torch.Tensor  # (M,) long: rows of the N tokens whose logits are returned
     packs: PackRouting | None
+    spans: list[SeqSpan] = field(default_factory=list)  # per sequence, in step order
 
     @property
     def num_tokens(self) -> int:
@@ -74,10 +88,8 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
     """Lay out a step's sequences as flat token rows plus padded attention metadata."""
     if not chunks:
         raise ValueError("a step needs at least one sequence.")
-    tokens, positions, slots, seq_index, offsets, logits_rows, row_packs = [], [], [], [], [], [], []
-    max_q = max(len(c.tokens) for c in chunks)
+    tokens, positions, slots, seq_index, logits_rows, row_packs = [], [], [], [], [], []
     max_pages = max(len(c.pages) for c in chunks)
-    query_pos = torch.zeros(len(chunks), max_q, dtype=torch.long)
     tables = torch.zeros(len(chunks), max_pages, dtype=torch.long)
     ctx, spans = [], []  # spans: (first row, rows, packs) per sequence
     for b, c in enumerate(chunks):
@@ -91,12 +103,11 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
         positions.extend(pos)
         slots.extend(c.pages[p // page_size] * page_size + p % page_size for p in pos)
         seq_index.extend([b] * n)
-        offsets.extend(range(n))
         logits_rows.extend(base_row + j for j in c.logits_at)
         row_packs.extend([c.packs] * n)
         spans.append((base_row, n, c.packs))
-        query_pos[b, :n] = torch.arange(c.start_pos, end)
-        tables[b, : len(c.pages)] = torch.tensor(c.pages, dtype=torch.long)
+        # only the pages the sequence fills: attention reads no page past its end
+        tables[b, : -(-end // page_size)] = torch.tensor(c.pages[: -(-end // page_size)], dtype=torch.long)
         ctx.append(end)
 
     def as_tensor(values):
@@ -114,9 +125,11 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
             active_slots={s for c in chunks for s, _ in c.packs},
             row_pack_lists=row_packs,
         )
+    tables = tables.to(device)
+    seq_spans = [SeqSpan(first, n, c.start_pos, tables[b, : -(-(c.start_pos + n) // page_size)])
+                 for b, ((first, n, _), c) in enumerate(zip(spans, chunks))]
     return StepBatch(
         token_ids=as_tensor(tokens), positions=as_tensor(positions), slot_mapping=as_tensor(slots),
-        seq_index=as_tensor(seq_index), query_offset=as_tensor(offsets), query_pos=query_pos.to(device),
-        block_tables=tables.to(device), context_lens=as_tensor(ctx), logits_rows=as_tensor(logits_rows),
-        packs=packs,
+        seq_index=as_tensor(seq_index), block_tables=tables, context_lens=as_tensor(ctx),
+        logits_rows=as_tensor(logits_rows), packs=packs, spans=seq_spans,
     )
