@@ -12,6 +12,8 @@ build is redone with a smaller allowance if it came out larger.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
 import os
@@ -55,6 +57,21 @@ class ModuleInfo:
     kind: str
     method: str  # lowrank | sparse | exact
     shape: tuple[int, ...]
+
+
+def return_freed_memory() -> None:
+    """Hand the memory the sensitivity pass freed back to the OS before the passes that follow.
+
+    The tuned model and its singular vectors are mostly allocations below glibc's mmap
+    threshold: freed, they stay in the process's heap, and the next pass's peak (the
+    embedding's SVD) would stack on top of them (0.5B: 4.1 GB instead of 2.9 GB). glibc's
+    malloc_trim returns them; where there is no glibc nothing is done.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_pair(base: Checkpoint, tuned: Checkpoint) -> list[str]:
@@ -218,6 +235,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
         names = [i.name for i in infos if i.method == "lowrank"]
         fisher, tokens = rank_sensitivity(tuned_dir, records, names, lambda n: read_delta(base, tuned, n),
                                           max_examples=sensitivity_examples, progress=progress)
+        return_freed_memory()
         sens_info = {"examples": min(len(records), sensitivity_examples), "tokens": tokens,
                      "power": SENSITIVITY_POWER}
 

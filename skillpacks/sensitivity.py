@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from skillpacks.compress import delta_svd
+from skillpacks.module_kinds import EMBEDDING_NAME, LM_HEAD_NAME
 
 DEFAULT_EXAMPLES = 64
 MAX_EXAMPLES = 4096
@@ -122,15 +123,21 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or run_dtype(open_checkpoint(tuned_dir))
-    # every SVD before the model is loaded: the largest (the embedding's) needs a few times its
-    # matrix in workspace, which would otherwise come on top of the model
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in names:
-        d = delta(name)
-        if torch.any(d):
-            u, _, vh = delta_svd(d)
-            factors[name] = (u.to(device, dtype), vh.to(device, dtype))
-        del d
+
+    def add_factors(group: list[str]) -> None:
+        for name in group:
+            d = delta(name)
+            if torch.any(d):
+                u, _, vh = delta_svd(d)
+                factors[name] = (u.to(device, dtype), vh.to(device, dtype))
+            del d
+
+    # the vocabulary matrices' SVDs first, before the model is loaded: theirs are the largest (a
+    # few times the matrix in workspace), and loading the model briefly maps its whole file too;
+    # the other SVDs' workspace is small beside the model (docs/BUILD.md, build memory)
+    vocab = [n for n in names if n in (EMBEDDING_NAME, LM_HEAD_NAME)]
+    add_factors(vocab)
     tokenizer, model = load_causal_lm(tuned_dir, "measuring sensitivity runs the tuned model", dtype)
     model.to(device).requires_grad_(False)
     params = dict(model.named_parameters())  # a tied head appears once, under the embedding's name
@@ -138,6 +145,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     if missing:
         raise ValueError(f"the tuned model has no parameter '{missing[0]}' ({len(missing)} missing); "
                          "expected the checkpoint's tensor names to be the model's parameter names.")
+    add_factors([n for n in names if n not in vocab])
     fisher = {name: torch.zeros(vh.shape[0], dtype=torch.float64, device=device) for name, (_, vh) in factors.items()}
     example = {name: torch.zeros_like(f) for name, f in fisher.items()}  # Σ over this example's tokens of uᵢᵀ∇W vᵢ
     handles = _install_projections(model, params, factors, example)
