@@ -59,6 +59,12 @@ def test_pack_rows_match_merged_models(new_pair, runtime):
     check_pack_rows(new_pair, runtime, "cpu", ATOL)
 
 
+@pytest.mark.gpu
+def test_pack_rows_match_merged_models_on_cuda(new_pair):
+    """The same batch on CUDA in fp32 (Triton kernels; TF32 dots allow test_runtime's looser bound)."""
+    check_pack_rows(new_pair, load_model(new_pair.base, "cuda", torch.float32), "cuda", 2e-3)
+
+
 def test_mixed_decode_burst_matches_merged_models(new_pair, tiny_tokenizer, tmp_path):
     fp = base_fingerprint(open_checkpoint(new_pair.base))
     dense = tuned_delta(new_pair.base, new_pair.tuned)
