@@ -10,8 +10,8 @@ the Fisher information of the tuned model along the direction uᵢ vᵢᵀ. The 
 drawn from the tuned model itself at every scored position, so this estimates the true
 Fisher (the KL's curvature) rather than the empirical one; the cross terms between
 positions of one example have mean zero under that sampling. One backward pass per
-example gives ∇_W of every module at once, and diag(Uᵀ ∇_W V) gives all of a module's
-directions from it. `rank_sensitivity` returns fᵢ / tokens per module, in the singular
+example gives diag(Uᵀ ∇_W V), all of a module's directions, for every module at once
+(without forming ∇_W: below). `rank_sensitivity` returns fᵢ / tokens per module, in the singular
 value order of `compress.delta_svd`.
 
 Why the builder wants it (docs/BUILD.md, "`--sensitivity`"): on a real SmolLM2 fine-tune
@@ -30,8 +30,9 @@ A tied head is the embedding's one Parameter used twice: both uses add to the sa
 
 The model runs in its checkpoint's precision (`checkpoint.run_dtype`): a float32 fine-tune
 (what `skillpack graft` saves) in float32; a bf16 or fp16 one in bf16, its singular vectors
-too, with each token's products summed in float32. Rounding to bf16 moves each fᵢ by far
-less than the estimate's own sampling noise over 64 records (tested).
+too, with each token's products summed in float32. Rounding to bf16 moves each fᵢ far less
+than the estimate's own sampling noise (tiny Gemma 3 / Qwen3 / Phi-3, 24 records: median
+0.3–4% over the top ranks, against 14–33% between two draws of the labels; tested).
 
 Memory: the tuned model (2 bytes per parameter in bf16, 4 in float32) and every low-rank
 module's singular vectors U, V in the same dtype (k·(out + in) per (out, in) matrix,
