@@ -121,7 +121,7 @@ class ModelConfig:
         window = getattr(hf, "sliding_window", None)
         attention_bias = bool(getattr(hf, "attention_bias", False))
         always_qkv_bias = arch == "Qwen2ForCausalLM"
-        eos = hf.eos_token_id
+        eos = cfg.get("eos_token_id")  # as written: a config class's default id is no stop token of this model
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         return cls(
             architecture=arch,
