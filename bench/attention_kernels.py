@@ -1,9 +1,12 @@
-"""Benchmark: the paged decode-attention kernel against the server's gather + SDPA path, one layer.
+"""Benchmark: the paged decode-attention kernel, the server's attention around it, and the dense
+gather it replaced, one layer.
 
 On a GPU: Llama-3-8B attention (32 query heads on 8 KV heads of 128, bf16, pages of 16
 handed out shuffled), decode at batch 1/8/32/64 over 512 and 2048 cached tokens. Per case
 it times (server) `skillpack_server.model.attention.paged_attention` as the engine calls it
-today and (kernel) the same step's K/V write plus `skillpack_kernels.paged_attention`, reports
+(decode rows go to the kernel on CUDA), (kernel) the same step's K/V write plus
+`skillpack_kernels.paged_attention`, and (dense) the torch twin's gather of every page into a
+masked dense copy, what the server did before; reports
 the kernel's GB/s for the K/V bytes it must read against the device's copy bandwidth, and
 the largest difference between the two outputs. `--dry-run` runs the same code on tiny
 shapes on CPU (Triton interpreted; one call per timing).
@@ -77,6 +80,15 @@ def kernel_step(q, k, v, k_cache, v_cache, pages, context: int, page_size: int):
     return run
 
 
+def dense_step(q, k, v, k_cache, v_cache, pages, context: int, page_size: int):
+    """The torch twin (a dense masked gather of every page): what the server ran before the kernel."""
+    batch = q.shape[0]
+    ctx = torch.full((batch,), context, dtype=torch.long, device=q.device)
+    tables = pages.to(q.device)
+    scale = q.shape[-1] ** -0.5
+    return lambda: paged_attention(q, k_cache, v_cache, tables, ctx, page_size, scale, backend="torch")
+
+
 def run_cases(shape: dict, device, dtype, timer, copy_gbs: float, device_name: str, out_dir: Path) -> dict:
     result = {"benchmark": "attention", "device": device_name, "dtype": str(dtype).removeprefix("torch."),
               "torch": torch.__version__, "copy_bandwidth_gbs": copy_gbs, "shape": shape, "cases": [],
@@ -101,6 +113,10 @@ def run_cases(shape: dict, device, dtype, timer, copy_gbs: float, device_name: s
                 case["speedup"] = case["server_us"] / case["kernel_us"]
             except Exception as e:
                 case["server_error"] = f"{type(e).__name__}: {e}"
+            # before the kernel was wired in, the server gathered every sequence's pages into a
+            # dense masked copy: the twin does exactly that, so it stands for the old path
+            dense = dense_step(*tensors, context, shape["page_size"])
+            case["dense_gather_us"] = timer(dense) * 1e3
             result["cases"].append(case)
             print(f"{batch:>5} {context:>7} {case.get('server_us', float('nan')):>10.1f} {case['kernel_us']:>10.1f} "
                   f"{case.get('speedup', float('nan')):>8.2f} {case['kernel_gbs']:>7.0f} "
