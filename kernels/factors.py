@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skillpack_kernels.quant import QuantTensor, dequantize_groupwise
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, dequantize_many
 
 
 @dataclass
@@ -68,3 +68,15 @@ class LowRankDelta:
         """The dense (out, in) ΔW this delta stands for (a reference, never the serving path)."""
         a, b = self.factors(torch.float64)
         return ((b * self.s.double()) @ a).to(dtype)
+
+
+def factors_of_many(deltas: list[LowRankDelta], dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`delta.factors(dtype)` of each, dequantized together (`dequantize_many`)."""
+    tiers = [t for d in deltas for t in d.a_tiers + d.bt_tiers]
+    flat = iter(dequantize_many(tiers, dtype))
+    out = []
+    for d in deltas:
+        a = [next(flat) for _ in d.a_tiers]
+        bt = [next(flat) for _ in d.bt_tiers]
+        out.append((torch.cat(a, dim=0), torch.cat(bt, dim=0).T))
+    return out

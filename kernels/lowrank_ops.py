@@ -160,9 +160,13 @@ class LowRankSlots:
     def loaded(self) -> frozenset[int]:
         return frozenset(self._loaded)
 
-    def prepare(self, delta: LowRankDelta) -> "PreparedLowRank":
-        """Check `delta` against these slots and dequantize what `load` will copy (changes nothing)."""
-        delta.validate()
+    def prepare(self, delta: LowRankDelta, factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                validated: bool = False) -> "PreparedLowRank":
+        """Check `delta` against these slots and dequantize what `load` will copy (changes nothing).
+        `factors`: its `factors()` already computed (a pack's, batched); `validated`: the pack
+        reader has already run `delta.validate()`."""
+        if not validated:
+            delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):
             raise ValueError(
                 f"delta is {delta.in_features} -> {delta.out_features} but these slots hold "
@@ -172,7 +176,7 @@ class LowRankSlots:
             raise ValueError(f"delta rank {delta.rank} exceeds these slots' max_rank={self.max_rank}.")
         if self.concat is None:
             return PreparedLowRank(delta, None, None)
-        a, b = delta.factors(torch.float32)  # (r, in), (out, r)
+        a, b = factors if factors is not None else delta.factors(torch.float32)  # (r, in), (out, r)
         return PreparedLowRank(delta, a.to(self.dtype), b.T.to(self.dtype).contiguous())
 
     def load(self, slot: int, delta: "LowRankDelta | PreparedLowRank") -> None:

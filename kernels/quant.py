@@ -135,8 +135,41 @@ def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> QuantTens
 
 def dequantize_groupwise(qt: QuantTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Float (rows, cols) matrix that `qt` stands for."""
-    q = unpack_codes(qt.codes, qt.bits).to(torch.float32)  # (R, pc)
-    rows, pc = q.shape
-    g = q.view(rows, pc // qt.group_size, qt.group_size)
-    w = g * qt.scales.float().unsqueeze(-1) + qt.zeros.float().unsqueeze(-1)
-    return w.view(rows, pc)[:, : qt.cols].to(dtype)
+    return _dequantize(qt.codes, qt.scales, qt.zeros, qt.bits, qt.group_size, qt.cols, dtype)
+
+
+# byte -> its codes as floats, for widths that pack several codes a byte: one gather unpacks
+# and converts (shifting through int32 and converting after takes four passes)
+_CODE_TABLES: dict[int, torch.Tensor] = {
+    bits: ((torch.arange(256)[:, None] >> (torch.arange(8 // bits) * bits)) & ((1 << bits) - 1)).float()
+    for bits in SUPPORTED_BITS if bits < 8
+}
+
+
+def _dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                cols: int, dtype: torch.dtype) -> torch.Tensor:
+    rows = codes.shape[0]
+    if bits == 8:
+        q = codes.to(torch.float32)  # (R, pc)
+    else:
+        table = _CODE_TABLES[bits].to(codes.device)
+        q = table.index_select(0, codes.reshape(-1).int()).view(rows, -1)  # (R, pc): code j of byte i at i*p + j
+    g = q.view(rows, -1, group_size)
+    w = g * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    return w.view(rows, -1)[:, :cols].to(dtype)
+
+
+def dequantize_many(qts: list[QuantTensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """`dequantize_groupwise` of each, in order, in one batched pass per layout: a pack's few
+    hundred small tiers cost a handful of large ops instead of a few thousand small ones."""
+    out: list[torch.Tensor | None] = [None] * len(qts)
+    layouts: dict[tuple[int, int, int], list[int]] = {}  # (bits, group_size, cols) -> indices
+    for i, qt in enumerate(qts):
+        layouts.setdefault((qt.bits, qt.group_size, qt.cols), []).append(i)
+    for (bits, group_size, cols), idx in layouts.items():
+        parts = [qts[i] for i in idx]
+        whole = _dequantize(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                            torch.cat([p.zeros for p in parts]), bits, group_size, cols, dtype)
+        for i, piece in zip(idx, whole.split([p.rows for p in parts])):
+            out[i] = piece
+    return out

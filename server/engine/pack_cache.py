@@ -307,7 +307,8 @@ class PackCache:
         """The pack in the form slots copy (dequantized): slow, so callers hold no lock."""
         start = time.perf_counter()
         try:
-            prepared = self.slots.prepare(pack.deltas)
+            # read_pack has validated every delta as it read it; another reader's are checked here
+            prepared = self.slots.prepare(pack.deltas, validated=self._reader is read_pack)
         except ValueError as e:
             raise EngineError(f"pack '{version.name}' does not fit this base model: {e}", status=409) from None
         with self._lock:

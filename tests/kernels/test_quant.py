@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.factors import LowRankDelta, factors_of_many
 from skillpack_kernels.quant import (
-    QuantTensor, dequantize_groupwise, pack_codes, padded_cols, quantize_groupwise, unpack_codes,
+    QuantTensor, dequantize_groupwise, dequantize_many, pack_codes, padded_cols, quantize_groupwise, unpack_codes,
 )
 
 
@@ -72,3 +72,30 @@ def test_exact_rank_r_delta_reconstructs_at_8_bits():
     d.validate()
     rel = (d.dense() - dw.double()).norm() / dw.norm()
     assert rel <= 1e-2
+
+
+def test_dequantize_many_equals_one_at_a_time():
+    torch.manual_seed(3)
+    parts = [quantize_groupwise(torch.randn(rows, cols), bits, gs)
+             for rows, cols, bits, gs in [(3, 40, 4, 16), (5, 40, 4, 16), (2, 33, 2, 8), (4, 40, 8, 32),
+                                          (1, 33, 2, 8), (6, 40, 4, 16)]]
+    for one, many in zip([dequantize_groupwise(p) for p in parts], dequantize_many(parts)):
+        assert torch.equal(one, many)
+    for p, many in zip(parts, dequantize_many(parts, torch.float64)):
+        q = unpack_codes(p.codes, p.bits).double().view(p.rows, -1, p.group_size)
+        want = (q * p.scales.double().unsqueeze(-1) + p.zeros.double().unsqueeze(-1)).view(p.rows, -1)[:, : p.cols]
+        torch.testing.assert_close(many, want, atol=1e-6, rtol=0)
+
+
+def test_factors_of_many_equal_each_deltas_factors():
+    torch.manual_seed(4)
+
+    def delta(in_f, out_f, tiers):
+        a = [quantize_groupwise(torch.randn(r, in_f), b, 16) for r, b in tiers]
+        bt = [quantize_groupwise(torch.randn(r, out_f), b, 16) for r, b in tiers]
+        return LowRankDelta(a, bt, torch.rand(sum(r for r, _ in tiers)), in_f, out_f)
+
+    deltas = [delta(40, 24, [(3, 8), (5, 4)]), delta(24, 40, [(2, 4), (4, 2)]), delta(40, 24, [(6, 2)])]
+    for d, (a, b) in zip(deltas, factors_of_many(deltas)):
+        want_a, want_b = d.factors()
+        assert torch.equal(a, want_a) and torch.equal(b, want_b)

@@ -253,8 +253,8 @@ def test_packs_are_dequantized_outside_the_device_lock(setup):
     prepared = threading.Event()
     prepare = cache.slots.prepare
 
-    def recording_prepare(deltas):
-        out = prepare(deltas)
+    def recording_prepare(deltas, **kw):
+        out = prepare(deltas, **kw)
         prepared.set()
         return out
 
