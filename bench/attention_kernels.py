@@ -48,8 +48,11 @@ def decode_case(batch: int, context: int, heads: int, kv_heads: int, dim: int, p
     def randn(*shape):
         return torch.randn(shape, generator=gd, device=device).to(dtype)
 
-    return (randn(batch, heads, dim), randn(batch, kv_heads, dim), randn(batch, kv_heads, dim),
-            randn(num_pages * page_size, kv_heads, dim), randn(num_pages * page_size, kv_heads, dim), pages)
+    def cache():  # laid out as the server's (skillpack_server.model.kv_cache.head_major_cache)
+        return randn(kv_heads, num_pages * page_size, dim).permute(1, 0, 2)
+
+    return (randn(batch, heads, dim), randn(batch, kv_heads, dim), randn(batch, kv_heads, dim), cache(), cache(),
+            pages)
 
 
 def server_step(q, k, v, k_cache, v_cache, pages, context: int, page_size: int):

@@ -6,7 +6,9 @@ Semantics, for new token i of sequence b at position p (window w, softcap c, GQA
     out[i, h] = softmax_j(cap(q[i, h] · K[b, j, h // G] · scale)) @ V[b, j, h // G],  cap(s) = c·tanh(s / c)
 
 Each sequence reads only the pages it fills (and, under a window, only the window's), so a
-step costs what its tokens attend to, never a copy padded to the longest sequence. On CUDA
+step costs what its tokens attend to, never a copy padded to the longest sequence. The cache
+is laid out head-major (`kv_cache.head_major_cache`) and a request's pages are one run when
+the allocator finds one, so a sequence's keys are usually a view of the cache, read in place. On CUDA
 (without soft-capping) decode rows go to the Triton kernel that reads K/V pages in place
 (`skillpack_kernels.paged_attention`); prefill chunks run per sequence through SDPA (flash when
 the chunk starts the sequence). On the CPU, decode rows are one grouped matmul per sequence,
@@ -64,11 +66,25 @@ def _window_start(span: SeqSpan, window: int | None) -> int:
     return 0 if window is None else max(0, span.start - window + 1)
 
 
-def _gather(cache: torch.Tensor, pages: torch.Tensor, page_size: int, lo: int, hi: int) -> torch.Tensor:
-    """Keys (or values) lo..hi-1 of a sequence, (hi - lo, KVH, D), read page by page."""
+def _heads(cache: torch.Tensor) -> torch.Tensor:
+    """The (KVH, slots, D) tensor behind a (slots, KVH, D) cache view."""
+    phys = cache.permute(1, 0, 2)
+    if not phys.is_contiguous():
+        raise ValueError("the KV cache must be laid out head-major (skillpack_server.model.kv_cache.head_major_cache).")
+    return phys
+
+
+def _read(cache: torch.Tensor, span: SeqSpan, page_size: int, lo: int, hi: int) -> torch.Tensor:
+    """Keys (or values) lo..hi-1 of a sequence, (KVH, hi - lo, D): a view of the cache when its
+    pages are one run, else gathered page by page."""
+    phys = _heads(cache)
     first = lo // page_size
-    blocks = cache.view(-1, page_size, *cache.shape[1:]).index_select(0, pages[first : -(-hi // page_size)])
-    return blocks.reshape(-1, *cache.shape[1:])[lo - first * page_size : hi - first * page_size]
+    if span.first_page is not None:
+        base = span.first_page * page_size
+        return phys[:, base + lo : base + hi]
+    blocks = phys.view(phys.shape[0], -1, page_size, phys.shape[2]).index_select(
+        1, span.pages[first : -(-hi // page_size)])
+    return blocks.reshape(phys.shape[0], -1, phys.shape[2])[:, lo - first * page_size : hi - first * page_size]
 
 
 def _visible(span: SeqSpan, lo: int, hi: int, window: int | None, device) -> torch.Tensor:
@@ -90,26 +106,25 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span:
     """One sequence's new tokens q (T, H, D) over its cached keys; (T, H, D)."""
     t, heads, dim = q.shape
     lo, hi = _window_start(span, window), span.context_len
-    keys = _gather(k_cache, span.pages, page_size, lo, hi)  # (L, KVH, D)
-    values = _gather(v_cache, span.pages, page_size, lo, hi)
-    kv_heads = keys.shape[1]
+    keys = _read(k_cache, span, page_size, lo, hi)  # (KVH, L, D)
+    values = _read(v_cache, span, page_size, lo, hi)
+    kv_heads = keys.shape[0]
     if t > 1 and softcap is None:
         # a chunk that starts the sequence, with no window cutting into it, is plain causal: SDPA's
         # fused (flash) path; otherwise an explicit (T, L) mask
         plain_causal = span.start == 0 and (window is None or window >= t)
         mask = None if plain_causal else _visible(span, lo, hi, window, q.device)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=mask,
-            is_causal=plain_causal, scale=scale, enable_gqa=heads != kv_heads)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
+                                             is_causal=plain_causal, scale=scale, enable_gqa=heads != kv_heads)
         return out[0].transpose(0, 1)
-    # grouped matmul: every query head of a KV head at once, no copy of K/V per query head
+    # grouped matmul: every query head of a KV head at once, K and V read as they lie
     qg = q.permute(1, 0, 2).reshape(kv_heads, heads // kv_heads * t, dim)  # (KVH, G*T, D)
-    scores = _capped(torch.bmm(qg, keys.permute(1, 2, 0)) * scale, softcap)  # (KVH, G*T, L)
+    scores = _capped(torch.bmm(qg, keys.transpose(1, 2)) * scale, softcap)  # (KVH, G*T, L)
     if t > 1:
         scores = scores.masked_fill(~_visible(span, lo, hi, window, q.device).repeat(heads // kv_heads, 1),
                                     float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out = torch.bmm(probs, values.transpose(0, 1))  # (KVH, G*T, D)
+    out = torch.bmm(probs, values)  # (KVH, G*T, D)
     return out.view(heads, t, dim).transpose(0, 1)
 
 
@@ -132,19 +147,23 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         tables[i, : len(s.pages)] = s.pages
     rows = torch.tensor([s.first for s in decode], device=q.device)
     lens = torch.tensor([s.context_len for s in decode], device=q.device)
-    keys = k_cache.view(-1, page_size, kv_heads, dim)[tables].view(len(decode), -1, kv_heads, dim)  # (B, K, KVH, D)
-    values = v_cache.view(-1, page_size, kv_heads, dim)[tables].view(len(decode), -1, kv_heads, dim)
+
+    def pages_of(cache: torch.Tensor) -> torch.Tensor:  # (B, KVH, K, D)
+        blocks = _heads(cache).view(kv_heads, -1, page_size, dim)[:, tables]  # (KVH, B, W, page, D)
+        return blocks.transpose(0, 1).reshape(len(decode), kv_heads, width * page_size, dim)
+
+    keys, values = pages_of(k_cache), pages_of(v_cache)
     key_pos = torch.arange(width * page_size, device=q.device)
     visible = key_pos < lens[:, None]  # (B, K)
     if window is not None:
         visible &= key_pos > lens[:, None] - 1 - window
     # past a sequence's end lie other requests' slots, maybe non-finite: 0 x NaN would leak
-    values = values.masked_fill(~visible[:, :, None, None], 0)
+    values = values.masked_fill(~visible[:, None, :, None], 0)
     qg = q[rows].view(len(decode), kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
-    scores = _capped(torch.einsum("bhgd,bkhd->bhgk", qg, keys) * scale, softcap)
+    scores = _capped(qg @ keys.transpose(2, 3) * scale, softcap)  # (B, KVH, G, K)
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out[rows] = torch.einsum("bhgk,bkhd->bhgd", probs, values).reshape(len(decode), heads, dim)
+    out[rows] = (probs @ values).reshape(len(decode), heads, dim)
 
 
 def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,

@@ -60,6 +60,7 @@ class SeqSpan:
     rows: int  # its new tokens this step (1 for a decode row)
     start: int  # position of its first new token
     pages: torch.Tensor  # (P_b,) long, on the device: its block table, exactly as long as it is
+    first_page: int | None = None  # when its pages are one ascending run: the first (read in place)
 
     @property
     def context_len(self) -> int:
@@ -126,8 +127,11 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
             row_pack_lists=row_packs,
         )
     tables = tables.to(device)
-    seq_spans = [SeqSpan(first, n, c.start_pos, tables[b, : -(-(c.start_pos + n) // page_size)])
-                 for b, ((first, n, _), c) in enumerate(zip(spans, chunks))]
+    seq_spans = []
+    for b, ((first, n, _), c) in enumerate(zip(spans, chunks)):
+        used = c.pages[: -(-(c.start_pos + n) // page_size)]
+        run = all(q == p + 1 for p, q in zip(used, used[1:]))
+        seq_spans.append(SeqSpan(first, n, c.start_pos, tables[b, : len(used)], used[0] if run else None))
     return StepBatch(
         token_ids=as_tensor(tokens), positions=as_tensor(positions), slot_mapping=as_tensor(slots),
         seq_index=as_tensor(seq_index), block_tables=tables, context_lens=as_tensor(ctx),

@@ -11,27 +11,46 @@ import torch
 from skillpack_server.model.config import ModelConfig
 
 
+def head_major_cache(slots: int, kv_heads: int, head_dim: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed cache seen as (slots, KVH, D) but laid out head-major, (KVH, slots, D) in memory:
+    each head's keys of consecutive slots are contiguous, so a run of pages is a plain view and
+    the attention matmuls read it without a transposing copy."""
+    return torch.zeros(kv_heads, slots, head_dim, device=device, dtype=dtype).permute(1, 0, 2)
+
+
 class PageAllocator:
-    """Free list of page ids; allocation is all-or-nothing so a request never half-fits."""
+    """Free page ids; allocation is all-or-nothing so a request never half-fits, and takes a
+    run of consecutive pages when one is free (attention then reads it in place)."""
 
     def __init__(self, num_pages: int):
         if num_pages < 1:
             raise ValueError(f"num_pages={num_pages}; expected at least one KV page.")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, -1, -1))
+        self._free = list(range(num_pages))  # ascending
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
-        """`n` page ids, or None (and nothing taken) when fewer than `n` are free."""
+        """`n` page ids, or None (and nothing taken) when fewer than `n` are free: the first run
+        of `n` consecutive free pages, else the lowest `n` free pages."""
         if n > len(self._free):
             return None
-        return [self._free.pop() for _ in range(n)]
+        start = run = 0
+        for i, page in enumerate(self._free):
+            run = run + 1 if i and page == self._free[i - 1] + 1 else 1
+            if run == n:
+                start = i - n + 1
+                break
+        else:
+            start = 0  # no run that long: scattered pages (gathered page by page)
+        pages = self._free[start : start + n]
+        del self._free[start : start + n]
+        return pages
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+        self._free = sorted(self._free + pages)
 
 
 class PagedKVCache:
@@ -40,9 +59,9 @@ class PagedKVCache:
             raise ValueError(f"page_size={page_size}; expected a positive number of tokens per page.")
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
-        shape = (num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)  # (slots, kvh, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        slots = num_pages * page_size
+        self.k = [head_major_cache(slots, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
+        self.v = [head_major_cache(slots, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
 
     @property
     def num_tokens(self) -> int:

@@ -11,6 +11,7 @@ import torch
 
 import skillpack_server.model.attention as attention
 from skillpack_server.model.batch import SeqChunk, build_step
+from skillpack_server.model.kv_cache import PageAllocator, head_major_cache
 
 PAGE = 4
 HEADS, KV_HEADS, DIM = 6, 2, 16
@@ -37,22 +38,28 @@ def reference(q, k_cache, v_cache, batch, scale, window, softcap):
     return out
 
 
-def make_step(specs, num_pages=64):
-    """specs: (cached tokens before the step, new tokens) per sequence; pages handed out shuffled."""
+def make_step(specs, num_pages=64, runs=False):
+    """specs: (cached tokens before the step, new tokens) per sequence; pages handed out shuffled,
+    or (`runs`) by the engine's allocator, in runs that attention reads in place."""
     order = torch.randperm(num_pages).tolist()
+    allocator = PageAllocator(num_pages)
     chunks = []
     for cached, new in specs:
         n_pages = -(-(cached + new) // PAGE) + 1  # one spare page past the end, as the engine reserves
-        pages, order = order[:n_pages], order[n_pages:]
+        if runs:
+            pages = allocator.allocate(n_pages)
+        else:
+            pages, order = order[:n_pages], order[n_pages:]
         chunks.append(SeqChunk(list(range(new)), cached, pages, [new - 1], []))
     return build_step(chunks, PAGE, 1, "cpu"), num_pages * PAGE
 
 
-def run_case(specs, window=None, softcap=None, kernel="auto"):
+def run_case(specs, window=None, softcap=None, kernel="auto", runs=False):
     torch.manual_seed(len(specs) * 7 + (window or 0))
-    batch, slots = make_step(specs)
-    k_cache = torch.full((slots, KV_HEADS, DIM), float("nan"))
-    v_cache = torch.full((slots, KV_HEADS, DIM), float("nan"))
+    batch, slots = make_step(specs, runs=runs)
+    assert all((s.first_page is not None) == runs for s in batch.spans) or not runs
+    k_cache = head_major_cache(slots, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
+    v_cache = head_major_cache(slots, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
     for span, (cached, _) in zip(batch.spans, specs):  # the prefix each sequence already cached
         for j in range(cached):
             s = int(span.pages[j // PAGE]) * PAGE + j % PAGE
@@ -79,8 +86,9 @@ UNEVEN = [(c, 1) for c in (3, 40, 2, 39)]  # too much padding: one sequence at a
 @pytest.mark.parametrize("specs", [MIXED, DECODE_ONLY, UNEVEN], ids=["mixed", "decode-batched", "decode-uneven"])
 @pytest.mark.parametrize("window", [None, 5, 64])
 @pytest.mark.parametrize("softcap", [None, 7.5])
-def test_attention_equals_a_float64_loop(specs, window, softcap):
-    run_case(specs, window, softcap)
+@pytest.mark.parametrize("runs", [False, True], ids=["scattered-pages", "page-runs"])
+def test_attention_equals_a_float64_loop(specs, window, softcap, runs):
+    run_case(specs, window, softcap, runs=runs)
 
 
 def test_the_decode_paths_are_the_ones_meant():
@@ -94,3 +102,17 @@ def test_the_decode_paths_are_the_ones_meant():
 def test_decode_rows_through_the_triton_kernel(window):
     # what CUDA runs, interpreted: the kernel is wired with the right tables, rows and positions
     run_case(MIXED, window, None, kernel="triton")
+
+
+def test_the_allocator_hands_out_runs_and_falls_back_to_scattered_pages():
+    allocator = PageAllocator(10)
+    a, b = allocator.allocate(3), allocator.allocate(4)
+    assert a == [0, 1, 2] and b == [3, 4, 5, 6]
+    allocator.free(a)
+    assert allocator.allocate(2) == [0, 1]  # the first run long enough
+    assert allocator.allocate(3) == [7, 8, 9]  # pages 2 and 7..9 are free: the run, not page 2
+    allocator.free(b)
+    assert allocator.allocate(6) is None and allocator.num_free == 5
+    assert allocator.allocate(5) == [2, 3, 4, 5, 6]
+    allocator.free([0, 8, 5])
+    assert allocator.allocate(3) == [0, 5, 8]  # no run of 3: the lowest pages
