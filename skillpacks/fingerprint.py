@@ -11,6 +11,7 @@ import hashlib
 import json
 
 from skillpacks.checkpoint import Checkpoint
+from skillpacks.errors import PackError
 
 CONFIG_KEYS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -47,8 +48,6 @@ def base_fingerprint(ckpt: Checkpoint) -> dict:
 
 def check_base(manifest_base: dict, fp: dict) -> None:
     """Raise PackError naming the first way `fp` (a base) differs from the pack's base."""
-    from skillpacks.format import PackError  # format imports this module
-
     for key in ("architecture", "model_type"):
         if manifest_base.get(key) != fp.get(key):
             raise PackError(f"the pack was built for {key} {manifest_base.get(key)!r} but the base is "

@@ -26,22 +26,19 @@ from skillpacks.checkpoint import (
     write_safetensors,
 )
 from skillpacks.deltas import ExactDelta, ModuleDelta, ModuleRecord, SparseDelta
+from skillpacks.errors import PackError
 from skillpacks.fingerprint import check_base
+from skillpacks.module_kinds import KINDS
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = "skillpack"
 PACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KINDS = ("embedding", "lm_head", "attention", "mlp", "norm", "bias", "other")
 METHODS = {"lowrank": LowRankDelta, "sparse": SparseDelta, "exact": ExactDelta}
 MAX_DESCRIPTION_CHARS = 4096
 MAX_MODULE_NAME_CHARS = 256
 MAX_MODULES = 50_000
 MAX_TIERS = 8
 MAX_SPARSE_ELEMENTS = 2**31 - 1  # indices are int32 flat positions
-
-
-class PackError(ValueError):
-    """A pack that is malformed, corrupt, or does not fit the base it is used with."""
 
 
 @dataclass

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from skillpacks.checkpoint import DTYPES, TORCH_TO_ST, atomic_folder, open_checkpoint, write_safetensors
+from skillpacks.errors import PackError
 from skillpacks.fingerprint import base_fingerprint, check_base
-from skillpacks.format import PackError, SkillPack, read_pack
+from skillpacks.format import SkillPack, read_pack
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SHARD_BYTES = 4 * 1024**3

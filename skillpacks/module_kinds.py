@@ -1,4 +1,5 @@
-"""Classify a base checkpoint's tensor names into module kinds (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3).
+"""Classify a base checkpoint's tensor names into module kinds (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3),
+and the linears a LoRA adapter changes (any architecture).
 
 The kind decides how a module's delta is compressed. Budget builds store every weight
 matrix low-rank, embedding and lm_head included, and norms and biases exactly. The
@@ -51,6 +52,23 @@ def module_kind(name: str) -> str:
         return "norm"
     if _BIAS.search(name):
         return "bias"
+    return "other"
+
+
+def lora_target_kind(name: str) -> str:
+    """The kind recorded for the weight `name` of a linear a LoRA adapter changes: "attention" or
+    "mlp" by the block that holds it, else "other".
+
+    Not `module_kind`: that one names every tensor of the supported families exactly,
+    because a build compresses each kind its own way. An adapter changes linears only and
+    may come from any architecture (`.attention.` and `.feed_forward.` blocks too), so the
+    block's name decides; a head adapter (`lm_head.weight`) is "other" here, and
+    `skillpack export-peft` writes it back.
+    """
+    if ".self_attn." in name or ".attention." in name:
+        return "attention"
+    if ".mlp." in name or ".feed_forward." in name:
+        return "mlp"
     return "other"
 
 

@@ -25,8 +25,10 @@ from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import quantize_groupwise
 from skillpacks.checkpoint import CheckpointError, atomic_folder, open_checkpoint, read_header, write_safetensors
 from skillpacks.deltas import ModuleRecord
+from skillpacks.errors import PackError
 from skillpacks.fingerprint import base_fingerprint
-from skillpacks.format import PackError, SkillPack, read_pack, write_pack
+from skillpacks.format import SkillPack, read_pack, write_pack
+from skillpacks.module_kinds import lora_target_kind
 
 PEFT_PREFIX = "base_model.model."
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -133,14 +135,6 @@ def _adapter_modules(adapter_dir: Path) -> tuple[Path, dict[str, dict[str, str]]
     return weights, modules
 
 
-def module_kind(base_name: str) -> str:
-    if ".self_attn." in base_name or ".attention." in base_name:
-        return "attention"
-    if ".mlp." in base_name or ".feed_forward." in base_name:
-        return "mlp"
-    return "other"
-
-
 def import_peft(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out: str | os.PathLike,
                 bits: int | Sequence[int] = 8, group_size: int = 64, name: str | None = None,
                 description: str = "") -> dict:
@@ -174,7 +168,7 @@ def import_peft(adapter_dir: str | os.PathLike, base_dir: str | os.PathLike, out
                 continue  # lora_B is zero: this module changes nothing
             delta = quantize_factors(u, s, vh, tier_bits, group_size)
             deltas[base_name] = delta
-            records.append(ModuleRecord(base_name, module_kind(base_name), "lowrank", list(want), {
+            records.append(ModuleRecord(base_name, lora_target_kind(base_name), "lowrank", list(want), {
                 "rank": delta.rank, "lora_r": r, "lora_scale": scale, "tiers": delta.tier_bits,
                 "bytes": delta.nbytes, "rel_error": _factored_rel_error(u, s, vh, delta),
             }))
