@@ -1,6 +1,6 @@
 """Oracle benchmark of the budget allocator: our packs against the delta-compression baselines at equal bytes.
 
-Cases: the tiny test pairs' real fine-tune deltas (tests/tiny_models.py) and synthetic
+Cases: the tiny test pairs' real fine-tune deltas (testbed/tiny_models.py) and synthetic
 fine-tune-like layers at SmolLM2-135M shapes (q/o 576x576, k/v 192x576, gate/up 1536x576,
 down 576x1536, two norms), whose singular spectra fall as a power law plus dense noise.
 For each case and budget (1/16, 1/32 of the fp16 delta), every method stores the same
@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from bench.machine import describe_machine
 from skillpack_kernels.quant import dequantize_groupwise
 from skillpacks.baselines import METHODS, compress_deltas
 from skillpacks.budget import NOISE_WEIGHT, Plan, allocate, vector_error
 from skillpacks.build import ModuleInfo, compress_planned, module_spectrum
-from bench.machine import describe_machine
 from skillpacks.checkpoint import atomic_write
 from skillpacks.compress import delta_svd, lowrank_delta, quantize_groupwise
 from skillpacks.module_kinds import module_kind, storage_method
@@ -77,7 +77,7 @@ def synthetic_layers(decay: float, noise: float, layers: int, seed: int) -> dict
 
 
 def tiny_pair_deltas(arch: str, root: Path) -> dict[str, torch.Tensor]:
-    from tests.tiny_models import build_tiny_pair
+    from testbed.tiny_models import build_tiny_pair
 
     pair = build_tiny_pair(arch, root)
     base, tuned = load_file(pair.base / "model.safetensors"), load_file(pair.tuned / "model.safetensors")

@@ -308,8 +308,8 @@ def copy_bandwidth(device: torch.device) -> float:
 # ---- the run --------------------------------------------------------------------------------
 
 def bench_model(dims: str, args, result: dict, save) -> None:
-    from skillpack_server.engine.config import EngineConfig
     from skillpack_server.engine.engine import Engine
+    from skillpack_server.settings import EngineSettings
     from skillpacks.checkpoint import open_checkpoint
     from skillpacks.fingerprint import base_fingerprint
 
@@ -328,10 +328,10 @@ def bench_model(dims: str, args, result: dict, save) -> None:
     setup["packs_s"] = time.perf_counter() - t
     longest = max(args.contexts) + args.warmup + args.steps
     max_batch = max(args.batches)
-    config = EngineConfig(device=args.device, dtype=args.dtype, max_batch=max_batch,
-                          max_model_len=max(longest, args.prompt_tokens + args.max_tokens) + 1,
-                          kv_budget_tokens=max_batch * (longest + 16), max_step_tokens=max(1024, max_batch),
-                          pack_slots=args.max_packs, pack_cache_bytes=8 << 30)
+    config = EngineSettings(device=args.device, dtype=args.dtype, max_batch=max_batch,
+                            max_model_len=max(longest, args.prompt_tokens + args.max_tokens) + 1,
+                            kv_budget_tokens=max_batch * (longest + 16), max_step_tokens=max(1024, max_batch),
+                            pack_slots=args.max_packs, pack_cache_bytes=8 << 30)
     t = time.perf_counter()
     engine = Engine(base, config, fingerprint=fingerprint)
     setup["engine_start_s"] = time.perf_counter() - t

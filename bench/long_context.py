@@ -23,9 +23,9 @@ import torch
 import transformers
 
 from bench.machine import describe_machine
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
 from skillpack_server.engine.types import GenerationRequest, SamplingParams
+from skillpack_server.settings import EngineSettings
 
 
 def prompts_of(tokenizer, length: int, batch: int) -> list[list[int]]:
@@ -89,9 +89,9 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     longest = max(lengths) + args.new
-    engine = Engine(args.base, EngineConfig(device="cpu", dtype="float32", max_batch=max(batches),
-                                            max_model_len=longest, kv_budget_tokens=max(batches) * longest,
-                                            max_step_tokens=4096))
+    engine = Engine(args.base, EngineSettings(device="cpu", dtype="float32", max_batch=max(batches),
+                                              max_model_len=longest, kv_budget_tokens=max(batches) * longest,
+                                              max_step_tokens=4096))
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     rows = []
     try:

@@ -120,8 +120,8 @@ def machine_info(device: torch.device) -> dict:
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     """Run every scenario and the cold-start measurements; return the results (outputs included)."""
-    from skillpack_server.engine.config import EngineConfig
     from skillpack_server.engine.engine import Engine
+    from skillpack_server.settings import EngineSettings
     from skillpacks.checkpoint import open_checkpoint
     from skillpacks.fingerprint import base_fingerprint
 
@@ -146,9 +146,9 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     setup = {"packs_ready_s": time.perf_counter() - t}
     names = list(packs)
     longest = max(s.spec.prompt_tokens + s.spec.max_tokens for s in cfg.scenarios)
-    engine_cfg = EngineConfig(device=cfg.device, dtype=cfg.dtype, max_batch=cfg.max_batch,
-                              max_model_len=max(64, longest + 1), pack_slots=max(num_packs, cfg.max_batch),
-                              pack_cache_bytes=2 << 30)
+    engine_cfg = EngineSettings(device=cfg.device, dtype=cfg.dtype, max_batch=cfg.max_batch,
+                                max_model_len=max(64, longest + 1), pack_slots=max(num_packs, cfg.max_batch),
+                                pack_cache_bytes=2 << 30)
     t = time.perf_counter()
     engine = Engine(cfg.base_dir, engine_cfg, tokenizer=tokenizer, fingerprint=fingerprint)
     setup["engine_start_s"] = time.perf_counter() - t

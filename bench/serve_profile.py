@@ -89,8 +89,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from skillpack_server.engine.config import EngineConfig
     from skillpack_server.engine.engine import Engine
+    from skillpack_server.settings import EngineSettings
     from skillpacks.checkpoint import open_checkpoint
     from skillpacks.default_base import default_base_dir
     from skillpacks.fingerprint import base_fingerprint
@@ -98,8 +98,8 @@ def main() -> int:
     base = default_base_dir()
     fp = base_fingerprint(open_checkpoint(base))
     packs = ensure_packs(DEFAULT_CACHE / f"packs-{fp['weights_sha256'][:12]}", base, fp, args.packs)
-    engine = Engine(base, EngineConfig(device="cpu", dtype="float32", max_batch=args.packs, max_model_len=128,
-                                       pack_slots=args.packs), fingerprint=fp)
+    engine = Engine(base, EngineSettings(device="cpu", dtype="float32", max_batch=args.packs, max_model_len=128,
+                                         pack_slots=args.packs), fingerprint=fp)
     try:
         for name, path in packs.items():
             engine.pack_cache.register(name, str(path))

@@ -23,9 +23,9 @@ import torch
 
 import skillpack_server.engine.engine as engine_module
 from bench.machine import describe_machine
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
 from skillpack_server.engine.types import GenerationRequest, SamplingParams
+from skillpack_server.settings import EngineSettings
 from skillpack_server.structured_output import Grammars, json_grammar
 
 ROWS = 8
@@ -93,7 +93,7 @@ def main() -> None:
         from skillpacks.default_base import default_base_dir
 
         args.base = default_base_dir()
-    engine = Engine(args.base, EngineConfig(device="cpu", max_batch=ROWS, max_model_len=256))
+    engine = Engine(args.base, EngineSettings(device="cpu", max_batch=ROWS, max_model_len=256))
     timer = MaskTimer()
     engine_module.process_logits = timer
     try:

@@ -1,13 +1,11 @@
 """The FastAPI application: builds the engine and pack store in lifespan and assembles the routers."""
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,32 +38,16 @@ def base_dir(settings: Settings) -> Path:
 
 
 def default_engine(settings: Settings) -> EngineProtocol:
-    from skillpack_server.engine import build_engine
+    from skillpack_server.engine.engine import Engine
 
-    return build_engine(settings, base_dir(settings))
-
-
-def served_base_fingerprint(settings: Settings, engine: EngineProtocol) -> Any:
-    """The served base's fingerprint, which every pack must match (the engine's, if it has one)."""
-    known = getattr(engine, "base_fingerprint", None)
-    if known is not None:
-        return known
-    from skillpacks.checkpoint import open_checkpoint
-    from skillpacks.fingerprint import base_fingerprint
-
-    return base_fingerprint(open_checkpoint(base_dir(settings)))
+    return Engine(base_dir(settings), settings.engine)
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    engine = app.state.engine_factory(settings)
-    start = getattr(engine, "start", None)
-    if start is not None:
-        result = start()
-        if inspect.isawaitable(result):
-            await result
-    store = PackStore(settings.packs, engine.pack_cache, served_base_fingerprint(settings, engine),
+    engine: EngineProtocol = app.state.engine_factory(settings)
+    store = PackStore(settings.packs, engine.pack_cache, engine.base_fingerprint,
                       settings.max_upload_bytes, settings.max_examples_bytes, readonly=settings.readonly_packs)
     store.register_all()
     app.state.engine, app.state.pack_store = engine, store
@@ -74,11 +56,7 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         app.state.engine = app.state.pack_store = None
-        stop = getattr(engine, "shutdown", None) or getattr(engine, "close", None)
-        if stop is not None:
-            result = stop()
-            if inspect.isawaitable(result):
-                await result
+        engine.close()
 
 
 class BodyLimit:
@@ -158,6 +136,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.settings = settings
     app.state.engine_factory = engine_factory or default_engine
     app.state.engine = app.state.pack_store = None
+    app.state.pack_selector = app.state.grammars = None  # built on first use (`model: auto`, structured output)
     app.state.started = int(time.time())
     app.state.metrics = Metrics(lambda: app.state.engine)
     install_error_handlers(app)

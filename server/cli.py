@@ -29,6 +29,7 @@ OPTIONS = {
 }
 CLI_ONLY = ("log_level", "ray", "replicas")
 SECRET_FIELDS = ("admin_token", "api_key")
+SCALE_OPTIONS = ("replicas",)  # options that set a field of the settings' Ray scaling part
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -47,21 +48,30 @@ class StartupError(Exception):
     """A start-up problem the user can fix; printed as one line, then the command exits with 2."""
 
 
-def where_to_change(field: str) -> str:
-    return f"--{field.replace('_', '-')} or SKILLPACK_{field.upper()}"
+def where_to_change(field: str, part: str | None = None) -> str:
+    """The option and environment variable of a settings field (`part`: its part of the tree)."""
+    from skillpack_server.settings import env_name
+
+    if part in (None, "engine") or field in SCALE_OPTIONS:
+        return f"--{field.replace('_', '-')} or {env_name(part, field)}"
+    return env_name(part, field)
 
 
 def validation_message(exc) -> str:
     """A pydantic ValidationError of Settings as one line: each bad value, why, and where to change it."""
+    from skillpack_server.settings import PART_ENV_PREFIXES
+
     parts = []
     for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else ""
+        loc = [str(p) for p in error["loc"]]
+        part = loc.pop(0) if loc and loc[0] in PART_ENV_PREFIXES else None
+        field = loc[0] if loc else ""
         message = error["msg"].removeprefix("Value error, ")
         if field:
             given = error["input"]
             # a secret is not echoed into logs, even a rejected one
             shown = f"<{len(str(given))} characters>" if field in SECRET_FIELDS else given
-            parts.append(f"{field}={shown}: {message} (set {where_to_change(field)})")
+            parts.append(f"{field}={shown}: {message} (set {where_to_change(field, part)})")
         else:
             parts.append(message)
     return "; ".join(parts)
@@ -74,6 +84,9 @@ def load_settings(args: argparse.Namespace):
     from skillpack_server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if v is not None and k not in CLI_ONLY}
+    scale = {k: v for k, v in vars(args).items() if v is not None and k in SCALE_OPTIONS}
+    if scale:
+        given["scale"] = scale
     try:
         return Settings(**given)
     except ValidationError as exc:
@@ -100,8 +113,8 @@ def resolve_admin_token(settings) -> tuple[object, str]:
 def build_engine_or_explain(settings):
     """The engine, built before the server binds: a bad setting or base is one line, not a traceback."""
     from skillpack_server.app import base_dir
-    from skillpack_server.engine import build_engine
     from skillpack_server.engine.config import ConfigError
+    from skillpack_server.engine.engine import Engine
 
     try:
         base = base_dir(settings)
@@ -110,7 +123,7 @@ def build_engine_or_explain(settings):
             raise StartupError(f"{exc} (set {where_to_change('base')})") from None
         raise StartupError(f"the default base model is unavailable: {exc}") from None
     try:
-        return build_engine(settings, base)
+        return Engine(base, settings.engine)
     except ConfigError as exc:
         raise StartupError(f"{exc} (set {where_to_change(exc.field)})") from None
     except (ValueError, OSError) as exc:
@@ -136,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         if args.ray:
             from skillpack_server.ray_serve import serve_on_ray
 
-            return serve_on_ray(settings, replicas=args.replicas)
+            return serve_on_ray(settings)
         engine = build_engine_or_explain(settings)
     except StartupError as exc:
         print(f"skillpack serve: {exc}", file=sys.stderr)

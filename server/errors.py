@@ -1,4 +1,8 @@
-"""Every error the server returns, in OpenAI's envelope: {"error": {message, type, param, code}}."""
+"""Every error the server returns, in OpenAI's envelope: {"error": {message, type, param, code}}.
+
+The API edge: the domain errors of the engine, the pack cache and the pack store
+(`skillpack_server.exceptions`) get their HTTP status here, and only here.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,7 +13,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from skillpack_server.engine.types import EngineError
+from skillpack_server.exceptions import (
+    DomainError, EngineFailure, EngineOverloaded, EngineUnavailable, ExamplesInvalid, ExamplesNotFound,
+    ExamplesNotSupported, InvalidRequest, PackExists, PackInUse, PackInvalid, PackMismatch, PackNotFound,
+    PackReadOnly, SharedStoreUnavailable, StorageFailed, StorageFull, TooLarge,
+)
 
 log = logging.getLogger("skillpack.server")
 CLIENT_CLOSED_REQUEST = 499
@@ -23,6 +31,27 @@ _TYPES = {
     413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
     503: "service_unavailable_error",
 }
+
+
+# each domain error's HTTP status (a subclass takes its base's)
+STATUS_OF: dict[type[DomainError], int] = {
+    InvalidRequest: 400, PackInvalid: 400, ExamplesInvalid: 400,
+    PackNotFound: 404, ExamplesNotFound: 404,
+    PackExists: 409, PackReadOnly: 409, PackInUse: 409, PackMismatch: 409,
+    TooLarge: 413, EngineOverloaded: 429,
+    EngineFailure: 500, StorageFailed: 500, ExamplesNotSupported: 501,
+    EngineUnavailable: 503, SharedStoreUnavailable: 503, StorageFull: 507,
+}
+RETRYABLE = (EngineOverloaded, EngineUnavailable)  # answered with Retry-After
+
+
+def status_of(exc: DomainError) -> int:
+    return next(status for kind, status in STATUS_OF.items() if isinstance(exc, kind))
+
+
+def domain_error_body(exc: DomainError) -> dict:
+    """The envelope of a domain error (also sent in-band when a stream has already started)."""
+    return error_body(status_of(exc), exc.message, exc.param, exc.code)
 
 
 class APIError(Exception):
@@ -80,9 +109,9 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-async def _on_engine_error(request: Request, exc: EngineError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return error_response(exc.status, str(exc), getattr(exc, "param", None), exc.code, headers)
+async def _on_domain_error(request: Request, exc: DomainError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if isinstance(exc, RETRYABLE) else None
+    return error_response(status_of(exc), exc.message, exc.param, exc.code, headers)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -127,7 +156,7 @@ async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(EngineError, _on_engine_error)
+    app.add_exception_handler(DomainError, _on_domain_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(ClientDisconnect, _on_client_gone)

@@ -30,8 +30,11 @@ from typing import Any
 import anyio
 
 from skillpack_server.engine.types import PackCacheProtocol
-from skillpack_server.errors import APIError
-from skillpack_server.settings import DEFAULT_MAX_EXAMPLES_BYTES
+from skillpack_server.exceptions import (
+    DomainError, ExamplesInvalid, ExamplesNotFound, ExamplesNotSupported, InvalidPackName, PackExists, PackInvalid,
+    PackNotFound, PackReadOnly, StorageFailed, StorageFull, TooLarge,
+)
+from skillpack_server.settings import Settings
 from skillpacks.checkpoint import atomic_write, fsync_dir
 from skillpacks.router import EXAMPLES_SUFFIX, RouterError, parse_examples
 
@@ -65,24 +68,29 @@ def manifest_dict(manifest: Any) -> dict:
 
 
 def check_pack_name(name: str) -> str:
-    """The name, if it is a valid pack name; else a 400 that says why."""
+    """The name, if it is a valid pack name; else an InvalidPackName that says why."""
     try:
         _format().validate_pack_name(name)
     except ValueError as exc:
-        raise APIError(400, f"Invalid pack name {name!r}: {exc}", param="name", code="invalid_pack_name") from None
+        raise InvalidPackName(f"Invalid pack name {name!r}: {exc}", param="name", code="invalid_pack_name") from None
     return name
 
 
-def storage_error(exc: OSError, param: str = "file") -> APIError:
+def storage_error(exc: OSError, param: str = "file") -> DomainError:
     """A failed write to the store (a full disk, an I/O error) as the upload's answer."""
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return APIError(507 if full else 500, f"The pack store could not save the upload ({exc.strerror or exc}); "
-                    "nothing was stored.", param=param, code="storage_full" if full else "storage_error")
+    kind = StorageFull if full else StorageFailed
+    return kind(f"The pack store could not save the upload ({exc.strerror or exc}); nothing was stored.",
+                param=param, code="storage_full" if full else "storage_error")
 
 
-def examples_too_large(limit: int) -> APIError:
-    return APIError(413, f"The examples are larger than the limit of {limit} bytes (SKILLPACK_MAX_EXAMPLES_BYTES).",
+def examples_too_large(limit: int) -> TooLarge:
+    return TooLarge(f"The examples are larger than the limit of {limit} bytes (SKILLPACK_MAX_EXAMPLES_BYTES).",
                     param=EXAMPLES_PARAM, code="examples_too_large")
+
+
+def pack_not_found(name: str) -> PackNotFound:
+    return PackNotFound(f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +118,7 @@ class Staging:
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
-            raise APIError(413, f"The uploaded pack is larger than the limit of {self.limit} bytes.",
+            raise TooLarge(f"The uploaded pack is larger than the limit of {self.limit} bytes.",
                            param="file", code="pack_too_large")
         try:
             self.file.write(chunk)
@@ -146,7 +154,8 @@ class PackStore:
     examples_supported = True
 
     def __init__(self, root: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any, max_upload_bytes: int,
-                 max_examples_bytes: int = DEFAULT_MAX_EXAMPLES_BYTES, readonly: list[Path] | tuple = ()):
+                 max_examples_bytes: int = Settings.model_fields["max_examples_bytes"].default,
+                 readonly: list[Path] | tuple = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.readonly = [Path(folder) for folder in readonly]
@@ -174,15 +183,15 @@ class PackStore:
         return [self.root, *self.readonly]
 
     def check_writable(self, name: str) -> None:
-        """409 when `name` is served from a read-only folder: it is never written, replaced or deleted."""
+        """PackReadOnly when `name` is served from a read-only folder: it is never written, replaced or deleted."""
         where = self.readonly_path(name)
         if where is not None:
-            raise APIError(409, f"The pack `{name}` is served read-only from {where.parent}; it cannot be "
-                                "replaced, deleted or given other examples. Upload under another name.",
-                           param="name", code="pack_read_only")
+            raise PackReadOnly(f"The pack `{name}` is served read-only from {where.parent}; it cannot be "
+                               "replaced, deleted or given other examples. Upload under another name.",
+                               param="name", code="pack_read_only")
 
     def is_registered(self, name: str) -> bool:
-        return any(s.name == name for s in self.pack_cache.status())
+        return name in self.pack_cache.names()
 
     def names(self) -> list[str]:
         """The packs in the store's own (writable) folder."""
@@ -206,8 +215,8 @@ class PackStore:
                     check_pack_name(name)
                     _format().verify_pack(path, self.base_fingerprint)
                     self.pack_cache.register(name, str(path), verified=True)
-                except (APIError, ValueError, OSError) as exc:
-                    log.warning("skipping pack %s: %s", path, getattr(exc, "message", exc))
+                except (DomainError, ValueError, OSError) as exc:
+                    log.warning("skipping pack %s: %s", path, exc)
                     continue
                 registered.append(name)
                 count += 1
@@ -217,7 +226,7 @@ class PackStore:
     def manifest(self, name: str) -> dict:
         path = self.path_for(name)
         if not path.is_file():
-            raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+            raise pack_not_found(name)
         return manifest_dict(_format().read_manifest(path))
 
     def staging(self) -> Staging:
@@ -227,11 +236,12 @@ class PackStore:
             raise storage_error(exc) from None
 
     def check_free(self, name: str, replace: bool) -> None:
-        """409 unless an upload may take `name`: not a read-only pack's, and free or `replace`."""
+        """PackReadOnly or PackExists unless an upload may take `name`: not a read-only pack's, and
+        free or `replace`."""
         self.check_writable(name)
         if not replace and (self.root / f"{name}{SUFFIX}").is_file():
-            raise APIError(409, f"A pack named `{name}` already exists; send `replace=true` with the upload to "
-                                "replace it, or upload under another `name`.", param="name", code="pack_exists")
+            raise PackExists(f"A pack named `{name}` already exists; send `replace=true` with the upload to "
+                             "replace it, or upload under another `name`.", param="name", code="pack_exists")
 
     async def commit(self, staging: Staging, name: str | None, examples: Examples | None = None,
                      replace: bool = False) -> tuple[str, dict, bool]:
@@ -249,8 +259,8 @@ class PackStore:
                 self.check_free(check_pack_name(name), replace)  # before spending a verify on it
             staging.finish()
             if staging.size == 0:
-                raise APIError(400, "The uploaded file is empty; expected a .skillpack file.", param="file",
-                               code="empty_upload")
+                raise PackInvalid("The uploaded file is empty; expected a .skillpack file.", param="file",
+                                  code="empty_upload")
             manifest = await anyio.to_thread.run_sync(self._verify, staging.path)
             name = check_pack_name(name or str(manifest.get("name", "")))
             async with self._lock:
@@ -267,7 +277,7 @@ class PackStore:
         except ValueError as exc:  # PackError and the checkpoint reader's errors are ValueErrors
             # the reader names the file it read: the server's temporary path is nobody's business
             why = str(exc).replace(str(path), "the uploaded file")
-            raise APIError(400, f"The uploaded pack was rejected: {why}", param="file", code="invalid_pack") from None
+            raise PackInvalid(f"The uploaded pack was rejected: {why}", param="file", code="invalid_pack") from None
         return manifest_dict(manifest)
 
     def _install(self, temp: Path, name: str, examples: Examples | None = None) -> bool:
@@ -289,12 +299,12 @@ class PackStore:
             self.pack_cache.register(name, str(final), verified=True)  # verified as the temp file
         except Exception as exc:
             self._restore(name, final, backup, had_old, registered=False)
-            raise APIError(400, f"The pack `{name}` was rejected by the pack cache: {exc}",
-                           param="file", code="invalid_pack") from None
+            raise PackInvalid(f"The pack `{name}` was rejected by the pack cache: {exc}",
+                              param="file", code="invalid_pack") from None
         if examples is not None:
             try:
                 self._write_examples(name, examples)  # atomic: the old sidecar stays on failure
-            except APIError:
+            except DomainError:
                 self._restore(name, final, backup, had_old, registered=True)
                 raise
         backup.unlink(missing_ok=True)
@@ -315,12 +325,12 @@ class PackStore:
 
     def _check_examples_supported(self) -> None:
         if not self.examples_supported:
-            raise APIError(501, "This server's packs live in a store shared between replicas, which does not "
-                                "carry router examples yet; upload the pack without `examples`.",
-                           param=EXAMPLES_PARAM, code="examples_not_supported")
+            raise ExamplesNotSupported("This server's packs live in a store shared between replicas, which does "
+                                       "not carry router examples yet; upload the pack without `examples`.",
+                                       param=EXAMPLES_PARAM, code="examples_not_supported")
 
     def check_examples(self, data: bytes) -> Examples:
-        """The bytes, if the router's reader accepts them as a sidecar; else a 4xx that says why.
+        """The bytes, if the router's reader accepts them as a sidecar; else a domain error that says why.
 
         Blocking (parses every line): call it off the event loop.
         """
@@ -329,15 +339,15 @@ class PackStore:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise APIError(400, f"The examples are not UTF-8 text: byte {exc.start} is {data[exc.start]:#04x}; "
-                                "expected JSON lines with a 'prompt' string each.", param=EXAMPLES_PARAM,
-                           code="invalid_examples") from None
+            raise ExamplesInvalid(f"The examples are not UTF-8 text: byte {exc.start} is {data[exc.start]:#04x}; "
+                                  "expected JSON lines with a 'prompt' string each.", param=EXAMPLES_PARAM,
+                                  code="invalid_examples") from None
         try:
             # universal newlines, as the reader's open() splits a file
             prompts = parse_examples(io.StringIO(text, newline=None), f"`{EXAMPLES_PARAM}`")
         except RouterError as exc:
-            raise APIError(400, f"The examples were rejected: {exc}", param=EXAMPLES_PARAM,
-                           code="invalid_examples") from None
+            raise ExamplesInvalid(f"The examples were rejected: {exc}", param=EXAMPLES_PARAM,
+                                  code="invalid_examples") from None
         return Examples(data, len(prompts), hashlib.sha256(data).hexdigest())
 
     def _write_examples(self, name: str, examples: Examples) -> None:
@@ -347,9 +357,9 @@ class PackStore:
         except OSError as exc:
             raise storage_error(exc, param=EXAMPLES_PARAM) from None
 
-    def _examples_not_found(self, name: str) -> APIError:
-        return APIError(404, f"The pack `{name}` has no router examples ({name}{EXAMPLES_SUFFIX}).",
-                        param="name", code="examples_not_found")
+    def _examples_not_found(self, name: str) -> ExamplesNotFound:
+        return ExamplesNotFound(f"The pack `{name}` has no router examples ({name}{EXAMPLES_SUFFIX}).",
+                                param="name", code="examples_not_found")
 
     def read_examples(self, name: str) -> bytes:
         """A pack's sidecar as stored (one read: a concurrent replace gives the old or the new file)."""
@@ -365,7 +375,7 @@ class PackStore:
         path = self.examples_path(name)
         async with self._lock:
             if not self.is_registered(name):
-                raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+                raise pack_not_found(name)
             replaced = path.is_file()
             await anyio.to_thread.run_sync(self._write_examples, name, examples)
         return replaced
@@ -388,7 +398,7 @@ class PackStore:
         path = self.path_for(name)
         async with self._lock:
             if not path.is_file():
-                raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+                raise pack_not_found(name)
             # forget it first: requests already running finish on the copy the cache holds
             self.pack_cache.unregister(name)
             path.unlink()

@@ -30,8 +30,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from skillpack_server.engine.types import PackCacheProtocol
-from skillpack_server.errors import APIError
-from skillpack_server.pack_store import SUFFIX, TEMP_PREFIX, Examples, PackStore, Staging, _fsync_dir, check_pack_name
+from skillpack_server.exceptions import DomainError, InvalidPackName, PackExists, SharedStoreUnavailable
+from skillpack_server.pack_store import (
+    SUFFIX, TEMP_PREFIX, Examples, PackStore, Staging, _fsync_dir, check_pack_name, pack_not_found,
+)
+from skillpack_server.settings import Settings
 
 log = logging.getLogger("skillpack.server")
 
@@ -66,8 +69,9 @@ class SharedPackStore(PackStore):
     examples_supported = False  # router examples are not published to the shared store (yet)
 
     def __init__(self, shared: str, mirror: Path, pack_cache: PackCacheProtocol, base_fingerprint: Any,
-                 max_upload_bytes: int, readonly: list[Path] | tuple = ()):
-        super().__init__(mirror, pack_cache, base_fingerprint, max_upload_bytes, readonly=readonly)
+                 max_upload_bytes: int, max_examples_bytes: int = Settings.model_fields["max_examples_bytes"].default,
+                 readonly: list[Path] | tuple = ()):
+        super().__init__(mirror, pack_cache, base_fingerprint, max_upload_bytes, max_examples_bytes, readonly=readonly)
         self.shared = shared
         self.fs, self.shared_root = fsspec.core.url_to_fs(shared)
         self.fs.makedirs(self.shared_root, exist_ok=True)
@@ -111,7 +115,7 @@ class SharedPackStore(PackStore):
             name = file_name.removesuffix(SUFFIX)
             try:
                 check_pack_name(name)
-            except APIError:
+            except InvalidPackName:
                 log.warning("ignoring %s in the shared pack store: not a valid pack name", info["name"])
                 continue
             listing[name] = info
@@ -126,8 +130,8 @@ class SharedPackStore(PackStore):
             await anyio.to_thread.run_sync(self._verify, staging.path)
             async with self._lock:
                 return self._install(staging.path, name)
-        except (APIError, OSError, ValueError) as exc:
-            log.warning("skipping shared pack %s: %s", info["name"], getattr(exc, "message", exc))
+        except (DomainError, OSError, ValueError) as exc:
+            log.warning("skipping shared pack %s: %s", info["name"], exc)
             return None
         finally:
             if staging is not None:
@@ -164,9 +168,9 @@ class SharedPackStore(PackStore):
         super().check_free(name, replace)
         # a stat on the shared store, on the event loop: commits are rare and hold the sync lock anyway
         if not replace and self.fs.exists(self.shared_path(name)):
-            raise APIError(409, f"A pack named `{name}` already exists in the shared store; send `replace=true` "
-                                "with the upload to replace it, or upload under another `name`.",
-                           param="name", code="pack_exists")
+            raise PackExists(f"A pack named `{name}` already exists in the shared store; send `replace=true` "
+                             "with the upload to replace it, or upload under another `name`.",
+                             param="name", code="pack_exists")
 
     async def commit(self, staging: Staging, name: str | None, examples: Examples | None = None,
                      replace: bool = False) -> tuple[str, dict, bool]:
@@ -179,9 +183,9 @@ class SharedPackStore(PackStore):
             except OSError as exc:
                 # the next sync puts this replica back in step with whatever the shared store holds
                 self._mirrored.pop(name, None)
-                raise APIError(503, f"The pack `{name}` was verified but could not be written to the shared "
-                                    f"pack store {self.shared}: {exc}", param="file",
-                               code="shared_store_unavailable") from None
+                raise SharedStoreUnavailable(f"The pack `{name}` was verified but could not be written to the "
+                                             f"shared pack store {self.shared}: {exc}", param="file",
+                                             code="shared_store_unavailable") from None
             return name, manifest, replaced or in_shared
 
     def _publish(self, name: str) -> tuple[str, ...]:
@@ -211,7 +215,7 @@ class SharedPackStore(PackStore):
             shared = self.shared_path(name)
             in_shared = await anyio.to_thread.run_sync(self.fs.exists, shared)
             if not in_shared and not self.path_for(name).is_file():
-                raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+                raise pack_not_found(name)
             if in_shared:
                 await anyio.to_thread.run_sync(self.fs.rm, shared)
             self._mirrored.pop(name, None)

@@ -26,12 +26,10 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from skillpack_server.app import create_app
 from skillpack_server.pack_store_remote import SharedPackStore
-from skillpack_server.settings import Settings
+from skillpack_server.settings import EngineSettings, ScaleSettings, Settings
 
 log = logging.getLogger("skillpack.server")
 
@@ -44,55 +42,30 @@ PACK_ROUTE_PREFIX = "/admin/skillpacks/"
 PackLoader = Callable[[str], Awaitable[Any]]
 
 
-class ScaleConfig(BaseSettings):
-    """How the replicas run; every field also reads a SKILLPACK_RAY_* env var (or a `serve run` arg)."""
-
-    model_config = SettingsConfigDict(env_prefix="SKILLPACK_RAY_", extra="forbid")
-
-    replicas: int | None = Field(None, ge=1, le=1024)  # a fixed count; unset = autoscale min..max
-    min_replicas: int = Field(1, ge=1, le=1024)
-    max_replicas: int = Field(4, ge=1, le=1024)
-    target_ongoing_requests: float | None = Field(None, gt=0)  # per replica; unset = the engine's max_batch
-    max_ongoing_requests: int | None = Field(None, ge=1, le=65536)  # per replica; unset = 2 × max_batch
-    packs_per_replica: int | None = Field(None, ge=1, le=256)  # Ray's per-replica pack LRU; unset = pack_slots
-    num_cpus: float = Field(1.0, gt=0, le=1024)
-    num_gpus: float | None = Field(None, ge=0, le=16)  # unset = 1 when the replica runs on CUDA, else 0
-    shared_store: str | None = None  # a folder or an fsspec URI; unset = the server's --packs folder
-    mirror: Path | None = None  # where replicas make their local copies of the store; unset = the temp folder
-    rescan_seconds: float = Field(5.0, ge=0.1, le=3600)  # how often replicas pick up others' changes
-    app_name: str = "skillpack"
-    route_prefix: str = "/"
-
-    @model_validator(mode="after")
-    def _bounds_are_ordered(self) -> ScaleConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}; "
-                             "expected min_replicas <= max_replicas.")
-        return self
-
-
-def replica_gpus(settings: Settings, scale: ScaleConfig, cluster_gpus: float) -> float:
+def replica_gpus(settings: Settings, cluster_gpus: float) -> float:
     """GPUs each replica reserves: one device per replica when it runs on CUDA."""
-    if scale.num_gpus is not None:
-        return scale.num_gpus
-    if settings.device.startswith("cuda"):
+    if settings.scale.num_gpus is not None:
+        return settings.scale.num_gpus
+    device = settings.engine.device
+    if device.startswith("cuda"):
         return 1
-    return 1 if settings.device == "auto" and cluster_gpus > 0 else 0
+    return 1 if device == "auto" and cluster_gpus > 0 else 0
 
 
-def deployment_options(settings: Settings, scale: ScaleConfig, cluster_gpus: float) -> dict[str, Any]:
+def deployment_options(settings: Settings, cluster_gpus: float) -> dict[str, Any]:
     """The Ray Serve deployment options for these settings (`Deployment.options(**...)`)."""
-    max_ongoing = scale.max_ongoing_requests or 2 * settings.max_batch  # a running batch and one waiting
+    scale, max_batch = settings.scale, settings.engine.max_batch
+    max_ongoing = scale.max_ongoing_requests or 2 * max_batch  # a running batch and one waiting
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": replica_gpus(settings, scale, cluster_gpus)},
+        "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": replica_gpus(settings, cluster_gpus)},
         "max_ongoing_requests": max_ongoing,
     }
     if scale.replicas is not None:
         options["num_replicas"] = scale.replicas
         return options
     # continuous batching serves up to max_batch rows at nearly the cost of one: scale out past that
-    target = scale.target_ongoing_requests or float(settings.max_batch)
+    target = scale.target_ongoing_requests or float(max_batch)
     if target > max_ongoing:
         raise ValueError(f"target_ongoing_requests={target} is above max_ongoing_requests={max_ongoing}; "
                          "a replica could never reach its target.")
@@ -105,13 +78,14 @@ def replica_settings(settings: Settings, gpus: float, mirror: Path) -> Settings:
     """The replica's own settings: its mirror as the pack folder, and the device Ray gave it."""
     # Ray sets CUDA_VISIBLE_DEVICES per replica: its one GPU is `cuda`, and a replica that
     # reserved none must not take one
-    device = "cuda" if gpus > 0 else ("cpu" if settings.device == "auto" else settings.device)
-    return settings.model_copy(update={"packs": mirror, "device": device})
+    device = "cuda" if gpus > 0 else ("cpu" if settings.engine.device == "auto" else settings.engine.device)
+    engine = settings.engine.model_copy(update={"device": device})
+    return settings.model_copy(update={"packs": mirror, "engine": engine})
 
 
-def shared_store_of(settings: Settings, scale: ScaleConfig) -> str:
+def shared_store_of(settings: Settings) -> str:
     """The shared store's location, local paths made absolute (replicas do not share the driver's cwd)."""
-    where = scale.shared_store or str(settings.packs)
+    where = settings.scale.shared_store or str(settings.packs)
     return where if "://" in where else str(Path(where).resolve())
 
 
@@ -130,7 +104,7 @@ def share_pack_store(app: FastAPI, shared: str, rescan_seconds: float) -> None:
         async with start_app(inner_app) as state:
             local = app.state.pack_store
             store = SharedPackStore(shared, local.root, local.pack_cache, local.base_fingerprint,
-                                    local.max_upload_bytes, readonly=local.readonly)
+                                    local.max_upload_bytes, local.max_examples_bytes, readonly=local.readonly)
             await store.sync()
             app.state.pack_store = store
             rescans = asyncio.create_task(_rescan(store, rescan_seconds))
@@ -220,13 +194,13 @@ class PackAffinity:
         if scope["path"].startswith(PACK_ROUTE_PREFIX):
             names.add(scope["path"][len(PACK_ROUTE_PREFIX):].split("/", 1)[0])
         names -= {engine.model_id, ""}
-        known = {s.name for s in engine.pack_cache.status()}
+        known = set(engine.pack_cache.names())
         if (scope["method"], scope["path"].rstrip("/")) in LISTING_ROUTES or names - known:
             try:
                 await store.sync()
             except Exception as exc:  # noqa: BLE001  unreachable store: the request runs on what is mirrored
                 log.warning("pack store sync from %s failed: %s", store.shared, exc)
-            known = {s.name for s in engine.pack_cache.status()}
+            known = set(engine.pack_cache.names())
         if routing in known:
             try:
                 await self.load_pack(routing)
@@ -287,18 +261,19 @@ def replica_deployment():
     class SkillPackReplica:
         """One base model on one device, serving the whole API; Ray routes each pack's requests here."""
 
-        def __init__(self, settings_fields: dict, scale_fields: dict, gpus: float):
-            self.scale = ScaleConfig(**scale_fields)
+        def __init__(self, settings_fields: dict, gpus: float):
+            settings = Settings(**settings_fields)
             self.replica = serve.get_replica_context().replica_id.unique_id
             # its own folder even when replicas share a node and a mirror parent; removed when it stops
-            mirror = Path(tempfile.mkdtemp(prefix=f"skillpack-mirror-{self.replica}-", dir=self.scale.mirror))
-            self.settings = replica_settings(Settings(**settings_fields), gpus, mirror)
+            mirror = Path(tempfile.mkdtemp(prefix=f"skillpack-mirror-{self.replica}-", dir=settings.scale.mirror))
+            self.settings = replica_settings(settings, gpus, mirror)
             self.served_app: FastAPI | None = None
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            packs = self.scale.packs_per_replica or self.settings.pack_slots
+            scale = self.settings.scale
+            packs = scale.packs_per_replica or self.settings.engine.pack_slots
             self.served_app = replica_app(
-                self.settings, self.scale.shared_store, self.scale.rescan_seconds, self.replica,
+                self.settings, scale.shared_store, scale.rescan_seconds, self.replica,
                 wrap_loader=serve.multiplexed(max_num_models_per_replica=packs),
                 requested_pack=lambda scope: serve.get_multiplexed_model_id())
             self.load_pack = self.served_app.state.load_pack  # where Ray looks for a multiplexed loader
@@ -314,43 +289,40 @@ def replica_deployment():
     return serve.deployment(serve.ingress()(SkillPackReplica))
 
 
-def build_application(settings: Settings, scale: ScaleConfig, cluster_gpus: float = 0.0):
-    """The Ray Serve application (`serve.run(...)` it): replicas configured from `settings` and `scale`."""
+def build_application(settings: Settings, cluster_gpus: float = 0.0):
+    """The Ray Serve application (`serve.run(...)` it): replicas configured from `settings`."""
     settings.check_admin_auth()
-    options = deployment_options(settings, scale, cluster_gpus)
+    options = deployment_options(settings, cluster_gpus)
     gpus = options["ray_actor_options"]["num_gpus"]
     fields = settings.model_dump(mode="json")
     if settings.base is not None:
         fields["base"] = str(settings.base.resolve())
-    scale_fields = scale.model_dump(mode="json") | {"shared_store": shared_store_of(settings, scale)}
-    return replica_deployment().options(**options).bind(fields, scale_fields, gpus)
+    fields["scale"]["shared_store"] = shared_store_of(settings)
+    return replica_deployment().options(**options).bind(fields, gpus)
 
 
 def app_builder(args: dict[str, Any]):
     """`serve run skillpack_server.ray_serve:app_builder key=value ...` (or a serve config's `args`).
 
-    Keys are Settings fields (base, packs, device, ...) and ScaleConfig fields (replicas,
+    Keys are Settings fields (base, packs, device, ...) and its Ray scaling fields (replicas,
     min_replicas, ...); anything not given comes from SKILLPACK_* / SKILLPACK_RAY_* env vars.
     """
-    scale_keys = set(ScaleConfig.model_fields)
-    unknown = set(args) - scale_keys - set(Settings.model_fields)
+    scale_keys = set(ScaleSettings.model_fields)
+    unknown = set(args) - scale_keys - set(Settings.model_fields) - set(EngineSettings.model_fields)
     if unknown:
-        raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected Settings or ScaleConfig fields.")
-    settings = Settings(**{k: v for k, v in args.items() if k not in scale_keys})
-    scale = ScaleConfig(**{k: v for k, v in args.items() if k in scale_keys})
+        raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected Settings or ScaleSettings fields.")
+    settings = Settings(**{k: v for k, v in args.items() if k not in scale_keys},
+                        scale={k: v for k, v in args.items() if k in scale_keys})
     import ray
 
-    return build_application(settings, scale, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
+    return build_application(settings, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
 
 
-def serve_on_ray(settings: Settings, replicas: int | None = None) -> int:
+def serve_on_ray(settings: Settings) -> int:
     """`skillpack serve --ray`: join the Ray cluster (or start a local one) and run the replicas until Ctrl-C."""
-    from pydantic import ValidationError
-
     try:
-        scale = ScaleConfig(**({"replicas": replicas} if replicas is not None else {}))
-        deployment_options(settings, scale, 0.0)  # refuse bad combinations before starting anything
-    except (ValidationError, ValueError) as exc:
+        deployment_options(settings, 0.0)  # refuse bad combinations before starting anything
+    except ValueError as exc:
         print(f"skillpack serve --ray: {exc}", file=sys.stderr)
         return 2
     import ray
@@ -358,9 +330,9 @@ def serve_on_ray(settings: Settings, replicas: int | None = None) -> int:
 
     ray.init(address=os.environ.get("RAY_ADDRESS"))
     try:
-        app = build_application(settings, scale, ray.cluster_resources().get("GPU", 0))
+        app = build_application(settings, ray.cluster_resources().get("GPU", 0))
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(app, name=scale.app_name, route_prefix=scale.route_prefix, blocking=True)
+        serve.run(app, name=settings.scale.app_name, route_prefix=settings.scale.route_prefix, blocking=True)
     except KeyboardInterrupt:
         pass
     finally:

@@ -118,10 +118,8 @@ class Grammars:
 
 def grammars_for(app_state, engine) -> Grammars:
     """The app's Grammars for the engine's tokenizer, built on first use."""
-    existing = getattr(app_state, "grammars", None)
+    existing = app_state.grammars
     if existing is not None and existing.source is engine.tokenizer:
         return existing
-    eos = getattr(engine, "eos_ids", None) or (
-        {engine.tokenizer.eos_token_id} if getattr(engine.tokenizer, "eos_token_id", None) is not None else set())
-    app_state.grammars = Grammars(engine.tokenizer, list(eos))
+    app_state.grammars = Grammars(engine.tokenizer, list(engine.eos_ids))
     return app_state.grammars

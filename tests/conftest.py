@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import ARCHS, TinyPair, build_tiny_pair, build_tokenizer  # noqa: E402
+from testbed.tiny_models import ARCHS, TinyPair, build_tiny_pair, build_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -50,7 +50,7 @@ def test_every_source_folder_is_a_declared_package():
 
 
 def test_no_import_name_of_ours_is_a_dependencys():
-    ours = {p.split(".")[0] for p in SETUPTOOLS["packages"]} | {"tests", "bench"}
+    ours = {p.split(".")[0] for p in SETUPTOOLS["packages"]} | {"tests", "bench", "testbed"}
     # a bench script run as `python bench/x.py` puts bench/ first on sys.path: its file names count
     ours |= {p.stem for p in (REPO / "bench").glob("*.py")}
     others = {name: dists for name, dists in importlib.metadata.packages_distributions().items()

@@ -26,16 +26,20 @@ from pathlib import Path
 
 import torch
 
-from skillpack_server.engine.config import ConfigError, EngineConfig, default_kv_budget
-from skillpack_server.engine.pack_cache import PackCache
+from skillpack_server.engine.config import ConfigError, default_kv_budget, resolve_device, resolve_dtype
 from skillpack_server.engine.logits import needs_processing, process_logits
+from skillpack_server.engine.pack_cache import PackCache
 from skillpack_server.engine.sampling import make_generator, sample_tokens, token_logprobs
 from skillpack_server.engine.sequence import Sequence
-from skillpack_server.engine.types import EngineError, GenerationRequest, TokenEvent
+from skillpack_server.engine.types import GenerationRequest, TokenEvent, check_prompt
+from skillpack_server.exceptions import (
+    DomainError, EngineFailure, EngineOverloaded, EngineUnavailable, InvalidRequest,
+)
 from skillpack_server.model.batch import SeqChunk, build_step
 from skillpack_server.model.kv_cache import PagedKVCache
 from skillpack_server.model.loader import load_model
 from skillpack_server.model.pack_slots import PackSlots
+from skillpack_server.settings import EngineSettings
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.hub import checkpoint_name
@@ -44,11 +48,11 @@ log = logging.getLogger(__name__)
 MAX_STOP_TOKEN_IDS = 64
 
 
-def non_finite(seq: Sequence) -> EngineError:
+def non_finite(seq: Sequence) -> EngineFailure:
     packs = ", ".join(f"'{name}'" for name in seq.pack_names) or "none"
     log.warning("request %s: non-finite logits (packs: %s)", seq.request.request_id, packs)
-    return EngineError(f"the model produced non-finite logits for this request (packs: {packs}); a pack's "
-                       "delta is too large for this base model.", status=500, code="non_finite_logits")
+    return EngineFailure(f"the model produced non-finite logits for this request (packs: {packs}); a pack's "
+                         "delta is too large for this base model.", code="non_finite_logits")
 
 
 @dataclass
@@ -62,12 +66,12 @@ class _Planned:
 class Engine:
     """One base model on one device, serving many packs (implements EngineProtocol)."""
 
-    def __init__(self, checkpoint_dir: str | Path, config: EngineConfig | None = None, model_id: str | None = None,
+    def __init__(self, checkpoint_dir: str | Path, config: EngineSettings | None = None, model_id: str | None = None,
                  tokenizer=None, fingerprint: dict | None = None):
-        self.config = config = config or EngineConfig()
+        self.config = config = config or EngineSettings()
         ckpt = Path(checkpoint_dir)
-        self.device = config.resolve_device()
-        self.dtype = config.resolve_dtype(self.device)
+        self.device = resolve_device(config)
+        self.dtype = resolve_dtype(config, self.device)
         self.model = load_model(ckpt, self.device, self.dtype)
         cfg = self.model.config
         self.model_id = model_id or checkpoint_name(ckpt)  # a hub snapshot is named by its model id, not its commit
@@ -107,18 +111,18 @@ class Engine:
         seq = self._new_sequence(request, asyncio.get_running_loop())
         with self._lock:
             if self._stopping:
-                raise EngineError("the engine is shutting down.", status=503)
+                raise EngineUnavailable("the engine is shutting down.")
             if len(self._waiting) >= self.config.max_queue:
-                raise EngineError(
+                raise EngineOverloaded(
                     f"the server is busy: {len(self._waiting)} requests are already waiting "
-                    f"(max_queue={self.config.max_queue}); retry later.", status=429,
+                    f"(max_queue={self.config.max_queue}); retry later."
                 )
             self._waiting.append(seq)
         self._wake.set()
         try:
             while True:
                 item = await seq.events.get()
-                if isinstance(item, EngineError):
+                if isinstance(item, DomainError):
                     raise item
                 yield item
                 if item.finish_reason is not None:
@@ -159,52 +163,45 @@ class Engine:
     def _new_sequence(self, request: GenerationRequest, loop) -> Sequence:
         prompt, sp = request.prompt_ids, request.sampling
         vocab = self.model.config.vocab_size
-        if not prompt:
-            raise EngineError("the prompt is empty; expected at least one token.", param="prompt")
-        if len(prompt) >= self.max_model_len:
-            raise EngineError(
-                f"The prompt has {len(prompt)} tokens, but this model's maximum context length is "
-                f"{self.max_model_len} tokens, and at least one token must be left for the completion.",
-                param="prompt",
-            )
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise EngineError(f"prompt token id {bad!r} is outside the vocabulary (0..{vocab - 1}).", param="prompt")
+        # the HTTP layer checked the prompt against the tokenizer; this guards the model's own vocabulary
+        check_prompt(prompt, vocab, self.max_model_len, reply_tokens=1)
         if not isinstance(sp.max_tokens, int) or sp.max_tokens < 1:
-            raise EngineError(f"max_tokens={sp.max_tokens!r}; expected a positive integer.", param="max_tokens")
+            raise InvalidRequest(f"max_tokens={sp.max_tokens!r}; expected a positive integer.", param="max_tokens")
         if not (isinstance(sp.temperature, (int, float)) and math.isfinite(sp.temperature) and sp.temperature >= 0):
-            raise EngineError(f"temperature={sp.temperature!r}; expected a number >= 0.", param="temperature")
+            raise InvalidRequest(f"temperature={sp.temperature!r}; expected a number >= 0.", param="temperature")
         if not (isinstance(sp.top_p, (int, float)) and 0 < sp.top_p <= 1):
-            raise EngineError(f"top_p={sp.top_p!r}; expected a number in (0, 1].", param="top_p")
+            raise InvalidRequest(f"top_p={sp.top_p!r}; expected a number in (0, 1].", param="top_p")
         if sp.logprobs is not None and not 0 <= sp.logprobs <= self.config.max_logprobs:
-            raise EngineError(f"logprobs={sp.logprobs!r}; expected 0..{self.config.max_logprobs}.", param="logprobs")
+            raise InvalidRequest(f"logprobs={sp.logprobs!r}; expected 0..{self.config.max_logprobs}.", param="logprobs")
         if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
                 not isinstance(t, int) or not 0 <= t < vocab for t in sp.stop_token_ids):
-            raise EngineError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} ids in 0..{vocab - 1}.",
-                              param="stop_token_ids")
+            raise InvalidRequest(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} ids in 0..{vocab - 1}.",
+                                 param="stop_token_ids")
         if sp.seed is not None and not (isinstance(sp.seed, int) and 0 <= sp.seed < 2**63):
-            raise EngineError(f"seed={sp.seed!r}; expected an integer in [0, 2**63).", param="seed")
+            raise InvalidRequest(f"seed={sp.seed!r}; expected an integer in [0, 2**63).", param="seed")
         if not (isinstance(sp.min_tokens, int) and 0 <= sp.min_tokens <= sp.max_tokens):
-            raise EngineError(f"min_tokens={sp.min_tokens!r}; expected an integer in [0, max_tokens={sp.max_tokens}].",
-                              param="min_tokens")
+            raise InvalidRequest(f"min_tokens={sp.min_tokens!r}; expected an integer in "
+                                 f"[0, max_tokens={sp.max_tokens}].", param="min_tokens")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(sp, name)
             if not (isinstance(value, (int, float)) and -2 <= value <= 2):
-                raise EngineError(f"{name}={value!r}; expected a number in [-2, 2].", param=name)
+                raise InvalidRequest(f"{name}={value!r}; expected a number in [-2, 2].", param=name)
         bad_bias = next((t for t, b in sp.logit_bias.items() if not (isinstance(t, int) and 0 <= t < vocab)
                          or not (isinstance(b, (int, float)) and -100 <= b <= 100)), None)
         if bad_bias is not None:
-            raise EngineError(f"logit_bias[{bad_bias!r}]={sp.logit_bias[bad_bias]!r}; expected token ids in "
-                              f"0..{vocab - 1} with biases in [-100, 100].", param="logit_bias")
+            raise InvalidRequest(f"logit_bias[{bad_bias!r}]={sp.logit_bias[bad_bias]!r}; expected token ids in "
+                                 f"0..{vocab - 1} with biases in [-100, 100].", param="logit_bias")
         names = {name for name, _ in request.packs}
         limit = min(self.config.max_packs_per_request, self.config.pack_slots)
         if len(names) > limit:
-            raise EngineError(f"the request names {len(names)} packs; at most {limit} can be fused in one request.",
-                              param="skillpacks")
+            raise InvalidRequest(f"the request names {len(names)} packs; at most {limit} can be fused in one request.",
+                                 param="skillpacks")
         for name, weight in request.packs:
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise EngineError(f"pack '{name}' has weight {weight!r}; expected a finite number.", param="skillpacks")
-        self.pack_cache.check_known(sorted(names))
+                raise InvalidRequest(f"pack '{name}' has weight {weight!r}; expected a finite number.",
+                                     param="skillpacks")
+        # pack names are checked where a request enters (the HTTP layer); the pack cache looks
+        # each up when the request is admitted, and refuses one that is gone by then
         stop = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
         return Sequence(
             seq_id=next(self._ids), request=request,
@@ -220,7 +217,7 @@ class Engine:
                 stopping = self._stopping
                 idle = not self._running and not self._waiting and not self._aborted
             if stopping:
-                self._fail_all(EngineError("the engine is shutting down.", status=503))
+                self._fail_all(EngineUnavailable("the engine is shutting down."))
                 return
             if idle:
                 self._wake.wait(timeout=1.0)
@@ -230,7 +227,7 @@ class Engine:
                 self._step()
             except Exception as e:  # a failed step fails its rows, never the process
                 log.exception("engine step failed")
-                self._fail_running(EngineError(f"the engine failed while running the request: {e}", status=500))
+                self._fail_running(EngineFailure(f"the engine failed while running the request: {e}"))
 
     def _step(self) -> None:
         self._reap_aborted()
@@ -273,7 +270,7 @@ class Engine:
             if seq.request.packs:
                 try:
                     lease = self.pack_cache.acquire(seq.request.packs)
-                except EngineError as e:
+                except DomainError as e:
                     self._reject(seq, e)
                     continue
                 if lease is None:
@@ -352,8 +349,8 @@ class Engine:
             token = tokens_list[i]
             sp = seq.request.sampling
             if sp.constraint is not None and not sp.constraint.accept(token):
-                self._fail_row(seq, EngineError(f"the structured-output grammar refused token {token} that its own "
-                                                "mask allowed.", status=500, code="grammar_error"))
+                self._fail_row(seq, EngineFailure(f"the structured-output grammar refused token {token} that its own "
+                                                  "mask allowed.", code="grammar_error"))
                 continue
             seq.tokens.append(token)
             finish = None
@@ -400,25 +397,25 @@ class Engine:
             self.pack_cache.release(seq.lease)
             seq.lease = None
 
-    def _reject(self, seq: Sequence, error: EngineError) -> None:
+    def _reject(self, seq: Sequence, error: DomainError) -> None:
         with self._lock:
             if seq in self._waiting:
                 self._waiting.remove(seq)
         seq.finished = True
         seq.send(error)
 
-    def _fail_row(self, seq: Sequence, error: EngineError) -> None:
+    def _fail_row(self, seq: Sequence, error: DomainError) -> None:
         seq.finished = True
         seq.send(error)
         self._finish(seq)
 
-    def _fail_running(self, error: EngineError) -> None:
+    def _fail_running(self, error: DomainError) -> None:
         with self._lock:
             running = list(self._running)
         for seq in running:
             self._fail_row(seq, error)
 
-    def _fail_all(self, error: EngineError) -> None:
+    def _fail_all(self, error: DomainError) -> None:
         self._fail_running(error)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from skillpack_server.engine.sequence import Sequence
-from skillpack_server.engine.types import EngineError
+from skillpack_server.exceptions import EngineFailure
 
 _BITS = torch.arange(32, dtype=torch.int32)
 
@@ -39,11 +39,11 @@ def allowed_tokens(words: torch.Tensor, vocab: int, limits: list[int]) -> torch.
     return allowed
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> list[EngineError | None]:
+def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> list[EngineFailure | None]:
     """Apply each row's processing to float32 logits (M, V) in place; per row, an error when its
     constraint allows no token at all (the row must fail, not sample from nothing)."""
     vocab = logits.shape[1]
-    errors: list[EngineError | None] = [None] * len(seqs)
+    errors: list[EngineFailure | None] = [None] * len(seqs)
     constrained = []
     for i, seq in enumerate(seqs):
         sp = seq.request.sampling
@@ -70,6 +70,6 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> list[EngineErr
         logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
         for j, i in enumerate(constrained):
             if not bool(allowed[j].any()):
-                errors[i] = EngineError("the structured-output grammar allows no next token; the reply cannot "
-                                        "be completed within it.", status=500, code="grammar_dead_end")
+                errors[i] = EngineFailure("the structured-output grammar allows no next token; the reply cannot "
+                                          "be completed within it.", code="grammar_dead_end")
     return errors

@@ -30,7 +30,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from skillpack_server.engine.types import EngineError, PackStatus
+from skillpack_server.engine.types import PackStatus
+from skillpack_server.exceptions import (
+    EngineFailure, EngineUnavailable, PackInUse, PackInvalid, PackMismatch, PackNotFound,
+)
 from skillpack_server.model.pack_slots import PackSlots, PreparedPack
 from skillpacks.fingerprint import check_base
 from skillpacks.format import PackError, SkillPack, read_pack
@@ -48,8 +51,8 @@ def file_identity(path: str) -> tuple[int, ...]:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def unknown_pack(name: str) -> EngineError:
-    return EngineError(f"The model '{name}' does not exist.", status=404, code="model_not_found")
+def unknown_pack(name: str) -> PackNotFound:
+    return PackNotFound(f"The model '{name}' does not exist.", code="model_not_found")
 
 
 @dataclass(eq=False)
@@ -110,7 +113,7 @@ class PackCache:
         `verified`: the caller has just checked the file's checksum (`verify_pack`), so its
         loads skip the hash until the file changes."""
         if not os.path.isfile(path):
-            raise EngineError(f"pack file {path!r} for '{name}' does not exist.", status=400)
+            raise PackInvalid(f"pack file {path!r} for '{name}' does not exist.")
         identity = file_identity(path) if verified else None
         with self._lock:
             old = self._current.get(name)
@@ -127,15 +130,14 @@ class PackCache:
             self._retire(version)
 
     def load(self, name: str) -> None:
-        """Bring `name` to a device slot now (503 when every slot is held or pinned)."""
+        """Bring `name` to a device slot now (EngineUnavailable when every slot is held or pinned)."""
         version = self._version(name)
         pack = self._read_if_needed(version)
         prepared = self._prepare(version, pack) if version.slot is None else None
         with self._lock:
             if version.slot is None and not self._place(version, prepared or self._prepare(version, pack)):
-                raise EngineError(
-                    f"cannot load pack '{name}': all {self.slots.num_slots} pack slots are in use or pinned.",
-                    status=503,
+                raise EngineUnavailable(
+                    f"cannot load pack '{name}': all {self.slots.num_slots} pack slots are in use or pinned."
                 )
             version.last_used = next(self._clock)
 
@@ -143,9 +145,8 @@ class PackCache:
         with self._lock:
             version = self._version(name)
             if version.refs:
-                raise EngineError(
-                    f"pack '{name}' is in use by {version.refs} running request(s); unload it when they finish.",
-                    status=409,
+                raise PackInUse(
+                    f"pack '{name}' is in use by {version.refs} running request(s); unload it when they finish."
                 )
             self._free_slot(version)
             self._drop_host(version)
@@ -176,16 +177,9 @@ class PackCache:
 
     # ---- the engine's side -------------------------------------------------------------
 
-    def check_known(self, names: list[str]) -> None:
-        """Raise the 404 EngineError for the first name that is not registered."""
-        with self._lock:
-            for name in names:
-                if name not in self._current:
-                    raise unknown_pack(name)
-
     def acquire(self, packs: list[tuple[str, float]]) -> PackLease | None:
         """Hold the current version of each named pack on the device, or return None
-        (holding nothing) when a slot is not free yet. Raises EngineError for packs
+        (holding nothing) when a slot is not free yet. Raises a domain error for packs
         that can never be served (unknown, unreadable, wrong base, too big)."""
         with self._lock:
             weights: dict[str, float] = {}
@@ -193,10 +187,10 @@ class PackCache:
                 weights[name] = weights.get(name, 0.0) + weight
             versions = [self._version(name) for name in weights]
             if len(versions) > self.slots.num_slots - self._pinned_slots_excluding(versions):
-                raise EngineError(
+                raise EngineUnavailable(
                     f"the request needs {len(versions)} packs on the device but only "
                     f"{self.slots.num_slots - self._pinned_slots_excluding(versions)} of "
-                    f"{self.slots.num_slots} slots are not pinned by other packs.", status=503,
+                    f"{self.slots.num_slots} slots are not pinned by other packs."
                 )
         parsed = {v: self._read_if_needed(v) for v in versions}
         prepared = {v: self._prepare(v, parsed[v]) for v in versions if v.slot is None}
@@ -266,16 +260,16 @@ class PackCache:
             pack = self._reader(version.path, verify_checksum=False) if trusted else self._reader(version.path)
         except (PackError, OSError) as e:
             log.error("pack '%s' cannot be read from %s: %s", version.name, version.path, e)
-            raise EngineError(f"pack '{version.name}' cannot be read from {version.path}: {e}", status=500) from None
+            raise EngineFailure(f"pack '{version.name}' cannot be read from {version.path}: {e}") from None
         try:
             check_base(pack.manifest["base"], self.base_fingerprint)
         except PackError as e:
-            raise EngineError(f"pack '{version.name}' was built for a different base model than the one "
-                              f"served: {e}", status=409, code="base_mismatch") from None
+            raise PackMismatch(f"pack '{version.name}' was built for a different base model than the one "
+                               f"served: {e}", code="base_mismatch") from None
         try:
             self.slots.check(pack.deltas)
         except ValueError as e:
-            raise EngineError(f"pack '{version.name}' does not fit this base model: {e}", status=409) from None
+            raise PackMismatch(f"pack '{version.name}' does not fit this base model: {e}") from None
         size = pack_bytes(pack)
         with self._lock:
             version.verified_file = identity  # taken before the read: a write during it shows next time
@@ -310,7 +304,7 @@ class PackCache:
             # read_pack has validated every delta as it read it; another reader's are checked here
             prepared = self.slots.prepare(pack.deltas, validated=self._reader is read_pack)
         except ValueError as e:
-            raise EngineError(f"pack '{version.name}' does not fit this base model: {e}", status=409) from None
+            raise PackMismatch(f"pack '{version.name}' does not fit this base model: {e}") from None
         with self._lock:
             self.counters.load_seconds += time.perf_counter() - start
         return prepared

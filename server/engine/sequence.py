@@ -47,7 +47,7 @@ class Sequence:
         return self.max_total - 1
 
     def send(self, item) -> bool:
-        """Hand an event (or an EngineError) to the request's consumer; False if it is gone."""
+        """Hand an event (or a DomainError) to the request's consumer; False if it is gone."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
             return True

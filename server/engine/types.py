@@ -3,13 +3,15 @@
 The HTTP layer tokenizes, validates and resolves pack names; the engine schedules,
 runs the model with each row's packs and samples. Stop *strings* are matched by the
 HTTP layer on detokenized text (it aborts the request when one matches); stop token
-ids are matched by the engine.
+ids are matched by the engine. Refusals are the domain errors of `skillpack_server.exceptions`.
 """
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from skillpack_server.exceptions import InvalidRequest
 
 
 class TokenConstraint(Protocol):
@@ -65,14 +67,20 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" on the last event, else None
 
 
-class EngineError(Exception):
-    """A request the engine refuses; `status` is the HTTP status the API layer returns."""
-
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.param = param  # the request field at fault, when there is one
+def check_prompt(prompt_ids: list[int], vocab_size: int, max_model_len: int, param: str = "prompt",
+                 reply_tokens: int = 0) -> None:
+    """Refuse a prompt that is empty, has an id outside [0, vocab_size), or leaves fewer than
+    `reply_tokens` of the model's context for the reply."""
+    if not prompt_ids:
+        raise InvalidRequest("The prompt is empty; expected at least one token.", param=param)
+    bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"Token id {bad!r} in the prompt is outside the vocabulary [0, {vocab_size}).",
+                             param=param)
+    if len(prompt_ids) + reply_tokens > max_model_len:
+        room = f" and at least {reply_tokens} token(s) must be left for the reply" if reply_tokens else ""
+        raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                             f"{len(prompt_ids)}{room}.", param=param, code="context_length_exceeded")
 
 
 @dataclass
@@ -95,7 +103,8 @@ class PackCacheProtocol(Protocol):
     def load(self, name: str) -> None: ...  # bring to the device now
     def unload(self, name: str) -> None: ...  # drop from device and host memory (stays registered)
     def pin(self, name: str, pinned: bool = True) -> None: ...  # pinned packs are never evicted
-    def status(self) -> list[PackStatus]: ...
+    def status(self) -> list[PackStatus]: ...  # every registered pack (sizes read from disk)
+    def names(self) -> list[str]: ...  # the registered packs' names (no disk access)
 
 
 class EngineProtocol(Protocol):
@@ -104,11 +113,15 @@ class EngineProtocol(Protocol):
     model_id: str  # the base model's id in /v1/models
     tokenizer: Any  # a transformers tokenizer (chat template included)
     max_model_len: int
+    eos_ids: frozenset[int]  # the model's end-of-sequence ids (structured output ends on them)
+    base_fingerprint: dict  # the served base's fingerprint; every pack must match it
+    model: Any  # the runtime Transformer (`model: "auto"` features prompts on it); None for a stand-in
     pack_cache: PackCacheProtocol
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """An async generator of events; closing it early aborts the request.
-        Raises EngineError (404 unknown pack, 400 bad request, 429/503 overloaded)."""
+        """An async generator of events; closing it early aborts the request. Raises the
+        domain errors: InvalidRequest, PackNotFound, EngineOverloaded, EngineUnavailable, ..."""
         ...
 
     def stats(self) -> dict: ...  # queue depth, running rows, per-pack running/waiting counts
+    def close(self) -> None: ...  # stop; requests still queued or running get EngineUnavailable

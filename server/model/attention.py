@@ -38,11 +38,11 @@ def paged_attention(
     cached prefix (causal, optionally windowed; each layer passes its own window).
     `softcap` (Gemma 2): scores become softcap · tanh(scores / softcap) before the mask.
 
-    q (N, H, D), k/v (N, KVH, D) for the step's N new tokens; caches (slots, KVH, D).
+    q (N, H, D), k/v (N, KVH, D) for the step's N new tokens; caches (cells, KVH, D).
     Returns (N, H, D).
     """
-    k_cache[batch.slot_mapping] = k
-    v_cache[batch.slot_mapping] = v
+    k_cache[batch.cell_mapping] = k
+    v_cache[batch.cell_mapping] = v
     out = torch.empty_like(q)
     decode = [s for s in batch.spans if s.rows == 1]
     prefill = [s for s in batch.spans if s.rows > 1]
@@ -67,7 +67,7 @@ def _window_start(span: SeqSpan, window: int | None) -> int:
 
 
 def _heads(cache: torch.Tensor) -> torch.Tensor:
-    """The (KVH, slots, D) tensor behind a (slots, KVH, D) cache view."""
+    """The (KVH, cells, D) tensor behind a (cells, KVH, D) cache view."""
     phys = cache.permute(1, 0, 2)
     if not phys.is_contiguous():
         raise ValueError("the KV cache must be laid out head-major (skillpack_server.model.kv_cache.head_major_cache).")
@@ -157,7 +157,7 @@ def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     visible = key_pos < lens[:, None]  # (B, K)
     if window is not None:
         visible &= key_pos > lens[:, None] - 1 - window
-    # past a sequence's end lie other requests' slots, maybe non-finite: 0 x NaN would leak
+    # past a sequence's end lie other requests' cells, maybe non-finite: 0 x NaN would leak
     values = values.masked_fill(~visible[:, None, :, None], 0)
     qg = q[rows].view(len(decode), kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
     scores = _capped(qg @ keys.transpose(2, 3) * scale, softcap)  # (B, KVH, G, K)

@@ -1,5 +1,5 @@
-"""What one forward step runs: the flattened new tokens of every row, where their K/V go,
-which logits are wanted, and each row's packs. Built once per step, read by every layer."""
+"""What one forward step runs: the flattened new tokens of every row, the KV cache cells their
+K/V go to, which logits are wanted, and each row's packs. Built once per step, read by every layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,21 +17,21 @@ class SeqChunk:
     start_pos: int
     pages: list[int]  # the sequence's block table; covers start_pos + len(tokens) tokens
     logits_at: list[int]  # chunk offsets whose logits are wanted
-    packs: list[tuple[int, float]]  # (device slot, weight); empty = the base model
+    packs: list[tuple[int, float]]  # (pack slot, weight); empty = the base model
 
 
 @dataclass
-class PackRouting:
+class StepPacks:
     """Per-row pack weights for one step; absent (None) when no row uses a pack."""
 
-    mix: torch.Tensor  # (N, num_slots) float32: weight of slot s in row i (0 = unused)
-    row_packs: RowPacks  # the kernel's routing for the same N rows
+    mix: torch.Tensor  # (N, num_pack_slots) float32: weight of pack slot s in row i (0 = unused)
+    row_packs: RowPacks  # the kernels' per-row packs for the same N rows
     active_slots: set[int]
     row_pack_lists: list[list[tuple[int, float]]] = field(default_factory=list)  # what row_packs was built from
     _by_loaded: dict = field(default_factory=dict, repr=False)
 
-    def routing_for(self, loaded: set[int]) -> RowPacks:
-        """The routing restricted to the slots that hold a delta for one linear.
+    def row_packs_for(self, loaded: set[int]) -> RowPacks:
+        """The per-row packs restricted to the pack slots that hold a delta for one linear.
 
         A budget build may drop a module from a pack; rows of that pack then get no delta
         on that linear. Built once per step for each distinct set of slots, shared by every
@@ -72,12 +72,12 @@ class SeqSpan:
 class StepBatch:
     token_ids: torch.Tensor  # (N,) long: every new token of the step, row after row
     positions: torch.Tensor  # (N,) long
-    slot_mapping: torch.Tensor  # (N,) long: KV slot each new token writes
+    cell_mapping: torch.Tensor  # (N,) long: the KV cache cell each new token writes (page * page_size + offset)
     seq_index: torch.Tensor  # (N,) long: which sequence of the step a token belongs to
     block_tables: torch.Tensor  # (B, P) long: page ids, padded with page 0
     context_lens: torch.Tensor  # (B,) long: cached tokens after this step
     logits_rows: torch.Tensor  # (M,) long: rows of the N tokens whose logits are returned
-    packs: PackRouting | None
+    packs: StepPacks | None
     spans: list[SeqSpan] = field(default_factory=list)  # per sequence, in step order
 
     @property
@@ -85,11 +85,11 @@ class StepBatch:
         return int(self.token_ids.numel())
 
 
-def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -> StepBatch:
+def build_step(chunks: list[SeqChunk], page_size: int, num_pack_slots: int, device) -> StepBatch:
     """Lay out a step's sequences as flat token rows plus padded attention metadata."""
     if not chunks:
         raise ValueError("a step needs at least one sequence.")
-    tokens, positions, slots, seq_index, logits_rows, row_packs = [], [], [], [], [], []
+    tokens, positions, cells, seq_index, logits_rows, row_packs = [], [], [], [], [], []
     max_pages = max(len(c.pages) for c in chunks)
     tables = torch.zeros(len(chunks), max_pages, dtype=torch.long)
     ctx, spans = [], []  # spans: (first row, rows, packs) per sequence
@@ -102,7 +102,7 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
         pos = list(range(c.start_pos, end))
         tokens.extend(c.tokens)
         positions.extend(pos)
-        slots.extend(c.pages[p // page_size] * page_size + p % page_size for p in pos)
+        cells.extend(c.pages[p // page_size] * page_size + p % page_size for p in pos)
         seq_index.extend([b] * n)
         logits_rows.extend(base_row + j for j in c.logits_at)
         row_packs.extend([c.packs] * n)
@@ -116,11 +116,11 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
 
     packs = None
     if any(row_packs):
-        mix = torch.zeros(len(tokens), num_slots, dtype=torch.float32)
+        mix = torch.zeros(len(tokens), num_pack_slots, dtype=torch.float32)
         for first, n, packs_of_seq in spans:
             for slot, weight in packs_of_seq:
                 mix[first : first + n, slot] += weight
-        packs = PackRouting(
+        packs = StepPacks(
             mix=mix.to(device),
             row_packs=RowPacks.build(row_packs, device),
             active_slots={s for c in chunks for s, _ in c.packs},
@@ -133,7 +133,7 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_slots: int, device) -
         run = all(q == p + 1 for p, q in zip(used, used[1:]))
         seq_spans.append(SeqSpan(first, n, c.start_pos, tables[b, : len(used)], used[0] if run else None))
     return StepBatch(
-        token_ids=as_tensor(tokens), positions=as_tensor(positions), slot_mapping=as_tensor(slots),
+        token_ids=as_tensor(tokens), positions=as_tensor(positions), cell_mapping=as_tensor(cells),
         seq_index=as_tensor(seq_index), block_tables=tables, context_lens=as_tensor(ctx),
         logits_rows=as_tensor(logits_rows), packs=packs, spans=seq_spans,
     )

@@ -1,8 +1,8 @@
-"""The paged KV cache: fixed-size pages of token slots, handed to sequences by a free list.
+"""The paged KV cache: fixed-size pages of token cells, handed to sequences by a free list.
 
-The cache holds `num_pages * page_size` token slots per layer, allocated once, so the
-token budget is a hard bound. A sequence owns a list of pages (its block table); token
-t of the sequence lives in slot `pages[t // page_size] * page_size + t % page_size`.
+The cache holds `num_pages * page_size` cells per layer (a cell holds one token's K or V),
+allocated once, so the token budget is a hard bound. A sequence owns a list of pages (its
+block table); token t of the sequence lives in cell `pages[t // page_size] * page_size + t % page_size`.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import torch
 from skillpack_server.model.config import ModelConfig
 
 
-def head_major_cache(slots: int, kv_heads: int, head_dim: int, device, dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed cache seen as (slots, KVH, D) but laid out head-major, (KVH, slots, D) in memory:
-    each head's keys of consecutive slots are contiguous, so a run of pages is a plain view and
+def head_major_cache(cells: int, kv_heads: int, head_dim: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed cache seen as (cells, KVH, D) but laid out head-major, (KVH, cells, D) in memory:
+    each head's keys of consecutive cells are contiguous, so a run of pages is a plain view and
     the attention matmuls read it without a transposing copy."""
-    return torch.zeros(kv_heads, slots, head_dim, device=device, dtype=dtype).permute(1, 0, 2)
+    return torch.zeros(kv_heads, cells, head_dim, device=device, dtype=dtype).permute(1, 0, 2)
 
 
 class PageAllocator:
@@ -59,9 +59,9 @@ class PagedKVCache:
             raise ValueError(f"page_size={page_size}; expected a positive number of tokens per page.")
         self.page_size = page_size
         self.allocator = PageAllocator(num_pages)
-        slots = num_pages * page_size
-        self.k = [head_major_cache(slots, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
-        self.v = [head_major_cache(slots, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
+        cells = num_pages * page_size
+        self.k = [head_major_cache(cells, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
+        self.v = [head_major_cache(cells, cfg.num_kv_heads, cfg.head_dim, device, dtype) for _ in range(cfg.num_layers)]
 
     @property
     def num_tokens(self) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 
 from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_server.model.attention import paged_attention
-from skillpack_server.model.batch import PackRouting, StepBatch
+from skillpack_server.model.batch import StepPacks, StepBatch
 from skillpack_server.model.config import ModelConfig
 from skillpack_server.model.kv_cache import PagedKVCache
 from skillpack_server.model.rope import apply_rope, rope_attention_scaling, rope_cos_sin, rope_inv_freq
@@ -40,12 +40,12 @@ class DeltaLinear(nn.Module):
         self.bias_delta: torch.Tensor | None = None  # (num_slots, out) float32
         self.bias_loaded: set[int] = set()
 
-    def forward(self, x: torch.Tensor, packs: PackRouting | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packs: StepPacks | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if packs is None:
             return y
         if self.lowrank_loaded & packs.active_slots:
-            add_lowrank(y, x, self.lowrank, packs.routing_for(self.lowrank_loaded))
+            add_lowrank(y, x, self.lowrank, packs.row_packs_for(self.lowrank_loaded))
         if self.bias_loaded & packs.active_slots:
             y += (packs.mix @ self.bias_delta).to(y.dtype)
         return y
@@ -62,7 +62,7 @@ class DeltaRMSNorm(nn.Module):
         self.delta: torch.Tensor | None = None  # (num_slots, dim) float32
         self.loaded: set[int] = set()
 
-    def forward(self, x: torch.Tensor, packs: PackRouting | None, rows: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, packs: StepPacks | None, rows: torch.Tensor | None = None):
         """`rows`: which of the step's rows x holds (None = all of them)."""
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -89,7 +89,7 @@ class DeltaEmbedding(nn.Module):
         self.scale = scale
         self.vocab_deltas: dict[int, VocabDelta] = {}  # slot -> ΔE (vocab, dim), sparse or low-rank
 
-    def forward(self, ids: torch.Tensor, packs: PackRouting | None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, packs: StepPacks | None) -> torch.Tensor:
         x = F.embedding(ids, self.weight)
         if packs is not None:
             for slot in packs.active_slots & self.vocab_deltas.keys():
@@ -104,7 +104,7 @@ class DeltaEmbedding(nn.Module):
 
 def project_to_vocab(
     h: torch.Tensor, weight: torch.Tensor, vocab_deltas: dict[int, VocabDelta],
-    packs: PackRouting | None, rows: torch.Tensor,
+    packs: StepPacks | None, rows: torch.Tensor,
 ) -> torch.Tensor:
     """float32 logits (M, vocab) of hidden rows h (M, dim): h Wᵀ plus each row's ΔW (sparse or low-rank)."""
     logits = F.linear(h, weight).float()
@@ -149,7 +149,7 @@ class Attention(nn.Module):
             self.q_norm = DeltaRMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = DeltaRMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def qkv(self, x: torch.Tensor, packs: PackRouting | None):
+    def qkv(self, x: torch.Tensor, packs: StepPacks | None):
         """q (N, H, D), k and v (N, KVH, D) of the step's tokens, q/k normed per head where the model does."""
         n, hd = x.shape[0], self.head_dim
         if self.fused:

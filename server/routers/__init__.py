@@ -1,1 +1,2 @@
-"""The HTTP routes, one module per resource, and the helpers they share."""
+"""The HTTP routes, one module per resource, with their FastAPI dependencies (`deps`) and the
+streaming reader of admin upload bodies (`upload`)."""

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import APIError
-from skillpack_server.pack_store import PackStore, check_pack_name
+from skillpack_server.pack_store import PackStore, check_pack_name, pack_not_found
 from skillpack_server.routers.deps import get_engine, get_pack_store
 from skillpack_server.routers.upload import receive_examples, receive_pack_upload
 from skillpack_server.schemas.admin import DeleteResult, ExamplesResult, PackInfo, PackList, UploadResult
@@ -20,7 +20,7 @@ def _status(engine: EngineProtocol, name: str) -> dict:
         if s.name == name:
             return {"name": s.name, "path": s.path, "bytes": s.bytes, "state": s.state, "pinned": s.pinned,
                     "in_use": s.in_use, "version": s.version}
-    raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+    raise pack_not_found(name)
 
 
 def form_bool(fields: dict[str, str], key: str) -> bool:
@@ -31,12 +31,12 @@ def form_bool(fields: dict[str, str], key: str) -> bool:
     return value in ("true", "1")
 
 
-async def _refresh_router(request: Request) -> None:
-    """A pack or its examples changed: an `auto` router in use checks itself now and, if
-    stale, starts its background rebuild (the check every `auto` request runs)."""
-    router = getattr(request.app.state, "auto_router", None)
-    if router is not None:
-        await anyio.to_thread.run_sync(router.refresh)  # hashes changed files: off the loop
+async def _refresh_pack_selector(request: Request) -> None:
+    """A pack or its examples changed: the `auto` pack selection, if in use, checks its
+    classifier now and, if stale, starts its background rebuild (the check every `auto` request runs)."""
+    selector = request.app.state.pack_selector
+    if selector is not None:
+        await anyio.to_thread.run_sync(selector.refresh)  # hashes changed files: off the loop
 
 
 @router.post("", response_model=UploadResult, status_code=201)
@@ -56,7 +56,7 @@ async def upload_pack(request: Request, store: PackStore = Depends(get_pack_stor
         staging.discard()
         raise
     name, manifest, replaced = await store.commit(staging, name, examples, replace=replace)
-    await _refresh_router(request)
+    await _refresh_pack_selector(request)
     return {"name": name, "replaced": replaced, "bytes": staging.size, "manifest": manifest,
             "examples": None if examples is None else examples.info()}
 
@@ -76,7 +76,7 @@ async def get_pack(name: str, store: PackStore = Depends(get_pack_store), engine
 @router.delete("/{name}", response_model=DeleteResult)
 async def delete_pack(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
     await store.delete(name)
-    await _refresh_router(request)
+    await _refresh_pack_selector(request)
     return {"name": name, "deleted": True}
 
 
@@ -84,11 +84,11 @@ async def delete_pack(name: str, request: Request, store: PackStore = Depends(ge
 async def put_examples(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
     check_pack_name(name)
     if not store.is_registered(name):  # before reading a body that could not be used
-        raise APIError(404, f"The pack `{name}` does not exist.", param="name", code="pack_not_found")
+        raise pack_not_found(name)
     data = await receive_examples(request, store.max_examples_bytes, request.app.state.settings.upload_read_timeout)
     examples = await anyio.to_thread.run_sync(store.check_examples, data)
     replaced = await store.put_examples(name, examples)
-    await _refresh_router(request)
+    await _refresh_pack_selector(request)
     return {"name": name, "replaced": replaced, "examples": examples.info()}
 
 
@@ -101,7 +101,7 @@ async def get_examples(name: str, store: PackStore = Depends(get_pack_store)):
 @router.delete("/{name}/examples", response_model=DeleteResult)
 async def delete_examples(name: str, request: Request, store: PackStore = Depends(get_pack_store)):
     await store.delete_examples(name)
-    await _refresh_router(request)
+    await _refresh_pack_selector(request)
     return {"name": name, "deleted": True}
 
 
@@ -109,7 +109,7 @@ async def _cache_action(name: str, engine: EngineProtocol, action) -> dict:
     check_pack_name(name)
     _status(engine, name)  # 404 before asking the cache
     # loading reads and places a pack: off the event loop (the cache has its own lock);
-    # the cache's refusals are EngineErrors with their own status (404, 409, 503)
+    # the cache's refusals are domain errors (PackNotFound, PackInUse, EngineUnavailable, ...)
     await anyio.to_thread.run_sync(action)
     return _status(engine, name)
 

@@ -10,15 +10,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from skillpack_server.engine.types import EngineError, EngineProtocol, TokenEvent
-from skillpack_server.errors import APIError, error_body
-from skillpack_server.metrics import Metrics
-from skillpack_server.routers.deps import get_engine, get_metrics
-from skillpack_server.routers.generation import (
-    Generation, Piece, check_prompt, choice_seed, make_request, merged_pieces, new_id, resolve_model,
-    routing_headers, sampling_for, served_model, sse, start_all, token_budget, total_usage,
+from skillpack_server.engine.types import EngineProtocol, TokenEvent, check_prompt
+from skillpack_server.errors import APIError, domain_error_body
+from skillpack_server.exceptions import DomainError
+from skillpack_server.generation import (
+    Generation, Piece, choice_seed, make_request, merged_pieces, new_id, resolve_model,
+    selection_headers, sampling_for, served_model, sse, start_all, token_budget, total_usage,
 )
-from skillpack_server.routers.text import token_bytes, token_text
+from skillpack_server.metrics import Metrics
+from skillpack_server.reply_text import token_bytes, token_text
+from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.schemas.chat import ChatRequest, ChatResponse, FunctionDefinition
 from skillpack_server.structured_output import GrammarError, ToolSpec, grammars_for, json_grammar, tools_grammar
 from skillpack_server.tool_calls import CallStream, new_call_id, parse_call, template_turns
@@ -106,7 +107,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, engine: En
     # tool_choice 'none': the model is told of no tools and writes text
     functions = body.function_definitions if body.tool_choice_name not in (None, "none") else []
     prompt_ids = render_prompt(engine.tokenizer, body, functions)
-    check_prompt(engine, prompt_ids, "messages")
+    check_prompt(prompt_ids, len(engine.tokenizer), engine.max_model_len, "messages")  # where a prompt is checked
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = token_budget(engine, len(prompt_ids), body.token_limit, param)
     if max_tokens < 1:
@@ -138,7 +139,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, engine: En
     if body.stream:
         return StreamingResponse(_stream(choices, body, head, engine.tokenizer, top_k, usage),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", **routing_headers(routing)})
+                                 headers={"Cache-Control": "no-cache", **selection_headers(routing)})
 
     async for i, piece in merged_pieces([c.gen for c in choices]):
         choices[i].add(piece)
@@ -149,7 +150,7 @@ async def create_chat_completion(body: ChatRequest, request: Request, engine: En
         out.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
     payload = {**head, "object": "chat.completion", "choices": out, "usage": usage()}
     # routed answers carry the extension field, which the OpenAI response model would drop
-    return payload if routing is None else JSONResponse(payload, headers=routing_headers(routing))
+    return payload if routing is None else JSONResponse(payload, headers=selection_headers(routing))
 
 
 def _deltas(choice: Choice, body: ChatRequest, events: list[tuple[str, str]]) -> list[dict]:
@@ -198,6 +199,6 @@ async def _stream(choices: list[Choice], body: ChatRequest, head: dict, tokenize
                 yield chunk(i, {}, reason)
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "choices": [], "usage": usage()})
-    except EngineError as exc:  # the response has started: report in-band, as OpenAI does
-        yield sse(error_body(exc.status, str(exc), getattr(exc, "param", None), exc.code))
+    except DomainError as exc:  # the response has started: report in-band, as OpenAI does
+        yield sse(domain_error_body(exc))
     yield sse("[DONE]")

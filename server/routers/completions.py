@@ -10,15 +10,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from skillpack_server.engine.types import EngineError, EngineProtocol, TokenEvent
-from skillpack_server.errors import error_body
-from skillpack_server.metrics import Metrics
-from skillpack_server.routers.deps import get_engine, get_metrics
-from skillpack_server.routers.generation import (
-    Generation, Piece, check_prompt, choice_seed, make_request, merged_pieces, new_id, resolve_model, routing_headers,
+from skillpack_server.engine.types import EngineProtocol, TokenEvent, check_prompt
+from skillpack_server.errors import domain_error_body
+from skillpack_server.exceptions import DomainError
+from skillpack_server.generation import (
+    Generation, Piece, choice_seed, make_request, merged_pieces, new_id, resolve_model, selection_headers,
     sampling_for, served_model, sse, start_all, token_budget, total_usage,
 )
-from skillpack_server.routers.text import token_text
+from skillpack_server.metrics import Metrics
+from skillpack_server.reply_text import token_text
+from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.schemas.completions import CompletionRequest, CompletionResponse
 
 router = APIRouter(tags=["completions"])
@@ -113,7 +114,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     prompts = [_prompt_ids(engine, p) for p in texts]
     budgets = []
     for i, ids in enumerate(prompts):
-        check_prompt(engine, ids, _param(body, i))
+        check_prompt(ids, len(engine.tokenizer), engine.max_model_len, _param(body, i))  # where a prompt is checked
         budgets.append(token_budget(engine, len(ids), body.max_tokens, "max_tokens"))
     routes = [await resolve_model(request.app.state, engine, body.model, body.skillpacks, ids) for ids in prompts]
     want_logprobs = body.logprobs is not None
@@ -135,7 +136,7 @@ async def create_completion(body: CompletionRequest, request: Request, engine: E
     routing = decisions[0]
     if routing is not None and len(decisions) == 1:
         head["skillpack_routing"] = routing.response_field()
-    headers = routing_headers(routing) if len(decisions) == 1 else {}
+    headers = selection_headers(routing) if len(decisions) == 1 else {}
     usage = lambda: total_usage([len(ids) for ids in prompts], [r.gen for r in rows])  # noqa: E731
     if body.stream:
         return StreamingResponse(_stream(rows, body, head, decisions, usage), media_type="text/event-stream",
@@ -177,6 +178,6 @@ async def _stream(rows: list[Row], body: CompletionRequest, head: dict, decision
             yield sse(chunk(i, piece.text, row.add(piece), piece.finish_reason))
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "choices": [], "usage": usage()})
-    except EngineError as exc:  # the response has started: report in-band, as OpenAI does
-        yield sse(error_body(exc.status, str(exc), getattr(exc, "param", None), exc.code))
+    except DomainError as exc:  # the response has started: report in-band, as OpenAI does
+        yield sse(domain_error_body(exc))
     yield sse("[DONE]")

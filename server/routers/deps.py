@@ -10,14 +10,14 @@ from skillpack_server.pack_store import PackStore
 
 
 def get_engine(request: Request) -> EngineProtocol:
-    engine = getattr(request.app.state, "engine", None)
+    engine = request.app.state.engine
     if engine is None:
         raise APIError(503, "The model is still loading; retry in a moment.", code="not_ready")
     return engine
 
 
 def get_pack_store(request: Request) -> PackStore:
-    store = getattr(request.app.state, "pack_store", None)
+    store = request.app.state.pack_store
     if store is None:
         raise APIError(503, "The pack store is not ready yet; retry in a moment.", code="not_ready")
     return store

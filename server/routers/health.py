@@ -10,7 +10,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health(request: Request):
-    engine = getattr(request.app.state, "engine", None)
+    engine = request.app.state.engine
     if engine is None:
         return JSONResponse({"status": "starting"}, status_code=503)
     return {"status": "ok", "model": engine.model_id, "packs": len(engine.pack_cache.status())}

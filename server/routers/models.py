@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request
 
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import model_not_found
+from skillpack_server.pack_selection import AUTO_MODEL
 from skillpack_server.routers.deps import get_engine
-from skillpack_server.routing_auto import AUTO_MODEL
 from skillpack_server.schemas.models import ModelCard, ModelList
 from skillpacks.router import ROUTER_FILE
 
@@ -31,7 +31,7 @@ def _cards(request: Request, engine: EngineProtocol) -> list[dict]:
 def _routable(request: Request, packs: list[str]) -> bool:
     """`model: auto` can answer (or build its router on first use): a router file or a
     registered pack's example prompts sit in a pack folder."""
-    store = getattr(request.app.state, "pack_store", None)
+    store = request.app.state.pack_store
     if store is None or not packs:
         return False
     return (any((folder / ROUTER_FILE).is_file() for folder in store.router_sources())

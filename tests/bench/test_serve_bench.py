@@ -14,7 +14,7 @@ import torch
 
 from bench.serve import BenchConfig, Scenario, goals, run_benchmark, write_json
 from bench.serve_workloads import WorkloadSpec
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 
 ALL = ("base", "hf-dense", "skillpack", "merged", "swap", "peft-mixed")
 

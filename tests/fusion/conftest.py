@@ -17,8 +17,8 @@ from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.router import TrainConfig, build_router, examples_path, hf_feature_fn, write_examples
 from skillpacks.skills import demo_split
+from testbed.tiny_models import build_tiny_pair
 from tests.server.test_runtime import noise_delta, tuned_delta, write_test_pack
-from tests.tiny_models import build_tiny_pair
 
 SKILL_OF = {"arith": "arithmetic", "json": "json_extract", "sql": "sql"}
 N_EXAMPLES, N_HELD_OUT = 40, 12

@@ -10,10 +10,11 @@ import shutil
 import pytest
 import torch
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
-from skillpack_server.engine.types import EngineError
-from skillpack_server.routing_auto import AutoRouter, RouterSettings, parse_auto_model, runtime_feature_fn
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
+from skillpack_server.pack_selection import PackSelector, parse_auto_model, runtime_feature_fn
+from skillpack_server.settings import EngineSettings, PackSelectionSettings
 from skillpacks.router import ROUTER_FILE, load_router
 from tests.fusion.conftest import write_pack_with_examples
 from tests.server.test_api_common import serve, settings_for
@@ -128,39 +129,39 @@ def test_auto_request_errors(fusion, packs_copy, tmp_path):
 def test_parse_auto_model():
     assert parse_auto_model("auto") == 0 and parse_auto_model("auto:3") == 3
     assert parse_auto_model("sql") is None and parse_auto_model("autoX") is None
-    with pytest.raises(EngineError, match="auto:K"):
+    with pytest.raises(DomainError, match="auto:K"):
         parse_auto_model("auto:")
 
 
 def test_router_follows_the_pack_store(fusion, packs_copy, tiny_tokenizer):
-    eng = Engine(fusion.pair.base, EngineConfig(device="cpu", max_batch=4, max_model_len=48, page_size=4,
-                                                max_step_tokens=32, pack_slots=4),
+    eng = Engine(fusion.pair.base, EngineSettings(device="cpu", max_batch=4, max_model_len=48, page_size=4,
+                                                  max_step_tokens=32, pack_slots=4),
                  tokenizer=tiny_tokenizer, fingerprint=fusion.fingerprint)
     try:
         for name in ("arith", "json", "sql"):
             eng.pack_cache.register(name, str(packs_copy / f"{name}.skillpack"))
-        auto = AutoRouter([packs_copy], eng.pack_cache, tiny_tokenizer, runtime_feature_fn(eng.model),
-                          fusion.fingerprint["weights_sha256"], RouterSettings(auto_rebuild=False))
+        auto = PackSelector([packs_copy], eng.pack_cache, tiny_tokenizer, runtime_feature_fn(eng.model),
+                          fusion.fingerprint["weights_sha256"], PackSelectionSettings(auto_rebuild=False))
         auto.reload()
         assert auto.status()["state"] == "fresh" and auto.status()["version"] == 1
         ids = lambda p: tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(  # noqa: E731
             [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False), add_special_tokens=False)
         sql_prompts = [ids(p) for p in fusion.held_out["sql"][:6]]
-        assert all(auto.route(p).packs[0][0] == "sql" for p in sql_prompts)
+        assert all(auto.select(p).packs[0][0] == "sql" for p in sql_prompts)
 
         # delete sql: stale, and its prompts never reach it (its mass is not handed on)
         eng.pack_cache.unregister("sql")
         (packs_copy / "sql.skillpack").unlink()
         assert auto.status()["stale_reasons"] == ["pack `sql` was removed"]
         for p in sql_prompts:
-            d = auto.route(p)
+            d = auto.select(p)
             assert "sql" not in [n for n, _ in d.packs] and "sql" not in d.probabilities and d.stale
         assert auto.rebuild().labels == ["arith", "json"]
         assert auto.status() | {"error": None} == {"state": "fresh", "version": 2, "labels": ["arith", "json"],
                                                    "stale_reasons": [], "rebuilding": False, "error": None}
 
         # add a pack (the background rebuild picks it up) and replace another
-        auto.settings = RouterSettings(auto_rebuild=True)
+        auto.settings = PackSelectionSettings(auto_rebuild=True)
         new_sql = write_pack_with_examples(packs_copy, "sql", fusion.pair.base, fusion.dense["sql"],
                                            fusion.fingerprint, "sql")
         eng.pack_cache.register("sql", str(new_sql))
@@ -168,18 +169,18 @@ def test_router_follows_the_pack_store(fusion, packs_copy, tiny_tokenizer):
         write_pack_with_examples(packs_copy, "arith", fusion.pair.base, other, fusion.fingerprint, "arithmetic")
         eng.pack_cache.register("arith", str(packs_copy / "arith.skillpack"))
         assert auto.stale_reasons() == ["pack `sql` was added", "pack `arith` changed"]
-        auto.route(sql_prompts[0])  # answers with version 2 and starts the rebuild
+        auto.select(sql_prompts[0])  # answers with version 2 and starts the rebuild
         auto.wait_for_rebuild(timeout=300)
         assert auto.status()["state"] == "fresh" and auto.status()["version"] == 3
         assert load_router(packs_copy / ROUTER_FILE).manifest["version"] == 3  # written next to the packs
-        assert sum(auto.route(p).packs[:1] == [("sql", 1.0)] for p in sql_prompts) >= 5
+        assert sum(auto.select(p).packs[:1] == [("sql", 1.0)] for p in sql_prompts) >= 5
 
         # a router built for another base is never used
         auto.base_weights_sha256 = "0" * 64
         auto.reload()
-        assert auto.router is None and "another base" in auto.last_error
-        with pytest.raises(EngineError) as e:
-            auto.route(sql_prompts[0])
-        assert e.value.status == 503
+        assert auto.classifier is None and "another base" in auto.last_error
+        with pytest.raises(DomainError) as e:
+            auto.select(sql_prompts[0])
+        assert status_of(e.value) == 503
     finally:
         eng.close()

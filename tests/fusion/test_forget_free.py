@@ -13,7 +13,8 @@ import pytest
 
 import torch
 
-from skillpack_server.engine.types import EngineError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
 from tests.fusion.conftest import write_pack_with_examples
 from tests.fusion.test_fusion_engine import make_engine
 from tests.server.test_engine import collect, greedy, run
@@ -66,9 +67,9 @@ def test_adding_replacing_and_deleting_packs_never_changes_the_others(fusion, ti
         after = outputs(eng, kept)
         assert after == {k: v for k, v in before.items() if k[0] in kept}
         for mix in ((("json", 1.0),), fused[0]):
-            with pytest.raises(EngineError) as e:
+            with pytest.raises(DomainError) as e:
                 run(collect(eng, greedy(PROMPTS[0], 2, packs=mix)))
-            assert e.value.status == 404 and "json" in str(e.value)
+            assert status_of(e.value) == 404 and "json" in str(e.value)
         assert eng.pack_cache.stats()["evictions"] >= 1  # the checks above crossed slot changes
     finally:
         eng.close()

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
-from skillpack_server.engine.types import EngineError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
+from skillpack_server.settings import EngineSettings
 from skillpacks.format import read_pack
 from tests.server.test_engine import collect, greedy, greedy_reference, run
 from tests.server.test_runtime import merged_model
@@ -25,7 +26,7 @@ MIXES = [
 
 def make_engine(fusion, tokenizer, names=("arith", "json", "sql"), **overrides):
     cfg = dict(device="cpu", max_batch=8, max_model_len=48, page_size=4, max_step_tokens=32, pack_slots=4)
-    eng = Engine(fusion.pair.base, EngineConfig(**(cfg | overrides)), tokenizer=tokenizer,
+    eng = Engine(fusion.pair.base, EngineSettings(**(cfg | overrides)), tokenizer=tokenizer,
                  fingerprint=fusion.fingerprint)
     for name in names:
         eng.pack_cache.register(name, str(fusion.paths[name]))
@@ -80,15 +81,15 @@ def test_fused_rows_batched_with_single_pack_rows(fusion, engine):
     ([("nope", 1.0)], 404, "'nope' does not exist"),
 ])
 def test_engine_refuses_bad_weights_and_names(engine, packs, status, text):
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(DomainError) as e:
         run(collect(engine, greedy(PROMPTS[0], 2, packs=packs)))
-    assert e.value.status == status and text in str(e.value)
+    assert status_of(e.value) == status and text in str(e.value)
 
 
 def test_engine_refuses_more_packs_than_it_can_fuse(fusion, tiny_tokenizer):
     eng = make_engine(fusion, tiny_tokenizer, pack_slots=2)
     try:
-        with pytest.raises(EngineError, match="names 3 packs; at most 2"):
+        with pytest.raises(DomainError, match="names 3 packs; at most 2"):
             run(collect(eng, greedy(PROMPTS[0], 2, packs=list(MIXES[1]))))
     finally:
         eng.close()

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from skillpack_server.model.loader import load_model
-from skillpack_server.routing_auto import runtime_feature_fn
+from skillpack_server.pack_selection import runtime_feature_fn
 from skillpacks.checkpoint import write_safetensors
 from skillpacks.router import (
     MANIFEST_KEY, Router, RouterError, TrainConfig, decide, fit, hf_feature_fn, load_router, prompt_ids, read_examples,
     read_router_manifest, renderings, save_router, train_router,
 )
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 
 PROMPTS = ["Compute (3 + 4) * 5 - 6. Reply with the working and the result.", "hello", "x" * 700]
 

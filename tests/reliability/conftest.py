@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.load import STABLE, noise_pack
+from testbed.load import STABLE, noise_pack
+from testbed.tiny_models import TinyPair, build_tiny_pair
 from tests.server.test_api_common import build_pack
-from tests.tiny_models import TinyPair, build_tiny_pair
 
 
 @pytest.fixture(scope="session")

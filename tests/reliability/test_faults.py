@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 import skillpack_server.pack_store as pack_store
-from bench.load import ADMIN_TOKEN, Reference, ServerProcess
 from skillpack_server.pack_store import TEMP_PREFIX, PackStore
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import verify_pack
+from testbed.load import ADMIN_TOKEN, Reference, ServerProcess
 from tests.server.test_api_common import ADMIN, serve, settings_for, snapshot
 
 PROMPT = [5, 17, 99, 3, 250, 11, 7, 42]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.load import ADMIN_TOKEN, CHURN, STABLE, LoadConfig, LoadResult, Reference, check_sample, drive
+from testbed.load import ADMIN_TOKEN, CHURN, STABLE, LoadConfig, LoadResult, Reference, check_sample, drive
 from tests.server.test_api_common import live_server, settings_for
 
 MiB = 1024 * 1024

@@ -10,9 +10,10 @@ import transformers
 import torch
 
 from skillpack_kernels.factors import LowRankDelta
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
-from skillpack_server.engine.types import EngineError, GenerationRequest, SamplingParams
+from skillpack_server.engine.types import GenerationRequest, SamplingParams
+from skillpack_server.exceptions import DomainError
+from skillpack_server.settings import EngineSettings
 from skillpacks.format import read_pack, verify_pack, write_pack
 from tests.server.test_api_common import ADMIN, serve, settings_for
 from tests.server.test_engine import collect, greedy_reference
@@ -47,14 +48,14 @@ def reference(pair):
 
 
 def test_overflowing_pack_fails_alone_and_leaves_no_trace(pair, tiny_tokenizer, overflowing, reference):
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=4, max_model_len=48, page_size=4,
-                                         max_step_tokens=16), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=4, max_model_len=48, page_size=4,
+                                           max_step_tokens=16), tokenizer=tiny_tokenizer)
     eng.pack_cache.register("overflow", str(overflowing))
 
     async def guarded(request):
         try:
             return await collect(eng, request)
-        except EngineError as e:
+        except DomainError as e:
             return e
 
     async def scenario():
@@ -72,11 +73,11 @@ def test_overflowing_pack_fails_alone_and_leaves_no_trace(pair, tiny_tokenizer, 
     finally:
         eng.close()
     for failed in [*alone, together[0], together[2]]:
-        assert isinstance(failed, EngineError), failed
+        assert isinstance(failed, DomainError), failed
         assert "non-finite" in str(failed) and "overflow" in str(failed)
     tokens, logprobs = reference
     for events in (after, together[1]):
-        assert not isinstance(events, EngineError), events
+        assert not isinstance(events, DomainError), events
         assert [e.token_id for e in events] == tokens
         torch.testing.assert_close(torch.tensor([e.logprob for e in events]), torch.tensor(logprobs),
                                    atol=1e-4, rtol=0)

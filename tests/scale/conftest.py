@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.tiny_models import TinyPair, build_tiny_pair
 from tests.server.test_api_common import build_pack, serve, settings_for
-from tests.tiny_models import TinyPair, build_tiny_pair
 
 # name -> scale of the pair's real delta: three packs that steer the model apart
 PACK_SCALES = {"skill": 1.0, "skill2x": 2.0, "unskill": -1.0}

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from skillpack_server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, ScaleConfig, build_application
+from skillpack_server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, build_application
 from tests.scale.conftest import PACK_SCALES
 from tests.scale.test_replica_app import answer
 from tests.server.test_api_common import ADMIN, settings_for
@@ -63,11 +63,11 @@ def cluster(llama, stores):
         assert ray.util.get_node_ip_address() == "127.0.0.1"
         port = free_port()
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
-        scale = ScaleConfig(replicas=2, num_cpus=1, rescan_seconds=1)
-        app = build_application(settings_for(llama, stores[0]), scale, cluster_gpus=0)
-        ray_serve.run_many([ray_serve.RunTarget(app, name=scale.app_name, route_prefix="/")],
+        settings = settings_for(llama, stores[0], scale={"replicas": 2, "num_cpus": 1, "rescan_seconds": 1})
+        app = build_application(settings, cluster_gpus=0)
+        ray_serve.run_many([ray_serve.RunTarget(app, name=settings.scale.app_name, route_prefix="/")],
                            wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
-        wait_until_running(ray_serve, scale.app_name, started + START_TIMEOUT_S)
+        wait_until_running(ray_serve, settings.scale.app_name, started + START_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}", time.monotonic() - started
     finally:
         ray_serve.shutdown()

@@ -14,10 +14,11 @@ import uuid
 import fsspec
 import pytest
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
-from skillpack_server.errors import APIError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
 from skillpack_server.pack_store_remote import SharedPackStore, SyncReport
+from skillpack_server.settings import EngineSettings
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 
@@ -25,7 +26,7 @@ from skillpacks.fingerprint import base_fingerprint
 @pytest.fixture(scope="module")
 def engines(llama):
     fp = base_fingerprint(open_checkpoint(llama.base))
-    pair = [Engine(llama.base, EngineConfig(device="cpu", max_batch=2, max_model_len=32, page_size=4),
+    pair = [Engine(llama.base, EngineSettings(device="cpu", max_batch=2, max_model_len=32, page_size=4),
                    fingerprint=fp) for _ in range(2)]
     yield pair, fp
     for engine in pair:
@@ -132,9 +133,9 @@ def test_bad_and_oversized_shared_files_are_skipped_and_leave_nothing(engines, s
 def test_deleting_a_pack_no_replica_has_is_a_404_naming_it(engines, shared, tmp_path):
     (engine_a, _), fp = engines
     store = make_store(shared, tmp_path / "mirror", engine_a, fp)
-    with pytest.raises(APIError, match="`ghost` does not exist") as info:
+    with pytest.raises(DomainError, match="`ghost` does not exist") as info:
         asyncio.run(store.delete("ghost"))
-    assert info.value.status == 404
+    assert status_of(info.value) == 404
 
 
 def test_a_failed_publish_is_a_503_and_the_next_sync_restores_the_shared_state(engines, tmp_path, pack_files):
@@ -143,9 +144,9 @@ def test_a_failed_publish_is_a_503_and_the_next_sync_restores_the_shared_state(e
     store = make_store(str(shared), tmp_path / "mirror", engine_a, fp)
     shared.rmdir()
     shared.write_bytes(b"")  # the shared folder is gone (a file in its place): every write into it fails
-    with pytest.raises(APIError, match="could not be written to the shared pack store") as info:
+    with pytest.raises(DomainError, match="could not be written to the shared pack store") as info:
         asyncio.run(upload(store, pack_files["skill"].read_bytes(), "skill"))
-    assert info.value.status == 503
+    assert status_of(info.value) == 503
     shared.unlink()
     shared.mkdir()
     assert asyncio.run(store.sync()) == SyncReport(removed=["skill"])  # the shared store never got it
@@ -161,7 +162,7 @@ def test_router_examples_are_refused_not_dropped(engines, shared, tmp_path, pack
     staging = store.staging()
     staging.write(pack_files["skill"].read_bytes())
     for attempt in (store.commit(staging, "skill", examples), store.put_examples("skill", examples)):
-        with pytest.raises(APIError, match="does not carry router examples") as info:
+        with pytest.raises(DomainError, match="does not carry router examples") as info:
             asyncio.run(attempt)
-        assert info.value.status == 501
+        assert status_of(info.value) == 501
     assert list(store.root.iterdir()) == [] and shared_files(shared) == {}

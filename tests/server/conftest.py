@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.tiny_models import build_tiny_pair
 from tests.server.test_api_common import build_pack, serve, settings_for
-from tests.tiny_models import build_tiny_pair
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The HTTP layer's own error behaviour: the OpenAI envelope for routing, validation, body size,
-engine refusals (429/503 mapped from EngineError) and unexpected failures (500, no traceback).
+engine refusals (429/503 mapped from EngineOverloaded/EngineUnavailable) and unexpected failures (500, no traceback).
 
 The engine refusals and crashes cannot be provoked on demand in the real engine, so these tests
 drive the app with `RefusingEngine`, a stand-in that raises what it is told; everything else here
@@ -7,12 +7,16 @@ runs the real engine.
 """
 import pytest
 
-from skillpack_server.engine.types import EngineError, PackStatus
+from skillpack_server.engine.types import PackStatus
+from skillpack_server.exceptions import EngineOverloaded, EngineUnavailable
 from tests.server.test_api_common import parse_sse, serve, settings_for
 
 
 class _NoPacks:
     def status(self) -> list[PackStatus]:
+        return []
+
+    def names(self) -> list[str]:
         return []
 
     def register(self, name, path, verified=False):
@@ -24,11 +28,13 @@ class RefusingEngine:
 
     model_id = "stand-in"
     max_model_len = 64
+    model = None  # no runtime model: `model: auto` is unavailable
 
     def __init__(self, tokenizer, error: BaseException, after: int = 0):
         self.tokenizer, self.error, self.after = tokenizer, error, after
         self.pack_cache = _NoPacks()
         self.base_fingerprint = {}
+        self.eos_ids = frozenset()
 
     async def generate(self, request):
         from skillpack_server.engine.types import TokenEvent
@@ -39,6 +45,9 @@ class RefusingEngine:
 
     def stats(self) -> dict:
         return {}
+
+    def close(self) -> None:
+        pass
 
 
 def check_envelope(r, status: int) -> dict:
@@ -78,9 +87,9 @@ def test_body_over_the_limit_is_413(llama, packs_dir):
         check_envelope(c.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}), 413)
 
 
-@pytest.mark.parametrize("status", [429, 503])
-def test_engine_refusals_keep_their_status(tiny_tokenizer, llama, tmp_path, status):
-    engine = RefusingEngine(tiny_tokenizer, EngineError("the queue is full; retry later", status, "overloaded"))
+@pytest.mark.parametrize("refusal, status", [(EngineOverloaded, 429), (EngineUnavailable, 503)])
+def test_engine_refusals_keep_their_status(tiny_tokenizer, llama, tmp_path, refusal, status):
+    engine = RefusingEngine(tiny_tokenizer, refusal("the queue is full; retry later", code="overloaded"))
     with serve(settings_for(llama, tmp_path), engine_factory=lambda s: engine) as c:
         for stream in (False, True):
             r = c.post("/v1/completions", json={"model": "stand-in", "prompt": "hello", "stream": stream})
@@ -90,7 +99,7 @@ def test_engine_refusals_keep_their_status(tiny_tokenizer, llama, tmp_path, stat
 
 
 def test_engine_error_mid_stream_is_reported_in_band(tiny_tokenizer, llama, tmp_path):
-    engine = RefusingEngine(tiny_tokenizer, EngineError("evicted", 503), after=2)
+    engine = RefusingEngine(tiny_tokenizer, EngineUnavailable("evicted"), after=2)
     with serve(settings_for(llama, tmp_path), engine_factory=lambda s: engine) as c:
         r = c.post("/v1/chat/completions", json={"model": "stand-in", "stream": True,
                                                  "messages": [{"role": "user", "content": "hi"}]})

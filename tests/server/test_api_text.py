@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from skillpack_server.routers.text import Detokenizer, StopMatcher, token_bytes
+from skillpack_server.reply_text import Detokenizer, StopMatcher, token_bytes
 
 TEXTS = ["def wrap(text, width):\n    return text", "naïve café — 東京 🙂 ok", "3 plus 4 is 7.", "a  b\t\tc\n\n"]
 

@@ -1,5 +1,5 @@
 """Qwen3, Gemma 2, Gemma 3 and Phi-3 in the engine, each on a tiny (base, tuned) pair written by
-tests/tiny_models.py (NEW_ARCHS), against transformers' own forward: prefill logits in chunks,
+testbed/tiny_models.py (NEW_ARCHS), against transformers' own forward: prefill logits in chunks,
 packs mixed per row against the merged models, greedy decoding of a mixed burst, a pack built
 from the pair that verifies, merges and serves. Also: each architecture's own features change
 transformers' output by far more than the tolerance (so the comparisons can fail), a sharded
@@ -25,13 +25,13 @@ from skillpacks.cli import main as cli_main
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import verify_pack
 from skillpacks.merge import merge_pack
+from testbed.tiny_models import NEW_ARCHS, build_tiny_pair
 from tests.server.test_engine import collect, greedy, greedy_reference, run
 from tests.server.test_mixed_batch import LOGPROB_ATOL, NEW_TOKENS, Oracles, check, make_engine, separated
 from tests.server.test_runtime import (
     ATOL, PROMPTS, check_pack_rows, noise_delta, reference_logits, run_chunks, tuned_delta, write_test_pack,
 )
 from tests.server.test_serve_command import one_line_error
-from tests.tiny_models import NEW_ARCHS, build_tiny_pair
 
 
 @pytest.fixture(scope="module", params=sorted(NEW_ARCHS))

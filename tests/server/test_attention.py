@@ -26,15 +26,15 @@ def reference(q, k_cache, v_cache, batch, scale, window, softcap):
         for t in range(span.rows):
             p = span.start + t
             keys = range(max(0, p - window + 1) if window else 0, p + 1)
-            slots = [pages[j // PAGE] * PAGE + j % PAGE for j in keys]
+            cells = [pages[j // PAGE] * PAGE + j % PAGE for j in keys]
             for h in range(HEADS):
                 kv = h // group
                 scores = torch.stack([(q[span.first + t, h].double() * k_cache[s, kv].double()).sum() * scale
-                                      for s in slots])
+                                      for s in cells])
                 if softcap:
                     scores = torch.tanh(scores / softcap) * softcap
                 probs = torch.softmax(scores, 0)
-                out[span.first + t, h] = sum(pr * v_cache[s, kv].double() for pr, s in zip(probs, slots))
+                out[span.first + t, h] = sum(pr * v_cache[s, kv].double() for pr, s in zip(probs, cells))
     return out
 
 
@@ -56,10 +56,10 @@ def make_step(specs, num_pages=64, runs=False):
 
 def run_case(specs, window=None, softcap=None, kernel="auto", runs=False):
     torch.manual_seed(len(specs) * 7 + (window or 0))
-    batch, slots = make_step(specs, runs=runs)
+    batch, cells = make_step(specs, runs=runs)
     assert all((s.first_page is not None) == runs for s in batch.spans) or not runs
-    k_cache = head_major_cache(slots, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
-    v_cache = head_major_cache(slots, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
+    k_cache = head_major_cache(cells, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
+    v_cache = head_major_cache(cells, KV_HEADS, DIM, "cpu", torch.float32).fill_(float("nan"))
     for span, (cached, _) in zip(batch.spans, specs):  # the prefix each sequence already cached
         for j in range(cached):
             s = int(span.pages[j // PAGE]) * PAGE + j % PAGE

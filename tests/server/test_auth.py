@@ -86,4 +86,4 @@ def test_settings_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SKILLPACK_ADMIN_TOKEN", "from-the-env-123")
     monkeypatch.setenv("SKILLPACK_MAX_MODEL_LEN", "64")
     s = Settings(packs=tmp_path)
-    assert s.admin_token == "from-the-env-123" and s.max_model_len == 64
+    assert s.admin_token == "from-the-env-123" and s.engine.max_model_len == 64

@@ -8,11 +8,13 @@ import pytest
 import torch
 import transformers
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
 from skillpack_server.engine.sampling import sample_tokens, top_p_filter
-from skillpack_server.engine.types import EngineError, GenerationRequest, SamplingParams
-from tests.tiny_models import build_tiny_pair
+from skillpack_server.engine.types import GenerationRequest, SamplingParams
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
+from skillpack_server.settings import EngineSettings
+from testbed.tiny_models import build_tiny_pair
 
 PROMPTS = [[5, 17, 99, 3, 250, 11, 7, 42, 8, 12, 30], [8, 9, 10], [300, 2, 77, 77, 120, 64, 1], [44]]
 
@@ -57,8 +59,8 @@ def hf(pair):
 @pytest.fixture(scope="module")
 def engine(pair, tiny_tokenizer):
     # a small step budget so longer prompts are prefilled in several chunks
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=4, max_model_len=48, page_size=4,
-                                         max_step_tokens=6, max_queue=8), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=4, max_model_len=48, page_size=4,
+                                           max_step_tokens=6, max_queue=8), tokenizer=tiny_tokenizer)
     yield eng
     eng.close()
 
@@ -167,16 +169,16 @@ def test_sampling_follows_the_distribution():
 
 
 def test_bad_requests_are_refused_with_sentences(engine):
-    with pytest.raises(EngineError, match="The prompt has 48 tokens.*maximum context length is 48") as e:
+    with pytest.raises(DomainError, match="maximum context length is 48 tokens; the prompt has 48") as e:
         run(collect(engine, greedy([1] * 48)))
-    assert e.value.status == 400
-    with pytest.raises(EngineError, match="token id 384 is outside the vocabulary"):
+    assert status_of(e.value) == 400
+    with pytest.raises(DomainError, match="Token id 384 in the prompt is outside the vocabulary"):
         run(collect(engine, greedy([1, 384])))
-    with pytest.raises(EngineError, match="top_p=0"):
+    with pytest.raises(DomainError, match="top_p=0"):
         run(collect(engine, GenerationRequest("x", [1], [], SamplingParams(top_p=0))))
-    with pytest.raises(EngineError, match="The model 'missing' does not exist") as e:
+    with pytest.raises(DomainError, match="The model 'missing' does not exist") as e:
         run(collect(engine, greedy([1], packs=[("missing", 1.0)])))
-    assert e.value.status == 404
+    assert status_of(e.value) == 404
 
 
 def test_generation_stops_at_max_model_len(engine, hf):
@@ -204,8 +206,8 @@ def test_closing_the_generator_aborts_and_frees_kv(engine):
 
 def test_requests_beyond_the_kv_budget_queue_and_all_finish(pair, tiny_tokenizer, hf):
     # room for one 24-token request at a time: the others wait for its pages
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=4, max_model_len=24, kv_budget_tokens=24,
-                                         page_size=4, max_step_tokens=8), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=4, max_model_len=24, kv_budget_tokens=24,
+                                           page_size=4, max_step_tokens=8), tokenizer=tiny_tokenizer)
     try:
         async def burst():
             seen = []
@@ -229,8 +231,8 @@ def test_requests_beyond_the_kv_budget_queue_and_all_finish(pair, tiny_tokenizer
 
 
 def test_queue_bound_returns_429(pair, tiny_tokenizer):
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=1, max_model_len=48, max_queue=1,
-                                         page_size=4, max_step_tokens=8), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=1, max_model_len=48, max_queue=1,
+                                           page_size=4, max_step_tokens=8), tokenizer=tiny_tokenizer)
     try:
         async def scenario():
             running = eng.generate(greedy(PROMPTS[0], 30, "a"))
@@ -240,9 +242,9 @@ def test_queue_bound_returns_429(pair, tiny_tokenizer):
                 if eng.stats()["queue_depth"] == 1:
                     break
                 await asyncio.sleep(0.01)
-            with pytest.raises(EngineError, match="max_queue=1") as e:
+            with pytest.raises(DomainError, match="max_queue=1") as e:
                 await collect(eng, greedy(PROMPTS[2], 2, "c"))
-            assert e.value.status == 429
+            assert status_of(e.value) == 429
             await running.aclose()
             return await waiting
 
@@ -252,19 +254,19 @@ def test_queue_bound_returns_429(pair, tiny_tokenizer):
 
 
 def test_closed_engine_refuses_with_503(pair, tiny_tokenizer):
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=1, max_model_len=16, page_size=4,
-                                         max_step_tokens=4), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=1, max_model_len=16, page_size=4,
+                                           max_step_tokens=4), tokenizer=tiny_tokenizer)
     eng.close()
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(DomainError) as e:
         run(collect(eng, greedy([1, 2], 2)))
-    assert e.value.status == 503
+    assert status_of(e.value) == 503
 
 
 def test_engine_config_bounds_are_checked(pair, tiny_tokenizer):
     with pytest.raises(ValueError, match="max_step_tokens=2 is below max_batch=4"):
-        EngineConfig(max_batch=4, max_step_tokens=2)
-    with pytest.raises(ValueError, match="kv_budget_tokens=8 cannot hold one request of max_model_len=16"):
-        Engine(pair.base, EngineConfig(device="cpu", max_model_len=16, kv_budget_tokens=8, page_size=4),
+        EngineSettings(max_batch=4, max_step_tokens=2)
+    with pytest.raises(ValueError, match="kv_budget_tokens=16 cannot hold one request of max_model_len=32"):
+        Engine(pair.base, EngineSettings(device="cpu", max_model_len=32, kv_budget_tokens=16, page_size=4),
                tokenizer=tiny_tokenizer)
 
 
@@ -282,7 +284,7 @@ def test_default_base_greedy_matches_transformers():
                                           add_generation_prompt=True, tokenize=True)["input_ids"])
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     want_tokens, want_lp = greedy_reference(model, prompt, 16)
-    eng = Engine(base, EngineConfig(device="cpu", max_batch=2, max_model_len=256, max_step_tokens=64))
+    eng = Engine(base, EngineSettings(device="cpu", max_batch=2, max_model_len=256, max_step_tokens=64))
     try:
         events = run(collect(eng, greedy(prompt, 16)))
     finally:

@@ -8,17 +8,18 @@ import asyncio
 import pytest
 import torch
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
 from skillpack_server.engine.logits import allowed_tokens
-from skillpack_server.engine.types import EngineError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
+from skillpack_server.settings import EngineSettings
 from tests.server.test_engine import PROMPTS, collect, greedy, hf, pair, run  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
 def engine(pair, tiny_tokenizer):  # noqa: F811
-    eng = Engine(pair.base, EngineConfig(device="cpu", max_batch=8, max_model_len=48, page_size=4,
-                                         max_step_tokens=64), tokenizer=tiny_tokenizer)
+    eng = Engine(pair.base, EngineSettings(device="cpu", max_batch=8, max_model_len=48, page_size=4,
+                                           max_step_tokens=64), tokenizer=tiny_tokenizer)
     yield eng
     eng.close()
 
@@ -121,7 +122,7 @@ def test_a_constraint_masks_its_row_only_and_a_dead_end_fails_alone(engine, hf):
             assert token == max(allowed, key=lambda t: float(logits[t]))
             ids.append(token)
     assert [e.token_id for e in free] == reference(hf, PROMPTS[0], 5)
-    assert isinstance(dead, EngineError) and dead.code == "grammar_dead_end"
+    assert isinstance(dead, DomainError) and dead.code == "grammar_dead_end"
     assert engine.stats()["kv_tokens_free"] == engine.stats()["kv_tokens_total"]
 
 
@@ -138,6 +139,6 @@ def test_bitmask_unpacking_matches_a_loop():
 @pytest.mark.parametrize("field, value", [("min_tokens", 9), ("presence_penalty", 2.5), ("frequency_penalty", -3),
                                           ("logit_bias", {10**7: 1.0}), ("logit_bias", {5: 101.0})])
 def test_out_of_range_processing_is_refused_by_name(engine, field, value):
-    with pytest.raises(EngineError) as caught:
+    with pytest.raises(DomainError) as caught:
         run(collect(engine, greedy(PROMPTS[1], 8, "x", **{field: value})))
-    assert caught.value.param == field and caught.value.status == 400
+    assert caught.value.param == field and status_of(caught.value) == 400

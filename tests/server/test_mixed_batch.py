@@ -14,15 +14,16 @@ import asyncio
 import pytest
 import torch
 
-from skillpack_server.engine.config import EngineConfig
 from skillpack_server.engine.engine import Engine
-from skillpack_server.engine.types import EngineError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
+from skillpack_server.settings import EngineSettings
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import read_pack
+from testbed.tiny_models import build_tiny_pair
 from tests.server.test_engine import collect, greedy, greedy_reference, run
 from tests.server.test_runtime import merged_model, noise_delta, tuned_delta, write_test_pack
-from tests.tiny_models import build_tiny_pair
 
 PROMPTS = [[5, 17, 99, 3, 250, 11, 7, 42], [8, 9, 10], [300, 2, 77, 77, 120]]
 NEW_TOKENS = 6
@@ -47,7 +48,7 @@ def packs(request, tiny_root, tiny_tokenizer, tmp_path_factory):
 
 def make_engine(pair, fp, paths, tokenizer, **overrides):
     cfg = dict(device="cpu", max_batch=8, max_model_len=48, page_size=4, max_step_tokens=16, pack_slots=4)
-    eng = Engine(pair.base, EngineConfig(**(cfg | overrides)), tokenizer=tokenizer, fingerprint=fp)
+    eng = Engine(pair.base, EngineSettings(**(cfg | overrides)), tokenizer=tokenizer, fingerprint=fp)
     for name, path in paths.items():
         eng.pack_cache.register(name, str(path))
     return eng
@@ -180,13 +181,13 @@ def test_queue_bound_returns_429_while_packs_wait_for_a_slot(packs, oracles, tin
                 if eng.stats()["packs"].get("noise-a", {}).get("waiting") == 1:
                     break
                 await asyncio.sleep(0.01)
-            with pytest.raises(EngineError) as e:
+            with pytest.raises(DomainError) as e:
                 await collect(eng, greedy(PROMPTS[2], 2, "x", packs=[("noise-b", 1.0)]))
             await holder.aclose()
             return e.value, await waiting
 
         error, waited = run(scenario())
-        assert error.status == 429 and "max_queue=1" in str(error)
+        assert status_of(error) == 429 and "max_queue=1" in str(error)
         check(waited, oracles((("noise-a", 1.0),), PROMPTS[1]))
     finally:
         eng.close()

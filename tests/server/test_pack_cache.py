@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from skillpack_server.engine.pack_cache import PackCache
-from skillpack_server.engine.types import EngineError
+from skillpack_server.errors import status_of
+from skillpack_server.exceptions import DomainError
 from skillpack_server.model.kv_cache import PagedKVCache
 from skillpack_server.model.loader import load_model
 from skillpack_server.model.pack_slots import PackSlots
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import read_pack
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 from tests.server.test_runtime import (
     ATOL, PROMPTS, merged_model, noise_delta, reference_logits, run_chunks, tuned_delta, write_test_pack,
 )
@@ -73,9 +74,9 @@ def state_of(cache, name):
 
 def test_unknown_pack_is_a_404_naming_it(setup):
     cache = make_cache(setup)
-    with pytest.raises(EngineError, match="The model 'nope' does not exist.") as e:
+    with pytest.raises(DomainError, match="The model 'nope' does not exist.") as e:
         cache.acquire([("nope", 1.0)])
-    assert e.value.status == 404
+    assert status_of(e.value) == 404
 
 
 def test_disk_host_device_states_and_counters(setup):
@@ -126,10 +127,10 @@ def test_pinned_packs_stay_on_the_device(setup):
     assert state_of(cache, "skill").state == "device" and state_of(cache, "skill").pinned
     assert state_of(cache, "noise-a").state != "device"
     held = cache.acquire([("noise-b", 1.0)])
-    with pytest.raises(EngineError, match="all 2 pack slots are in use or pinned") as e:
+    with pytest.raises(DomainError, match="all 2 pack slots are in use or pinned") as e:
         cache.load("noise-a")
-    assert e.value.status == 503
-    with pytest.raises(EngineError, match="needs 2 packs.*only 1 of 2 slots"):
+    assert status_of(e.value) == 503
+    with pytest.raises(DomainError, match="needs 2 packs.*only 1 of 2 slots"):
         cache.acquire([("noise-a", 0.5), ("noise-b", 0.5)])
     cache.release(held)
     cache.pin("skill", False)
@@ -160,9 +161,9 @@ def test_unregistered_pack_finishes_in_flight_then_404s(setup):
     torch.testing.assert_close(slot_logits(setup, held), oracle(setup, setup[3]["skill"]), atol=ATOL, rtol=0)
     cache.release(held)
     assert cache.stats()["slots_used"] == 0
-    with pytest.raises(EngineError) as e:
+    with pytest.raises(DomainError) as e:
         cache.acquire([("skill", 1.0)])
-    assert e.value.status == 404
+    assert status_of(e.value) == 404
 
 
 def test_host_memory_stays_within_budget(setup):
@@ -182,15 +183,15 @@ def test_pack_for_another_base_is_refused(setup, tiny_root, tiny_tokenizer):
                            tuned_delta(other.base, other.tuned))
     cache = make_cache(setup)
     cache.register("other", str(path))
-    with pytest.raises(EngineError, match="'other' was built for a different base model") as e:
+    with pytest.raises(DomainError, match="'other' was built for a different base model") as e:
         cache.acquire([("other", 1.0)])
-    assert e.value.status == 409
+    assert status_of(e.value) == 409
     assert cache.stats()["slots_used"] == 0
 
 
 def test_register_refuses_a_missing_file(setup, tmp_path):
     cache = make_cache(setup)
-    with pytest.raises(EngineError, match="does not exist"):
+    with pytest.raises(DomainError, match="does not exist"):
         cache.register("ghost", str(tmp_path / "ghost.skillpack"))
 
 
@@ -241,9 +242,9 @@ def test_a_file_changed_in_place_is_verified_again_even_with_its_mtime_restored(
     flip_last_byte(path)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime: only ctime tells
     for _ in range(2):  # refused every time, never remembered as good
-        with pytest.raises(EngineError, match="checksum mismatch") as e:
+        with pytest.raises(DomainError, match="checksum mismatch") as e:
             cache.load("skill")
-        assert e.value.status == 500
+        assert status_of(e.value) == 500
     assert reader.verified == [False, True, True]
 
 

@@ -61,9 +61,9 @@ def test_uploaded_examples_join_auto_and_the_router_follows_their_changes(llama,
     with serve(settings_for(llama, store)) as client:
         r = client.post("/v1/completions", json={"model": "auto", "prompt": "1 plus 1 is", "max_tokens": 1})
         assert r.status_code in (200, 503), r.text  # no router yet: this request starts the first build
-        auto = client.app.state.auto_router
+        auto = client.app.state.pack_selector
         auto.wait_for_rebuild(timeout=300)
-        assert auto.router.labels == ["arith"]
+        assert auto.classifier.labels == ["arith"]
 
         sql_examples = jsonl(skills["sql"][0])
         r = upload(client, pack_files["sql"], sql_examples)
@@ -96,7 +96,7 @@ def test_uploaded_examples_join_auto_and_the_router_follows_their_changes(llama,
         assert r.status_code == 200 and r.json() == {"name": "sql", "deleted": True}
         assert not (store / f"sql{EXAMPLES_SUFFIX}").exists() and (store / "sql.skillpack").exists()
         auto.wait_for_rebuild(timeout=300)
-        assert auto.router.labels == ["arith"] and auto.status()["state"] == "fresh"
+        assert auto.classifier.labels == ["arith"] and auto.status()["state"] == "fresh"
         r = client.delete("/admin/skillpacks/sql/examples", headers=ADMIN)
         assert r.status_code == 404 and "`sql` has no router examples" in r.json()["error"]["message"]
         assert client.get("/admin/skillpacks/sql/examples", headers=ADMIN).status_code == 404

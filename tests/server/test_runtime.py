@@ -25,7 +25,7 @@ from skillpacks.deltas import ExactDelta, ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
 from skillpacks.module_kinds import module_kind
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 
 ATOL = 2e-4  # fp32 logits of a 2-layer model: the runtime and transformers differ by ~1e-6
 

@@ -158,7 +158,7 @@ def test_settings_defaults_live_in_the_users_folders(monkeypatch, tmp_path):
     s = Settings()
     assert s.packs == tmp_path / "d" / "skillpack" / "packs"
     assert s.admin_token_file == tmp_path / "c" / "skillpack" / "admin_token"
-    assert s.readonly_packs == [tmp_path / "a", tmp_path / "b"] and s.max_model_len is None
+    assert s.readonly_packs == [tmp_path / "a", tmp_path / "b"] and s.engine.max_model_len is None
 
 
 def modes(folder: Path) -> dict[str, int]:

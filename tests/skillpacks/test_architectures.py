@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from skillpacks.compress import delta_svd
 from skillpacks.graft import collate, encode_pair, response_logits
 from skillpacks.sensitivity import rank_sensitivity
+from testbed.tiny_models import NEW_ARCHS, build_tiny_pair
 from tests.skillpacks.test_peft import check_export_loads_in_peft, check_import_then_merge
 from tests.skillpacks.test_sensitivity import RANKS, RECORDS, _deltas
-from tests.tiny_models import NEW_ARCHS, build_tiny_pair
 
 LORA_TARGETS = {
     "qwen3": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],

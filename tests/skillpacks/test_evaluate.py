@@ -13,7 +13,7 @@ from skillpacks.evaluate import (
     budget_label, evaluate_skill, exact_deltas, generate, mean_kl, parse_budget, read_state, set_weights,
 )
 from skillpacks.skills import demo_split, get_skill
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 
 
 @pytest.fixture(scope="module")

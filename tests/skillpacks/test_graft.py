@@ -16,7 +16,7 @@ from skillpacks.graft import (
     TrainConfig, collate, dpo_loss, encode_pair, read_records, response_logprob, response_loss, sft, teacher_pairs,
 )
 from skillpacks.skills import demo_split, write_jsonl
-from tests.tiny_models import build_tiny_pair
+from testbed.tiny_models import build_tiny_pair
 
 PAIRS = [{"prompt": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}"} for a in range(6) for b in range(4)]
 
@@ -199,7 +199,7 @@ def test_graft_cli_names_a_bad_combination(tmp_path, capsys):
 def test_teacher_can_be_our_own_server_with_another_architecture(tiny_root, tiny_tokenizer, tmp_path):
     """A qwen2 fine-tune served by this project teaches a llama student: the pairs are its greedy answers."""
     from tests.server.test_api_common import live_server, settings_for
-    from tests.tiny_models import TinyPair
+    from testbed.tiny_models import TinyPair
 
     qwen = build_tiny_pair("qwen2", tiny_root, tiny_tokenizer)
     teacher = TinyPair("qwen2", qwen.tuned, qwen.tuned)

@@ -20,8 +20,8 @@ from skillpack_server.settings import Settings
 from skillpacks.checkpoint import CheckpointError, open_checkpoint
 from skillpacks.cli import main as cli_main
 from skillpacks.hub import checkpoint_name, is_hub_id, resolve_checkpoint
+from testbed.tiny_models import build_tiny_pair
 from tests.server.test_serve_command import one_line_error
-from tests.tiny_models import build_tiny_pair
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -1,4 +1,4 @@
-"""Tiny real models for the tests: a (base, tuned) checkpoint pair per architecture.
+"""Tiny real models for the tests and the benchmarks: a (base, tuned) checkpoint pair per architecture.
 
 Each base is a transformers model built from a config, trained a few dozen steps on
 source text so its logits are not flat, and saved as an ordinary Hugging Face
@@ -133,7 +133,7 @@ def build_tiny_pair(arch: str, root: Path, tokenizer: PreTrainedTokenizerFast | 
     return TinyPair(arch, base_dir, tuned_dir)
 
 
-if __name__ == "__main__":  # python -m tests.tiny_models OUT_DIR: write every pair by hand
+if __name__ == "__main__":  # python -m testbed.tiny_models OUT_DIR: write every pair by hand
     import sys
 
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-models")

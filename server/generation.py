@@ -1,5 +1,6 @@
-"""Running one request on the engine: pack resolution, length checks, and the event loop
-that turns token events into text pieces (stop strings cut here, then the engine is aborted)."""
+"""Running one completion request on the engine: pack resolution (a name, a mix or `model: "auto"`),
+the reply's token budget, and the event loop that turns token events into text pieces (stop strings
+cut here, then the engine is aborted). Shared by the completions and chat routes."""
 from __future__ import annotations
 
 import asyncio
@@ -14,10 +15,10 @@ import anyio
 from skillpack_server.engine.types import EngineProtocol, GenerationRequest, SamplingParams, TokenEvent
 from skillpack_server.errors import APIError, model_not_found
 from skillpack_server.metrics import Metrics
-from skillpack_server.routers.text import Detokenizer, StopMatcher
-from skillpack_server.routing_auto import RoutingDecision, auto_router_for, parse_auto_model
+from skillpack_server.pack_selection import pack_selector_for, parse_auto_model
+from skillpack_server.reply_text import Detokenizer, StopMatcher
 from skillpack_server.schemas.common import SkillpackRef
-
+from skillpacks.router import RoutingDecision
 
 ENGINE_SEED_MASK = 2**63 - 1
 
@@ -27,8 +28,10 @@ def new_id(prefix: str) -> str:
 
 
 def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | None) -> list[tuple[str, float]]:
-    """`model` (the base id or a pack name) and the optional `skillpacks` mix -> (name, weight) pairs."""
-    known = {s.name for s in engine.pack_cache.status()}
+    """`model` (the base id or a pack name) and the optional `skillpacks` mix -> (name, weight) pairs.
+
+    Where a request's pack names are checked (the engine looks them up again only to hold them)."""
+    known = set(engine.pack_cache.names())
     if mix is not None:
         if model != engine.model_id:
             raise APIError(400, f"`skillpacks` mixes packs on the base model: set `model` to "
@@ -47,38 +50,28 @@ def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | 
 
 async def resolve_model(app_state, engine: EngineProtocol, model: str, mix: list[SkillpackRef] | None,
                         prompt_ids: list[int]) -> tuple[list[tuple[str, float]], RoutingDecision | None]:
-    """Like `resolve_packs`, plus `model: "auto"` / `"auto:K"`: the router picks from the prompt."""
+    """Like `resolve_packs`, plus `model: "auto"` / `"auto:K"`: the pack selection picks from the prompt."""
     top_k = parse_auto_model(model)
     if top_k is None:
         return resolve_packs(engine, model, mix), None
     if mix is not None:
         raise APIError(400, f"`skillpacks` names the packs itself; it cannot be combined with `model: {model}`.",
                        param="skillpacks")
-    router = auto_router_for(app_state, engine)
-    decision = await anyio.to_thread.run_sync(router.route, prompt_ids, top_k)  # a base forward: off the loop
+    selector = pack_selector_for(app_state, engine)
+    decision = await anyio.to_thread.run_sync(selector.select, prompt_ids, top_k)  # a base forward: off the loop
     return decision.packs, decision
 
 
 def served_model(engine: EngineProtocol, model: str, decision: RoutingDecision | None) -> str:
-    """A response's `model`: what served it. For `auto`, the packs the router chose (comma-separated,
+    """A response's `model`: what served it. For `auto`, the packs the selection chose (comma-separated,
     as in the X-SkillPack-Packs header), or the base model's id when it fell back to no pack."""
     if decision is None:
         return model
     return decision.header() or engine.model_id
 
 
-def routing_headers(decision: RoutingDecision | None) -> dict[str, str]:
+def selection_headers(decision: RoutingDecision | None) -> dict[str, str]:
     return {} if decision is None else {"X-SkillPack-Packs": decision.header()}
-
-
-def check_prompt(engine: EngineProtocol, prompt_ids: list[int], param: str) -> None:
-    vocab = len(engine.tokenizer)
-    bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"Token id {bad} in the prompt is outside the vocabulary [0, {vocab}).", param=param)
-    if len(prompt_ids) > engine.max_model_len:
-        raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
-                            f"the prompt has {len(prompt_ids)}.", param=param, code="context_length_exceeded")
 
 
 def token_budget(engine: EngineProtocol, prompt_len: int, asked: int | None, param: str) -> int:

@@ -1,6 +1,6 @@
-"""`model: "auto"`: pick the pack(s) for a prompt with the router stored next to the packs.
+"""`model: "auto"`: pick the pack(s) for a prompt with the classifier stored next to the packs.
 
-The router (`skillpacks.router`, file `router.safetensors` in the packs folder) scores a
+The classifier (`skillpacks.router`, file `router.safetensors` in the packs folder) scores a
 prompt from the served base model's own hidden states, computed here on the runtime's
 weights without packs and without touching the KV cache. The decision is:
 
@@ -10,12 +10,12 @@ weights without packs and without touching the KV cache. The decision is:
   prompt lies farther from its class's training examples than `ood_margin` times the
   farthest one (a prompt unlike any pack's examples).
 
-Versioning: the router's manifest records the base weight hash and every pack's payload
-and examples hashes. When the registered packs or their sidecars differ, the router is
+Versioning: the classifier's manifest records the base weight hash and every pack's payload
+and examples hashes. When the registered packs or their sidecars differ, the classifier is
 stale: a deleted pack is never chosen again (its class is masked, not renormalised
 away, so its prompts fall back to the base), and a rebuild runs in the background
 from the sidecars (when `auto_rebuild` is on); the new file replaces the old atomically
-with `version + 1`. A router built for another base is never used.
+with `version + 1`. A classifier built for another base is never used.
 """
 from __future__ import annotations
 
@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from skillpack_server.engine.types import EngineError
+from skillpack_server.exceptions import EngineUnavailable, InvalidRequest
+from skillpack_server.settings import MAX_TOP_K, PackSelectionSettings
 from skillpacks.router import (
     EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
     build_router, decide, file_sha256, load_router,
@@ -36,31 +35,17 @@ from skillpacks.router import (
 
 log = logging.getLogger("skillpack.router")
 AUTO_MODEL = "auto"
-MAX_TOP_K = 8
-
-
-class RouterSettings(BaseSettings):
-    """The router's knobs, read from SKILLPACK_ROUTER_* environment variables."""
-
-    model_config = SettingsConfigDict(env_prefix="SKILLPACK_ROUTER_", extra="ignore")
-
-    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
-    ood_margin: float = Field(1.5, gt=0.0)  # 0 < margin; larger lets farther prompts through
-    top_k: int = Field(1, ge=1, le=MAX_TOP_K)
-    auto_rebuild: bool = True
-    max_examples: int = Field(256, ge=1, le=100_000)
-    hidden: int = Field(64, ge=0, le=4096)
 
 
 def parse_auto_model(model: str) -> int | None:
-    """`auto` -> 0 (the configured k), `auto:K` -> K; None when `model` is not the router."""
+    """`auto` -> 0 (the configured k), `auto:K` -> K; None when `model` is not `auto`."""
     if model == AUTO_MODEL:
         return 0
     head, sep, k = model.partition(":")
     if head != AUTO_MODEL or not sep:
         return None
     if not k.isdigit() or not 1 <= int(k) <= MAX_TOP_K:
-        raise EngineError(f"model `{model}`: expected `auto` or `auto:K` with K in 1..{MAX_TOP_K}.", param="model")
+        raise InvalidRequest(f"model `{model}`: expected `auto` or `auto:K` with K in 1..{MAX_TOP_K}.", param="model")
     return int(k)
 
 
@@ -92,7 +77,7 @@ def runtime_feature_fn(model) -> FeatureFn:
     return features
 
 
-# ---- the serving-side router ---------------------------------------------------------------
+# ---- the per-request pack selection ----------------------------------------------------------
 
 @dataclass
 class _Cached:
@@ -101,12 +86,12 @@ class _Cached:
 
 
 @dataclass
-class AutoRouter:
-    """The router a server uses: loaded from the pack folders, checked against the packs
-    registered now, rebuilt in the background when they change.
+class PackSelector:
+    """The per-request pack choice for `model: "auto"`: the classifier loaded from the pack
+    folders, checked against the packs registered now, rebuilt in the background when they change.
 
-    `folders` are where a router file may be read (the pack store's own folder first, then its
-    read-only ones); a rebuilt router is written to the first. Each pack's examples sidecar
+    `folders` are where a classifier file may be read (the pack store's own folder first, then its
+    read-only ones); a rebuilt classifier is written to the first. Each pack's examples sidecar
     is read beside the pack's file, wherever that lies."""
 
     folders: list[Path]
@@ -114,8 +99,8 @@ class AutoRouter:
     tokenizer: object
     features: FeatureFn
     base_weights_sha256: str
-    settings: RouterSettings = field(default_factory=RouterSettings)
-    router: Router | None = None
+    settings: PackSelectionSettings = field(default_factory=PackSelectionSettings)
+    classifier: Router | None = None
     last_error: str | None = None
     _hashes: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,7 +108,7 @@ class AutoRouter:
 
     @property
     def path(self) -> Path:
-        """The router file in use: the first folder's that exists, else where a build goes."""
+        """The classifier file in use: the first folder's that exists, else where a build goes."""
         found = (Path(folder) / ROUTER_FILE for folder in self.folders)
         return next((p for p in found if p.is_file()), self.out_path)
 
@@ -132,21 +117,21 @@ class AutoRouter:
         return Path(self.folders[0]) / ROUTER_FILE
 
     def reload(self) -> None:
-        """Load the router file, if there is one built for this base."""
+        """Load the classifier file, if there is one built for this base."""
         if not self.path.is_file():
-            self.router = None
+            self.classifier = None
             return
         try:
-            router = load_router(self.path)
+            classifier = load_router(self.path)
         except RouterError as e:
-            self.router, self.last_error = None, str(e)
+            self.classifier, self.last_error = None, str(e)
             log.warning("router %s is unusable: %s", self.path, e)
             return
-        if router.manifest["base_weights_sha256"] != self.base_weights_sha256:
-            self.router, self.last_error = None, f"{self.path} was built for another base model."
+        if classifier.manifest["base_weights_sha256"] != self.base_weights_sha256:
+            self.classifier, self.last_error = None, f"{self.path} was built for another base model."
             log.warning("%s", self.last_error)
             return
-        self.router, self.last_error = router, None
+        self.classifier, self.last_error = classifier, None
 
     # -- staleness -------------------------------------------------------------------------
 
@@ -191,9 +176,9 @@ class AutoRouter:
         return out
 
     def stale_reasons(self) -> list[str]:
-        if self.router is None:
+        if self.classifier is None:
             return ["no router has been built"]
-        recorded = self.router.manifest["packs"]
+        recorded = self.classifier.manifest["packs"]
         now = self.current_packs()
         reasons = [f"pack `{n}` was added" for n in sorted(set(now) - set(recorded))]
         reasons += [f"pack `{n}` was removed" for n in sorted(set(recorded) - set(now))]
@@ -203,27 +188,27 @@ class AutoRouter:
 
     def status(self) -> dict:
         reasons = self.stale_reasons()
-        return {"state": "missing" if self.router is None else "stale" if reasons else "fresh",
-                "version": int(self.router.manifest["version"]) if self.router else 0,
-                "labels": list(self.router.labels) if self.router else [], "stale_reasons": reasons,
+        return {"state": "missing" if self.classifier is None else "stale" if reasons else "fresh",
+                "version": int(self.classifier.manifest["version"]) if self.classifier else 0,
+                "labels": list(self.classifier.labels) if self.classifier else [], "stale_reasons": reasons,
                 "rebuilding": self._rebuilding is not None and self._rebuilding.is_alive(),
                 "error": self.last_error}
 
     # -- rebuilding ------------------------------------------------------------------------
 
     def rebuild(self) -> Router:
-        """Train a new router from the registered packs' sidecars and swap it in."""
+        """Train a new classifier from the registered packs' sidecars and swap it in."""
         with self._lock:
             packs = self.routable()
             if not packs:
                 raise RouterError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) beside it; "
                                   "the router needs at least one.")
             s = self.settings
-            router, _ = build_router(self.folders[0], self.tokenizer, self.features, self.base_weights_sha256,
+            classifier, _ = build_router(self.folders[0], self.tokenizer, self.features, self.base_weights_sha256,
                                      TrainConfig(hidden=s.hidden), max_examples=s.max_examples, packs=packs)
-            self.router, self.last_error = router, None
-            log.info("router version %d built over %s", router.manifest["version"], sorted(packs))
-            return router
+            self.classifier, self.last_error = classifier, None
+            log.info("router version %d built over %s", classifier.manifest["version"], sorted(packs))
+            return classifier
 
     def _rebuild_in_background(self) -> None:
         if not self.settings.auto_rebuild or (self._rebuilding is not None and self._rebuilding.is_alive()):
@@ -240,7 +225,7 @@ class AutoRouter:
         self._rebuilding.start()
 
     def refresh(self) -> list[str]:
-        """Why the router is stale now (empty when fresh); a stale router starts rebuilding in
+        """Why the classifier is stale now (empty when fresh); a stale classifier starts rebuilding in
         the background. Every `auto` request runs this; the admin routes too, after a change."""
         reasons = self.stale_reasons()
         if reasons:
@@ -251,41 +236,39 @@ class AutoRouter:
         if self._rebuilding is not None:
             self._rebuilding.join(timeout)
 
-    # -- routing -----------------------------------------------------------------------------
+    # -- selecting ---------------------------------------------------------------------------
 
-    def route(self, prompt_ids: list[int], top_k: int = 0) -> RoutingDecision:
-        """The decision for one prompt (top_k 0 = the configured k). Raises a 503 EngineError
-        when no router can be used yet."""
+    def select(self, prompt_ids: list[int], top_k: int = 0) -> RoutingDecision:
+        """The decision for one prompt (top_k 0 = the configured k). Raises EngineUnavailable
+        when no classifier can be used yet."""
         reasons = self.refresh()
-        router = self.router
-        if router is None:
+        classifier = self.classifier
+        if classifier is None:
             why = self.last_error or f"no router has been built for the packs in {self.folders[0]}"
             building = " (one is being built; retry shortly)" if self._rebuilding and self._rebuilding.is_alive() else ""
-            raise EngineError(f"`model: auto` is unavailable: {why}{building}. Run `skillpack router build` "
-                              "or add NAME.examples.jsonl files next to the packs.", status=503,
-                              code="router_unavailable", param="model")
+            raise EngineUnavailable(f"`model: auto` is unavailable: {why}{building}. Run `skillpack router build` "
+                                    "or add NAME.examples.jsonl files next to the packs.",
+                                    code="router_unavailable", param="model")
         # a deleted pack is never chosen; a replaced one keeps its class until the rebuild
-        live = {s.name for s in self.pack_cache.status()} & set(router.labels)
+        live = set(self.pack_cache.names()) & set(classifier.labels)
         feature = self.features([prompt_ids])[0]
         s = self.settings
-        decision = decide(router, feature, live, top_k or s.top_k, s.min_confidence, s.ood_margin)
+        decision = decide(classifier, feature, live, top_k or s.top_k, s.min_confidence, s.ood_margin)
         decision.stale = bool(reasons)
         return decision
 
 
-def auto_router_for(app_state, engine) -> AutoRouter:
-    """The app's AutoRouter, built on first use from the engine and the pack store's folder."""
-    existing = getattr(app_state, "auto_router", None)
+def pack_selector_for(app_state, engine) -> PackSelector:
+    """The app's PackSelector, built on first use from the engine and the pack store's folder."""
+    existing = app_state.pack_selector
     if existing is not None and existing.pack_cache is engine.pack_cache:
         return existing
-    model = getattr(engine, "model", None)
-    store = getattr(app_state, "pack_store", None)
-    fingerprint = getattr(engine, "base_fingerprint", None) or {}
-    if model is None or store is None or "weights_sha256" not in fingerprint:
-        raise EngineError("`model: auto` needs the serving engine's own model; this engine has none.",
-                          status=503, code="router_unavailable", param="model")
-    router = AutoRouter(store.router_sources(), engine.pack_cache, engine.tokenizer, runtime_feature_fn(model),
-                        fingerprint["weights_sha256"])
-    router.reload()
-    app_state.auto_router = router
-    return router
+    store, fingerprint = app_state.pack_store, engine.base_fingerprint
+    if engine.model is None or store is None or "weights_sha256" not in fingerprint:
+        raise EngineUnavailable("`model: auto` needs the serving engine's own model; this engine has none.",
+                                code="router_unavailable", param="model")
+    selector = PackSelector(store.router_sources(), engine.pack_cache, engine.tokenizer,
+                            runtime_feature_fn(engine.model), fingerprint["weights_sha256"], app_state.settings.selection)
+    selector.reload()
+    app_state.pack_selector = selector
+    return selector
