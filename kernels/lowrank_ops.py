@@ -24,7 +24,7 @@ import torch
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.lowrank_cpu import ConcatFactors
-from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, padded_cols
+from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
 from skillpack_kernels.routing import RowPacks
 
 MAX_SLOTS = 4096
@@ -48,11 +48,10 @@ class _FactorPool:
     """One factor's (A or Bᵀ) codes/scales/zeros at one bit width and group size: (slots, cap, ...)."""
 
     def __init__(self, num_slots: int, cols: int, bits: int, group_size: int, device: torch.device):
-        pc = padded_cols(cols, group_size)
         self.cols, self.bits, self.group_size = cols, bits, group_size
-        self.row_bytes = pc * bits // 8
+        self.row_bytes = packed_row_bytes(cols, bits, group_size)
         self.words = -(-self.row_bytes // 4)
-        self.groups = pc // group_size
+        self.groups = padded_cols(cols, group_size) // group_size
         self.codes = torch.zeros(num_slots, 0, self.words, dtype=torch.int32, device=device)
         self.scales = torch.zeros(num_slots, 0, self.groups, dtype=torch.float16, device=device)
         self.zeros = torch.zeros(num_slots, 0, self.groups, dtype=torch.float16, device=device)

@@ -28,6 +28,11 @@ def padded_cols(cols: int, group_size: int) -> int:
     return -(-cols // group_size) * group_size
 
 
+def packed_row_bytes(cols: int, bits: int, group_size: int) -> int:
+    """Bytes of one row's packed codes: `cols` padded to whole groups, `8 // bits` codes a byte."""
+    return padded_cols(cols, group_size) * bits // 8
+
+
 def check_layout(bits: int, group_size: int) -> None:
     """Raise ValueError unless (bits, group_size) is a layout we can pack and read."""
     if bits not in SUPPORTED_BITS:
@@ -40,7 +45,7 @@ def check_layout(bits: int, group_size: int) -> None:
 class QuantTensor:
     """A (rows, cols) float matrix stored as packed codes with group-wise scales/zeros."""
 
-    codes: torch.Tensor  # uint8 (rows, padded_cols * bits // 8)
+    codes: torch.Tensor  # uint8 (rows, packed_row_bytes(cols, bits, group_size))
     scales: torch.Tensor  # float16 (rows, padded_cols // group_size)
     zeros: torch.Tensor  # float16 (rows, padded_cols // group_size), value of code 0
     bits: int
@@ -62,7 +67,7 @@ class QuantTensor:
         pc = padded_cols(self.cols, self.group_size)
         rows = self.codes.shape[0]
         want = {
-            "codes": ((rows, pc * self.bits // 8), torch.uint8),
+            "codes": ((rows, packed_row_bytes(self.cols, self.bits, self.group_size)), torch.uint8),
             "scales": ((rows, pc // self.group_size), torch.float16),
             "zeros": ((rows, pc // self.group_size), torch.float16),
         }

@@ -17,7 +17,8 @@ import torch
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import (
-    SUPPORTED_BITS, QuantTensor, check_layout, pack_codes, padded_cols, padded_groups, quantize_groupwise, round_codes,
+    SUPPORTED_BITS, QuantTensor, check_layout, pack_codes, packed_row_bytes, padded_cols, padded_groups,
+    quantize_groupwise, round_codes,
 )
 from skillpacks.deltas import ExactDelta, SparseDelta
 
@@ -75,8 +76,8 @@ def rank_bytes(in_features: int, out_features: int, bits: int, group_size: int) 
     """Bytes one more rank costs in a tier of `bits`: a row of A, a row of Bᵀ, one float32 σ."""
     total = 4
     for cols in (in_features, out_features):
-        pc = padded_cols(cols, group_size)
-        total += pc * bits // 8 + (pc // group_size) * 4  # codes + fp16 scale and zero per group
+        groups = padded_cols(cols, group_size) // group_size
+        total += packed_row_bytes(cols, bits, group_size) + groups * 4  # codes + fp16 scale and zero per group
     return total
 
 

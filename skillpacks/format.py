@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from skillpack_kernels.factors import LowRankDelta
-from skillpack_kernels.quant import QuantTensor, check_layout, padded_cols
+from skillpack_kernels.quant import QuantTensor, check_layout, packed_row_bytes, padded_cols
 from skillpacks.checkpoint import (
     READ_CHUNK, TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, tensor_bytes,
     write_safetensors,
@@ -103,7 +103,7 @@ def expected_tensors(module: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
     for k, tier in enumerate(layout["tiers"]):
         for part, cols in (("A", in_features), ("B", out_features)):
             pc, bits, gs = padded_cols(cols, tier["group_size"]), tier["bits"], tier["group_size"]
-            out[f"{name}:{part}.{k}.codes"] = ("U8", (tier["rank"], pc * bits // 8))
+            out[f"{name}:{part}.{k}.codes"] = ("U8", (tier["rank"], packed_row_bytes(cols, bits, gs)))
             out[f"{name}:{part}.{k}.scales"] = ("F16", (tier["rank"], pc // gs))
             out[f"{name}:{part}.{k}.zeros"] = ("F16", (tier["rank"], pc // gs))
     return out
