@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from skillpack_kernels.factors import LowRankDelta  # noqa: E402
 from skillpack_kernels.lowrank_ops import LowRankSlots, add_lowrank  # noqa: E402
 from skillpack_kernels.quant import quantize_groupwise  # noqa: E402
-from skillpack_kernels.routing import RowPacks  # noqa: E402
+from skillpack_kernels.row_packs import RowPacks  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 GPU_BATCHES = [1, 16, 64, 256]

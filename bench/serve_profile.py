@@ -50,7 +50,7 @@ def gathered_lowrank(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, s: torch
 def what_if(engine, names: list[str], rows: int, reps: int = 50) -> dict:
     """Microseconds per call on the first layer's up_proj: the engine's CPU path vs the gathered form."""
     from skillpack_kernels.lowrank_ops import add_lowrank_torch
-    from skillpack_kernels.routing import RowPacks
+    from skillpack_kernels.row_packs import RowPacks
 
     module = engine.model.model.layers[0].mlp.up_proj
     slots = module.lowrank

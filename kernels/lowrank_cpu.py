@@ -3,7 +3,7 @@
 Storage: one buffer per factor, in the serving dtype. Slot p owns the columns
 [first_p, first_p + r_p) of the concatenation: rows of `a` (Σr, in) are its A rows, rows
 of `b` (Σr, out) its Bᵀ rows, `s` (Σr,) its singular values. A step is then two GEMMs on
-all routed rows at once, whatever the number of packs:
+all rows with packs at once, whatever the number of packs:
 
     t = x @ A_catᵀ                      # (rows, R)
     t *= W[row, slot_of(col)] · s_cat   # each row keeps only its own packs' columns, weighted

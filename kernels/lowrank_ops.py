@@ -25,7 +25,7 @@ import torch
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.lowrank_cpu import ConcatFactors
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 
 MAX_SLOTS = 4096
 MAX_RANK = 4096
@@ -283,7 +283,7 @@ def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, rou
     """The torch path: on a CPU, two GEMMs over the concatenated factors (kernels/lowrank_cpu.py);
     elsewhere the per-slot twin of the kernels (shrink, then expand)."""
     if slots.concat is not None and x.device.type == "cpu":
-        rows = None if routing.num_routed_rows == routing.num_rows else routing.routed_rows.long()
+        rows = None if routing.num_rows_with_packs == routing.num_rows else routing.rows_with_packs.long()
         slots.concat.add(y, x, routing.slot_order, routing.slot_weights(), rows)
     else:
         expand_torch(y, shrink_torch(x, slots, routing), slots, routing)
@@ -309,7 +309,7 @@ def expand_torch(y: torch.Tensor, t: torch.Tensor, slots: LowRankSlots, routing:
         rows = routing.pair_row[start : start + count].long()
         w = routing.pair_weight[start : start + count]
         acc.index_add_(0, rows, ((t[start : start + count, : s.numel()] * s) @ b.T) * w[:, None])
-    rows = routing.routed_rows.long()
+    rows = routing.rows_with_packs.long()
     y[rows] = (y[rows].float() + acc[rows]).to(y.dtype)
 
 

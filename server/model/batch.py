@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 
 
 @dataclass

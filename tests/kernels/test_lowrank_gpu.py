@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skillpack_kernels.lowrank_ops import add_lowrank
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 from tests.kernels.delta_cases import dense_reference, load_slots, make_delta, row_mix
 
 pytestmark = pytest.mark.gpu

@@ -5,7 +5,7 @@ import torch
 
 from skillpack_kernels.lowrank_cpu import FULL_BUFFER_SLACK, MIN_GROWTH_COLUMNS
 from skillpack_kernels.lowrank_ops import LowRankSlots, add_lowrank, expand_torch, shrink_torch
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
 
 IN_F, OUT_F = 72, 56

@@ -7,7 +7,7 @@ from skillpack_kernels.lowrank_ops import add_lowrank, expand_torch, shrink_torc
 from skillpack_kernels.lowrank_shrink import shrink
 from skillpack_kernels.lowrank_triton import pool_columns
 from skillpack_kernels.quant import dequantize_groupwise
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
 
 # odd feature sizes; ranks 1 and non-multiples of 16; every bit width alone and mixed; several group sizes

@@ -1,10 +1,11 @@
-"""Per-step routing metadata: which batch rows use which pack slots, with what weights.
+"""`RowPacks`: which packs each batch row uses, with what weights, for one forward step.
 
-Built once per forward step on the host, moved to the device in one copy, and shared by
-every target linear of the step. The kernels read pairs sorted into per-slot segments,
-cut into tiles of at most `block_m` pairs that share a slot (`tiles(block_m)`); a CSR
-index by row (`routed_rows`, `row_pair_ptr`, `row_pairs`) serves the torch twin; the CPU
-path reads the same routing as a dense (rows, packs) weight table (`slot_weights`).
+Built once per step on the host, moved to the device in one copy, and shared by every
+target linear of the step. Packs are named by their pack slot (their place on the device).
+The kernels and their twins read (row, slot, weight) pairs sorted into per-slot segments,
+cut into tiles of at most `block_m` pairs that share a slot (`tiles(block_m)`); the CPU
+path reads the same pairs as a dense (rows, packs) weight table (`slot_weights`) and
+touches only `rows_with_packs`.
 
 A row listing several packs (weighted fusion) has one pair per pack. Pairs are ordered
 by (pass, slot, row), where a pair's pass is its position within its row's list: within
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# One step routes at most this many rows and this many packs per row: bounds every size.
+# One step holds at most this many rows and this many packs per row: bounds every size.
 MAX_ROWS = 1 << 20
 MAX_PACKS_PER_ROW = 64
 
@@ -36,7 +37,7 @@ class SegmentTiles:
 
 @dataclass
 class RowPacks:
-    """Per-step routing metadata, built once per forward step and shared by every layer."""
+    """Which packs each batch row uses, with what weights: built once per forward step, shared by every layer."""
 
     num_rows: int
     pair_row: torch.Tensor  # int32 (P,): batch row of each pair, pairs ordered by (pass, slot, row)
@@ -46,9 +47,7 @@ class RowPacks:
     seg_start: list[int]  # first pair of the segment
     seg_count: list[int]  # pairs in the segment
     seg_pass: list[int]
-    routed_rows: torch.Tensor  # int32 (U,): rows that use at least one pack, ascending
-    row_pair_ptr: torch.Tensor  # int32 (U + 1,): pairs of routed_rows[u] are row_pairs[ptr[u]:ptr[u+1]]
-    row_pairs: torch.Tensor  # int32 (P,): pair indices grouped by row
+    rows_with_packs: torch.Tensor  # int32 (U,): rows that use at least one pack, ascending
     slots_used: frozenset[int]
     num_passes: int
     device: torch.device
@@ -56,15 +55,15 @@ class RowPacks:
     _weights: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, row_packs: list[list[tuple[int, float]]], device) -> "RowPacks":
-        """Route `row_packs[i]` = [(slot, weight), ...] for batch row i ([] = base only).
+    def build(cls, pack_lists: list[list[tuple[int, float]]], device) -> "RowPacks":
+        """The pairs of `pack_lists[i]` = [(slot, weight), ...] for batch row i ([] = base only).
 
         A slot listed twice for one row is merged into one pair with the summed weight
         (the delta is linear in the weight)."""
-        if len(row_packs) > MAX_ROWS:
-            raise ValueError(f"a step of {len(row_packs)} rows exceeds the limit of {MAX_ROWS} rows.")
+        if len(pack_lists) > MAX_ROWS:
+            raise ValueError(f"a step of {len(pack_lists)} rows exceeds the limit of {MAX_ROWS} rows.")
         triples: list[tuple[int, int, int, float]] = []  # (pass, slot, row, weight)
-        for row, packs in enumerate(row_packs):
+        for row, packs in enumerate(pack_lists):
             merged: dict[int, float] = {}
             for entry in packs:
                 slot, weight = _check_entry(row, entry)
@@ -89,26 +88,14 @@ class RowPacks:
                 seg_pass.append(pas)
             seg_count[-1] += 1
 
-        by_row = sorted(range(len(triples)), key=lambda i: (triples[i][2], i))
-        routed: list[int] = []
-        ptr = [0]
-        for n, i in enumerate(by_row):
-            row = triples[i][2]
-            if not routed or routed[-1] != row:
-                if routed:
-                    ptr.append(n)
-                routed.append(row)
-        if routed:
-            ptr.append(len(by_row))
+        with_packs = sorted({t[2] for t in triples})
 
         dev = torch.device(device)
-        ints = torch.tensor(
-            [t[2] for t in triples] + [t[1] for t in triples] + routed + ptr + by_row, dtype=torch.int32
-        ).to(dev)
-        p, u = len(triples), len(routed)
-        pair_row, pair_slot, routed_rows, row_pair_ptr, row_pairs = torch.split(ints, [p, p, u, len(ptr), p])
+        ints = torch.tensor([t[2] for t in triples] + [t[1] for t in triples] + with_packs, dtype=torch.int32).to(dev)
+        p = len(triples)
+        pair_row, pair_slot, rows_with_packs = torch.split(ints, [p, p, len(with_packs)])
         return cls(
-            num_rows=len(row_packs),
+            num_rows=len(pack_lists),
             pair_row=pair_row,
             pair_slot=pair_slot,
             pair_weight=torch.tensor([t[3] for t in triples], dtype=torch.float32).to(dev),
@@ -116,9 +103,7 @@ class RowPacks:
             seg_start=seg_start,
             seg_count=seg_count,
             seg_pass=seg_pass,
-            routed_rows=routed_rows,
-            row_pair_ptr=row_pair_ptr if routed else torch.zeros(1, dtype=torch.int32, device=dev),
-            row_pairs=row_pairs,
+            rows_with_packs=rows_with_packs,
             slots_used=frozenset(seg_slot),
             num_passes=(max(seg_pass) + 1) if seg_pass else 0,
             device=dev,
@@ -134,8 +119,8 @@ class RowPacks:
         return int(self.pair_row.numel())
 
     @property
-    def num_routed_rows(self) -> int:
-        return int(self.routed_rows.numel())
+    def num_rows_with_packs(self) -> int:
+        return int(self.rows_with_packs.numel())
 
     @property
     def slot_order(self) -> tuple[int, ...]:

@@ -2,23 +2,17 @@
 import pytest
 import torch
 
-from skillpack_kernels.routing import RowPacks
+from skillpack_kernels.row_packs import RowPacks
 
 
-def test_pairs_sorted_by_slot_with_segments_and_row_index():
+def test_pairs_sorted_by_slot_with_segments_and_rows_with_packs():
     rp = RowPacks.build([[(2, 1.0)], [], [(0, 0.5)], [(2, 2.0)], [(0, 1.0), (1, 0.25)]], "cpu")
     assert not rp.empty and rp.num_rows == 5 and rp.num_passes == 2
     pairs = list(zip(rp.pair_row.tolist(), rp.pair_slot.tolist(), rp.pair_weight.tolist()))
     # pass 0 holds each row's first pack, pass 1 the second; each sorted by (slot, row)
     assert pairs == [(2, 0, 0.5), (4, 0, 1.0), (0, 2, 1.0), (3, 2, 2.0), (4, 1, 0.25)]
     assert (rp.seg_slot, rp.seg_start, rp.seg_count, rp.seg_pass) == ([0, 2, 1], [0, 2, 4], [2, 2, 1], [0, 0, 1])
-    assert rp.routed_rows.tolist() == [0, 2, 3, 4]
-    ptr, rows_pairs = rp.row_pair_ptr.tolist(), rp.row_pairs.tolist()
-    for u, row in enumerate(rp.routed_rows.tolist()):
-        got = sorted((pairs[j][1], pairs[j][2]) for j in rows_pairs[ptr[u] : ptr[u + 1]])
-        assert all(pairs[j][0] == row for j in rows_pairs[ptr[u] : ptr[u + 1]])
-        want = {0: [(2, 1.0)], 2: [(0, 0.5)], 3: [(2, 2.0)], 4: [(0, 1.0), (1, 0.25)]}[row]
-        assert got == want
+    assert rp.rows_with_packs.tolist() == [0, 2, 3, 4] and rp.num_rows_with_packs == 4
     assert rp.slots_used == {0, 1, 2}
 
 
