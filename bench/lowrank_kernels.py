@@ -31,7 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from skillpack_kernels.factors import LowRankDelta  # noqa: E402
-from skillpack_kernels.lowrank_ops import LowRankSlots, add_lowrank  # noqa: E402
+from skillpack_kernels.lowrank_ops import add_lowrank  # noqa: E402
+from skillpack_kernels.lowrank_slots import LowRankSlots  # noqa: E402
 from skillpack_kernels.quant import quantize_groupwise  # noqa: E402
 from skillpack_kernels.row_packs import RowPacks  # noqa: E402
 
@@ -97,12 +98,12 @@ def graph_timer(fn, device):
     return do_bench(graph.replay, warmup=5, rep=30)
 
 
-def dequant_then_matmul(y, x, slots: LowRankSlots, routing: RowPacks) -> None:
+def dequant_then_matmul(y, x, slots: LowRankSlots, row_packs: RowPacks) -> None:
     """Baseline (deq): dequantize each used slot's factors, then two torch matmuls per slot."""
-    for slot, start, count in zip(routing.seg_slot, routing.seg_start, routing.seg_count):
+    for slot, start, count in zip(row_packs.seg_slot, row_packs.seg_start, row_packs.seg_count):
         a, s, b = slots.factors(slot)
-        rows = routing.pair_row[start : start + count].long()
-        w = routing.pair_weight[start : start + count]
+        rows = row_packs.pair_row[start : start + count].long()
+        w = row_packs.pair_weight[start : start + count]
         t = (x.index_select(0, rows) @ a.T.to(x.dtype)).float() * s
         y.index_add_(0, rows, ((t.to(x.dtype) @ b.T.to(x.dtype)) * w[:, None].to(x.dtype)))
 
@@ -162,11 +163,11 @@ def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, 
             for packs in pack_counts:
                 if packs > batch and packs != pack_counts[0]:
                     continue  # fewer rows than packs: the same case as packs == batch
-                routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], device)
-                used = sorted(routing.slots_used)
+                row_packs = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], device)
+                used = sorted(row_packs.slots_used)
                 must_read = sum(packed_bytes(deltas[s]) for s in used) + x.numel() * 2 + 2 * y.numel() * 2
                 def kernels(shape="auto"):
-                    add_lowrank(y, x, slots, routing, backend="triton", shape=shape)
+                    add_lowrank(y, x, slots, row_packs, backend="triton", shape=shape)
 
                 kern_ms = timer(kernels, 50)
                 graph_ms = graph_ms_of(kernels)
@@ -179,12 +180,12 @@ def kernel_cases(device_name: str, device, dtype, shapes, batches, pack_counts, 
                     for wl, sl in zip(layer_w, layer_slots):
                         torch.matmul(x, wl.T, out=y)
                         if with_packs:
-                            add_lowrank(y, x, sl, routing, backend="triton")
+                            add_lowrank(y, x, sl, row_packs, backend="triton")
 
                 base_cold_ms = graph_ms_of(lambda: layer_steps(False)) / layers
                 step_cold_ms = graph_ms_of(lambda: layer_steps(True)) / layers
-                deq_ms = timer(lambda: dequant_then_matmul(y, x, slots, routing), 10)
-                per_slot = routing.num_pairs / len(used)
+                deq_ms = timer(lambda: dequant_then_matmul(y, x, slots, row_packs), 10)
+                per_slot = row_packs.num_pairs / len(used)
                 shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
                 gbs = must_read / (graph_ms * 1e-3) / 1e9
                 row = {
@@ -238,11 +239,11 @@ def cpu_cases() -> dict:
             y = torch.empty(batch, out_f)
             base_us = _cpu_time(lambda: torch.matmul(x, w.T, out=y))
             for packs in (1, 8):
-                routing = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], "cpu")
-                twin_us = _cpu_time(lambda: add_lowrank(y, x, slots, routing))
-                rows_out.append({"in": in_f, "out": out_f, "batch": batch, "packs": len(routing.slots_used),
+                row_packs = RowPacks.build([[(i % packs, 1.0)] for i in range(batch)], "cpu")
+                twin_us = _cpu_time(lambda: add_lowrank(y, x, slots, row_packs))
+                rows_out.append({"in": in_f, "out": out_f, "batch": batch, "packs": len(row_packs.slots_used),
                                  "base_us": base_us, "twin_us": twin_us})
-                print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(routing.slots_used):>5} {base_us:>9.1f} {twin_us:>9.1f}")
+                print(f"{in_f:>5}x{out_f:<6} {batch:>5} {len(row_packs.slots_used):>5} {base_us:>9.1f} {twin_us:>9.1f}")
     print("GPU figures are missing: no CUDA device here (run bench/gpu_check.sh on a GPU machine).")
     return {"device": platform.processor() or platform.machine(), "dtype": "float32", "cases": rows_out,
             "notes": "CPU: torch twin only; GPU figures missing"}

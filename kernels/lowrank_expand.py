@@ -1,10 +1,11 @@
-"""Expand kernel: y[row] += w · (t ⊙ s_p) @ deq(B_p)ᵀ, Bᵀ dequantized inside the tile loads.
+"""Expand kernel: y[row] += w · (t ⊙ s_p) @ deq(B_p)ᵀ, Bᵀ dequantized inside the tile loads,
+and its torch twin `expand_torch` (same arguments, same y).
 
 One program per (tile of up to BLOCK_M pairs sharing a slot, BLOCK_N output columns). It
 walks the slot's singular vectors pool by pool (up to three pools per launch, bits and
 group size compile-time constants), adds up the shrink's split-K partial sums of t in
 one wide load, and accumulates in float32; y is read and written once. A launch covers
-one pass of the routing (RowPacks), so no two of its programs write the same row.
+one pass of the pairs (RowPacks), so no two of its programs write the same row.
 
 Zeros fold as in the shrink: Σ_r c_r (q_rn s_r + z_r) = Σ_r (c_r s_r) q_rn + Σ_r c_r z_r
 when BLOCK_N lies inside one group, so the codes enter the dot as exact integers.
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 
 from skillpack_kernels.dequant_tile import dot_acc, unpack_words
+from skillpack_kernels.quant import dequantize_groupwise
 
 
 @triton.jit
@@ -98,17 +100,18 @@ def _expand_kernel(
     tl.store(y, tl.load(y, mask=mn_mask, other=0.0).to(tl.float32) + acc * weight[:, None], mask=mn_mask)
 
 
-def expand(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], tiles, routing,
-           block_m: int, block_r: int, block_n: int, prec: int) -> None:
+def expand(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], row_packs, *,
+           block_m: int = 16, block_r: int = 16, block_n: int = 16, prec: int = 0) -> None:
     """Semantics: y[row_j] += w_j · Σ_i ((Σ_sp t[sp, j, t_cols[i] : t_cols[i] + r_{p,i}]) * s_{p,i}) @ deq(B_{p,i}).T
-    for each pair j = (row_j, slot p, weight w_j), pools i (up to 3), r_{p,i} the rows slot p holds in pool i.
+    for each pair j = (row_j, slot p, weight w_j), pools i (up to 3), r_{p,i} the rows slot p holds in pool i;
+    summed in float32 and rounded into y once per pass of the pairs.
     y: (rows, out) float, rows without a pair untouched; t: float32 (splits, pairs, t_width);
-    pools: BitPool list; t_cols: first t column of each pool; tiles: routing.tiles(block_m);
-    block_m, block_r, block_n: powers of two >= 16; prec: dot operands (dequant_tile.dot_acc).
-    One launch per routing pass."""
-    assert 1 <= len(pools) <= 3 and len(t_cols) == len(pools)
-    assert t.dtype == torch.float32 and t.is_contiguous() and t.shape[1] == routing.num_pairs, \
-        f"t must be contiguous float32 (splits, {routing.num_pairs}, width), got {t.dtype} {tuple(t.shape)}"
+    pools: BitPool list; t_cols: first t column of each pool (LowRankSlots.pool_columns); row_packs: RowPacks.
+    Tuning, not semantics: block_m (pairs a tile), block_r, block_n: powers of two >= 16;
+    prec: dot operands (dequant_tile.dot_acc). One launch per pass."""
+    _check(t, pools, t_cols, row_packs)
+    assert len(pools) <= 3, f"one launch reads at most 3 pools, got {len(pools)}"
+    tiles = row_packs.tiles(block_m)
     args, consts = [], {}
     for i in range(3):
         p, col = (pools[i], t_cols[i]) if i < len(pools) else (pools[0], 0)
@@ -119,8 +122,40 @@ def expand(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], til
     for first, end in tiles.pass_ranges:
         grid = (end - first, triton.cdiv(y.shape[1], block_n))
         _expand_kernel[grid](
-            y, t, routing.pair_row, routing.pair_weight, tiles.start, tiles.count, tiles.slot,
-            first, y.shape[1], y.stride(0), routing.num_pairs, t.shape[0], t.shape[2], *args,
+            y, t, row_packs.pair_row, row_packs.pair_weight, tiles.start, tiles.count, tiles.slot,
+            first, y.shape[1], y.stride(0), row_packs.num_pairs, t.shape[0], t.shape[2], *args,
             NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_S=block_s,
             PREC=prec, **consts,
         )
+
+
+def expand_torch(y: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], row_packs) -> None:
+    """Semantics: `expand`'s, with its arguments less the tuning ones, adding the same into y.
+    The twin: per pass, each segment's float32 delta from every pool's dequantized B rows, added
+    to y in float32 and rounded once, as each launch does."""
+    _check(t, pools, t_cols, row_packs)
+    parts = t.sum(0)  # (pairs, t_width): the splits' partial sums added up
+    for pass_index in range(row_packs.num_passes):
+        acc = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # (rows, out)
+        rows_of_pass = []
+        for slot, start, count, seg_pass in zip(row_packs.seg_slot, row_packs.seg_start, row_packs.seg_count,
+                                                row_packs.seg_pass):
+            if seg_pass != pass_index:
+                continue
+            rows = row_packs.pair_row[start : start + count].long()
+            delta = torch.zeros(count, y.shape[1], dtype=torch.float32, device=y.device)
+            for p, col in zip(pools, t_cols):
+                n = p.rows[slot]
+                if n:
+                    b = dequantize_groupwise(p.b.read(slot, 0, n), torch.float32)  # (n, out): rows of Bᵀ
+                    delta += (parts[start : start + count, col : col + n] * p.s[slot, :n]) @ b
+            acc.index_add_(0, rows, delta * row_packs.pair_weight[start : start + count, None])
+            rows_of_pass.append(rows)
+        rows = torch.cat(rows_of_pass)  # each row once: a pass holds every row at most once
+        y[rows] = (y[rows].float() + acc[rows]).to(y.dtype)
+
+
+def _check(t: torch.Tensor, pools: list, t_cols: list[int], row_packs) -> None:
+    assert pools and len(t_cols) == len(pools)
+    assert t.dtype == torch.float32 and t.is_contiguous() and t.dim() == 3 and t.shape[1] == row_packs.num_pairs, \
+        f"t must be contiguous float32 (splits, {row_packs.num_pairs}, width), got {t.dtype} {tuple(t.shape)}"

@@ -1,6 +1,7 @@
-"""Shrink kernel: t = x @ deq(A_p)ᵀ for every (row, slot) pair, A dequantized inside the tile loads.
+"""Shrink kernel: t = x @ deq(A_p)ᵀ for every (row, slot) pair, A dequantized inside the tile loads,
+and its torch twin `shrink_torch` (same arguments, same t).
 
-One launch covers up to three bit pools (kernels/lowrank_ops.py `BitPool`), each with its
+One launch covers up to three bit pools (kernels/lowrank_slots.py `BitPool`), each with its
 bits, group size and K chunk as compile-time constants. A program owns (tile of up to
 BLOCK_M pairs sharing a slot, one BLOCK_R block of one pool's ranks, one K split) and
 writes float32 partial sums into t (splits, pairs, t_width), pool i's ranks at columns
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from skillpack_kernels.dequant_tile import dot_acc, unpack_words
+from skillpack_kernels.quant import dequantize_groupwise
 
 
 @triton.jit
@@ -110,18 +112,18 @@ def k_chunk(group_size: int) -> int:
     return max(16, min(128, group_size))
 
 
-def shrink(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], tiles, routing,
-           block_m: int, block_r: int, k_split: int, prec: int) -> None:
+def shrink(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], row_packs, k_split: int, *,
+           block_m: int = 16, block_r: int = 16, prec: int = 0) -> None:
     """Semantics: t[sp, j, t_cols[i] + r] = x[row_j, K_sp] @ deq(A_{p,i})[r, K_sp] for each pair j = (row_j, slot p),
     each pool i (up to 3) and each r < the rows slot p holds in pool i; K_sp = [sp·k_split, (sp+1)·k_split).
     x: (rows, in) float; t: float32 (splits, pairs, t_width), other entries untouched;
-    pools: BitPool list; t_cols: first t column of each pool; tiles: routing.tiles(block_m);
-    routing: RowPacks; block_m, block_r: powers of two >= 16; k_split: multiple of 128;
+    pools: BitPool list; t_cols: first t column of each pool (LowRankSlots.pool_columns);
+    row_packs: RowPacks; k_split: multiple of 128.
+    Tuning, not semantics: block_m (pairs a tile), block_r: powers of two >= 16;
     prec: dot operands (dequant_tile.dot_acc)."""
-    assert 1 <= len(pools) <= 3 and len(t_cols) == len(pools)
-    assert t.dtype == torch.float32 and t.dim() == 3 and t.is_contiguous(), "t must be contiguous float32 (S, P, W)"
-    assert k_split % 128 == 0 and (t.shape[0] - 1) * k_split < x.shape[1] <= t.shape[0] * k_split, \
-        f"{t.shape[0]} splits of {k_split} do not cover {x.shape[1]} input features exactly"
+    _check(x, t, pools, t_cols, k_split)
+    assert len(pools) <= 3, f"one launch reads at most 3 pools, got {len(pools)}"
+    tiles = row_packs.tiles(block_m)
     blocks = [triton.cdiv(p.cap, block_r) for p in pools]
     args, consts = [], {}
     for i in range(3):
@@ -132,7 +134,32 @@ def shrink(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], til
         consts.update({f"BITS{i}": p.bits, f"G{i}": p.group_size, f"KC{i}": k_chunk(p.group_size)})
     grid = (tiles.start.numel(), sum(blocks), t.shape[0])
     _shrink_kernel[grid](
-        x, t, routing.pair_row, tiles.start, tiles.count, tiles.slot,
-        x.shape[1], x.stride(0), routing.num_pairs, t.shape[2], k_split // 128, *args,
+        x, t, row_packs.pair_row, tiles.start, tiles.count, tiles.slot,
+        x.shape[1], x.stride(0), row_packs.num_pairs, t.shape[2], k_split // 128, *args,
         NUM_POOLS=len(pools), BLOCK_M=block_m, BLOCK_R=block_r, PREC=prec, **consts,
     )
+
+
+def shrink_torch(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], row_packs, k_split: int) -> None:
+    """Semantics: `shrink`'s, with its arguments less the tuning ones, writing the same entries of t.
+    The twin: per segment of one slot and per pool, the slot's A rows there dequantized, then a
+    float32 matmul per K split."""
+    _check(x, t, pools, t_cols, k_split)
+    in_f = x.shape[1]
+    for slot, start, count in zip(row_packs.seg_slot, row_packs.seg_start, row_packs.seg_count):
+        xs = x.index_select(0, row_packs.pair_row[start : start + count].long()).float()  # (count, in)
+        for p, col in zip(pools, t_cols):
+            n = p.rows[slot]
+            if not n:
+                continue
+            a = dequantize_groupwise(p.a.read(slot, 0, n), torch.float32)  # (n, in)
+            for sp in range(t.shape[0]):
+                k = slice(sp * k_split, min((sp + 1) * k_split, in_f))
+                t[sp, start : start + count, col : col + n] = xs[:, k] @ a[:, k].T
+
+
+def _check(x: torch.Tensor, t: torch.Tensor, pools: list, t_cols: list[int], k_split: int) -> None:
+    assert pools and len(t_cols) == len(pools)
+    assert t.dtype == torch.float32 and t.dim() == 3 and t.is_contiguous(), "t must be contiguous float32 (S, P, W)"
+    assert k_split % 128 == 0 and (t.shape[0] - 1) * k_split < x.shape[1] <= t.shape[0] * k_split, \
+        f"{t.shape[0]} splits of {k_split} do not cover {x.shape[1]} input features exactly"

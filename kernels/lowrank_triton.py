@@ -1,6 +1,6 @@
 """`add_lowrank` on Triton: picks block sizes and the K split, allocates t, runs shrink then expand.
 
-Launches per call: one shrink and one expand per routing pass, for every three bit pools
+Launches per call: one shrink, and one expand per pass of the pairs (`RowPacks`), for every three bit pools
 (packs use at most three widths, 8/4/2 bits, so one of each in practice).
 """
 from __future__ import annotations
@@ -27,20 +27,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def pool_columns(slots) -> tuple[list, list[int], int]:
-    """(pools, first t column of each, t width): pool i's ranks sit at t[..., cols[i] : cols[i] + cap_i]."""
-    pools = list(slots.pools.values())
-    cols, width = [], 0
-    for p in pools:
-        cols.append(width)
-        width += p.cap
-    return pools, cols, width
-
-
-def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, routing, shape: str = "auto",
+def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, row_packs, shape: str = "auto",
                        splits: int | None = None) -> None:
     """Semantics: for each (row i, slot p, weight w): y[i] += w * ((x[i] @ deq(A_p).T) * s_p) @ deq(B_p).T
-    y: (rows, out), x: (rows, in), same float dtype; slots: LowRankSlots; routing: RowPacks (not empty);
+    y: (rows, out), x: (rows, in), same float dtype; slots: LowRankSlots; row_packs: RowPacks (not empty);
     shape: "decode" (tiles of 16 pairs) | "segment" (tiles of 64) | "auto";
     splits: split-K factor of the shrink (None = pick)."""
     if shape not in ("auto", "decode", "segment"):
@@ -48,30 +38,32 @@ def add_lowrank_triton(y: torch.Tensor, x: torch.Tensor, slots, routing, shape: 
     if x.stride(1) != 1:
         x = x.contiguous()
     assert y.stride(1) == 1, "y must have contiguous rows: the kernels add into it in place"
-    pools, cols, width = pool_columns(slots)
+    pools, cols, width = slots.pool_columns()
     if not pools:
         return
     if shape == "auto":
-        per_slot = routing.num_pairs / max(1, len(routing.seg_slot))
+        per_slot = row_packs.num_pairs / max(1, len(row_packs.seg_slot))
         shape = "segment" if per_slot >= SEGMENT_MIN_ROWS_PER_SLOT else "decode"
     interp = interpreting()
     block_m = 64 if shape == "segment" else 16
     block_r = 16
-    tiles = routing.tiles(block_m)
+    tiles = row_packs.tiles(block_m)
     in_f = x.shape[1]
     rank_blocks = sum(triton.cdiv(p.cap, block_r) for p in pools)
     splits = splits or _pick_splits(tiles.start.numel() * rank_blocks, in_f, x.device, interp)
     k_split = triton.cdiv(triton.cdiv(in_f, splits), 128) * 128
     splits = triton.cdiv(in_f, k_split)  # whole chunks per split can leave the last ones empty: drop those
-    t = torch.empty(splits, routing.num_pairs, width, dtype=torch.float32, device=x.device)
+    t = torch.empty(splits, row_packs.num_pairs, width, dtype=torch.float32, device=x.device)
     # one group per output block lets the expand fold zeros; 128 columns keep its loads wide
     block_n = max(16, min(128, min(p.group_size for p in pools)))
     sprec = 0 if interp else SHRINK_PREC[x.dtype]
     eprec = 0 if interp else EXPAND_PREC[x.dtype]
     for i in range(0, len(pools), 3):
-        shrink(x, t, pools[i : i + 3], cols[i : i + 3], tiles, routing, block_m, block_r, k_split, sprec)
+        shrink(x, t, pools[i : i + 3], cols[i : i + 3], row_packs, k_split, block_m=block_m, block_r=block_r,
+               prec=sprec)
     for i in range(0, len(pools), 3):
-        expand(y, t, pools[i : i + 3], cols[i : i + 3], tiles, routing, block_m, block_r, block_n, eprec)
+        expand(y, t, pools[i : i + 3], cols[i : i + 3], row_packs, block_m=block_m, block_r=block_r,
+               block_n=block_n, prec=eprec)
 
 
 def _pick_splits(programs: int, in_features: int, device: torch.device, interp: bool) -> int:

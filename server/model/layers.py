@@ -35,7 +35,7 @@ class DeltaLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.lowrank = None  # skillpack_kernels.lowrank_ops.LowRankSlots, attached by PackSlots
+        self.lowrank = None  # skillpack_kernels.lowrank_slots.LowRankSlots, attached by PackSlots
         self.lowrank_loaded: set[int] = set()
         self.bias_delta: torch.Tensor | None = None  # (num_slots, out) float32
         self.bias_loaded: set[int] = set()

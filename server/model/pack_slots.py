@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from skillpack_kernels.factors import LowRankDelta, factors_of_many
-from skillpack_kernels.lowrank_ops import LowRankSlots, PreparedLowRank
+from skillpack_kernels.lowrank_slots import LowRankSlots, PreparedLowRank
 from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
 from skillpack_server.model.vocab_delta import VocabDelta, to_vocab_delta
 from skillpacks.deltas import ExactDelta, SparseDelta

@@ -1,10 +1,11 @@
-"""The torch path (CPU concatenated factors), its twin and the slot storage against a float64 dense
-reference built from dequantize_groupwise."""
+"""The torch path (CPU concatenated factors) and the slot storage against a float64 dense reference
+built from dequantize_groupwise."""
 import pytest
 import torch
 
 from skillpack_kernels.lowrank_cpu import FULL_BUFFER_SLACK, MIN_GROWTH_COLUMNS
-from skillpack_kernels.lowrank_ops import LowRankSlots, add_lowrank, expand_torch, shrink_torch
+from skillpack_kernels.lowrank_ops import add_lowrank
+from skillpack_kernels.lowrank_slots import LowRankSlots
 from skillpack_kernels.row_packs import RowPacks
 from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
 
@@ -33,22 +34,6 @@ def test_twin_matches_dense_reference(dtype, kind, rows):
     torch.testing.assert_close(y.double(), dense_reference(y0, x, ds, mix), atol=atol, rtol=rtol)
     base = [i for i, p in enumerate(mix) if not p]
     assert torch.equal(y[base], y0[base])
-
-
-def test_shrink_and_expand_twins_split_the_work():
-    ds = deltas()
-    slots = load_slots(ds)
-    mix = row_mix("fused", 9, len(ds))
-    rp = RowPacks.build(mix, "cpu")
-    x = torch.randn(9, IN_F, dtype=torch.float64).float()
-    t = shrink_torch(x, slots, rp)
-    for j, (row, slot) in enumerate(zip(rp.pair_row.tolist(), rp.pair_slot.tolist())):
-        a, _ = ds[slot].factors(torch.float64)
-        torch.testing.assert_close(t[j, : ds[slot].rank].double(), a @ x[row].double(), atol=1e-5, rtol=1e-5)
-        assert not t[j, ds[slot].rank :].any()
-    y = torch.zeros(9, OUT_F)
-    expand_torch(y, t, slots, rp)
-    torch.testing.assert_close(y.double(), dense_reference(torch.zeros(9, OUT_F), x, ds, mix), atol=1e-4, rtol=1e-4)
 
 
 def test_storage_reads_back_every_tier_and_survives_growth_and_clear():
@@ -94,13 +79,13 @@ def test_bad_inputs_are_refused_with_the_value():
     rp = RowPacks.build([[(0, 1.0)]], "cpu")
     with pytest.raises(ValueError, match=r"x has shape \(1, 3\)"):
         add_lowrank(torch.zeros(1, OUT_F), torch.zeros(1, 3), slots, rp)
-    with pytest.raises(ValueError, match="routing covers 1 rows but x has 2"):
+    with pytest.raises(ValueError, match="row_packs covers 1 rows but x has 2"):
         add_lowrank(torch.zeros(2, OUT_F), torch.zeros(2, IN_F), slots, rp)
     with pytest.raises(ValueError, match="backend='cuda'"):
         add_lowrank(torch.zeros(1, OUT_F), torch.zeros(1, IN_F), slots, rp, backend="cuda")
 
 
-def test_empty_routing_leaves_y_alone():
+def test_no_row_with_a_pack_leaves_y_alone():
     slots = load_slots([make_delta(IN_F, OUT_F, [(4, 4)])])
     y = torch.full((3, OUT_F), float("nan"))
     add_lowrank(y, torch.zeros(3, IN_F), slots, RowPacks.build([[], [], []], "cpu"))
@@ -140,15 +125,15 @@ def test_cpu_path_matches_dense_reference_with_many_slots(used, rows, dtype, pac
     x = torch.randn(rows, IN_F, generator=g).to(dtype)
     y = torch.randn(rows, OUT_F, generator=g).to(dtype)
     y0 = y.clone()
-    routing = RowPacks.build(mix, "cpu")
-    add_lowrank(y, x, slots, routing, backend="torch")
+    rp = RowPacks.build(mix, "cpu")
+    add_lowrank(y, x, slots, rp, backend="torch")
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(y.double(), dense_reference(y0, x, ds, mix), atol=atol, rtol=rtol)
     base = [i for i, p in enumerate(mix) if not p]
     assert torch.equal(y[base], y0[base])
-    plan = slots.concat._plans[routing.slot_order]
+    plan = slots.concat._plans[rp.slot_order]
     assert plan.mode == {"all": "view", "one": "view", "adjacent": "view", "spread": "gathered"}[used] or (
-        rows == 1 and plan.mode == "view")  # one row routes one pack: a view
+        rows == 1 and plan.mode == "view")  # one row uses one pack: a view
 
 
 def test_duplicate_slots_in_a_row_add_up_on_the_cpu_path():

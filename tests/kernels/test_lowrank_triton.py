@@ -1,99 +1,13 @@
-"""Triton shrink/expand kernels against the torch twin and a float64 dense reference (interpreter on CPU)."""
+"""`add_lowrank` on Triton (shrink then expand) against the torch path and a float64 dense reference
+(interpreter on CPU); each kernel alone is tested beside its twin in test_lowrank_shrink/_expand."""
 import pytest
 import torch
 
-from skillpack_kernels.lowrank_expand import expand
-from skillpack_kernels.lowrank_ops import add_lowrank, expand_torch, shrink_torch
-from skillpack_kernels.lowrank_shrink import shrink
-from skillpack_kernels.lowrank_triton import pool_columns
-from skillpack_kernels.quant import dequantize_groupwise
+from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_kernels.row_packs import RowPacks
-from tests.kernels.delta_cases import TOLERANCES, dense_reference, load_slots, make_delta, row_mix
-
-# odd feature sizes; ranks 1 and non-multiples of 16; every bit width alone and mixed; several group sizes
-IN_F, OUT_F = 72, 47
-PACKS = [
-    ([(1, 8)], 16),
-    ([(5, 8), (6, 4), (6, 2)], 32),
-    ([(9, 4)], 8),
-    ([(3, 2), (4, 2)], 128),
-]
-
-
-def make_deltas(in_f=IN_F, out_f=OUT_F, packs=PACKS):
-    return [make_delta(in_f, out_f, tiers, group_size=gs, seed=10 + i) for i, (tiers, gs) in enumerate(packs)]
-
-
-def batch(rows, dtype, seed, in_f=IN_F, out_f=OUT_F):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, in_f, generator=g).to(dtype), torch.randn(rows, out_f, generator=g).to(dtype)
-
-
-def pool_t64(x, slots, routing):
-    """float64 (pairs, t width) the shrink must produce, from each pool's codes read back, and a mask
-    of the entries it must write (each pair's rows in each pool)."""
-    pools, cols, width = pool_columns(slots)
-    want = torch.zeros(routing.num_pairs, width, dtype=torch.float64)
-    need = torch.zeros(routing.num_pairs, width, dtype=torch.bool)
-    for j, (row, slot) in enumerate(zip(routing.pair_row.tolist(), routing.pair_slot.tolist())):
-        for p, col in zip(pools, cols):
-            n = p.rows[slot]
-            if n:
-                a = dequantize_groupwise(p.a.read(slot, 0, n), torch.float64)
-                want[j, col : col + n] = a @ x[row].double()
-                need[j, col : col + n] = True
-    return want, need
-
-
-def run_in_groups(fn, slots, *args):
-    """Call a launcher for every three pools, as add_lowrank_triton does."""
-    pools, cols, _ = pool_columns(slots)
-    for i in range(0, len(pools), 3):
-        fn(pools[i : i + 3], cols[i : i + 3], *args)
-
-
-@pytest.mark.parametrize("splits", [1, 2])
-def test_shrink_matches_float64_pool_by_pool(splits):
-    ds = make_deltas(in_f=200)
-    slots = load_slots(ds, max_rank=24)
-    assert len(slots.pools) > 3  # two launches' worth of pools
-    mix = row_mix("fused", 11, len(ds))
-    rp = RowPacks.build(mix, "cpu")
-    x, _ = batch(11, torch.float32, 1, in_f=200)
-    _, _, width = pool_columns(slots)
-    k_split = 128 if splits == 2 else 256
-    t = torch.full((splits, rp.num_pairs, width), float("nan"))  # poison: every needed entry is written
-    tiles = rp.tiles(16)
-    run_in_groups(lambda pools, cols: shrink(x, t, pools, cols, tiles, rp, 16, 16, k_split, 0), slots)
-    want, need = pool_t64(x, slots, rp)
-    got = t.sum(0)
-    assert torch.isfinite(got[need]).all()
-    torch.testing.assert_close(got[need].double(), want[need], atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype,splits,block_m", [(torch.float32, 2, 16), (torch.bfloat16, 2, 16),
-                                                  (torch.float32, 5, 64)])
-def test_expand_matches_twin_and_float64(dtype, splits, block_m):
-    ds = make_deltas()
-    slots = load_slots(ds, max_rank=24)
-    mix = row_mix("fused", 13, len(ds))
-    rp = RowPacks.build(mix, "cpu")
-    x, y = batch(13, dtype, 2)
-    want, need = pool_t64(x.float(), slots, rp)
-    # split the partial sums (more splits than one wide load takes at block_m 64), with NaN past
-    # each pair's rows that the kernel must not read
-    shares = torch.linspace(1.0, 2.0, splits, dtype=torch.float64)
-    t = torch.stack([want * (c / shares.sum()) for c in shares]).float()
-    t[:, ~need] = float("nan")
-    y_kernel, y_twin = y.clone(), y.clone()
-    tiles = rp.tiles(block_m)
-    run_in_groups(lambda pools, cols: expand(y_kernel, t, pools, cols, tiles, rp, block_m, 16, 16, 0), slots)
-    expand_torch(y_twin, shrink_torch(x, slots, rp), slots, rp)
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(y_kernel.float(), y_twin.float(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)
-    base = [i for i, p in enumerate(mix) if not p]
-    assert base and torch.equal(y_kernel[base], y[base])
+from tests.kernels.delta_cases import (
+    IN_F, OUT_F, TOLERANCES, batch, dense_reference, load_slots, make_delta, make_deltas, row_mix,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
