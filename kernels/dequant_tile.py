@@ -1,12 +1,26 @@
-"""Triton device helpers shared by the shrink and expand kernels: code-word unpacking and the dot.
+"""Triton device helpers shared by the shrink and expand kernels: a tile's pairs, code-word unpacking, the dot.
 
 Codes arrive as little-endian int32 words of the kernels/quant.py layout (column c of a
 row is bits [(c % (32/bits))·bits, +bits) of word c // (32/bits)), so a tile of a
 (bits)-wide pool is one wide contiguous load per row, unpacked with constant shifts.
-Nothing here writes a dequantized copy anywhere.
+Nothing here writes a dequantized copy anywhere. A @triton.jit function called from a kernel
+is inlined into it, so sharing these costs the kernels nothing.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def tile_pairs(tile, pair_row_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr, BLOCK_M: tl.constexpr):
+    """Tile `tile` of `RowPacks.tiles(BLOCK_M)`: (its slot, its first pair, m = arange(BLOCK_M),
+    m < its pair count, each pair's batch row as int64 (0 past the count))."""
+    slot = tl.load(tile_slot_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    count = tl.load(tile_count_ptr + tile)
+    m = tl.arange(0, BLOCK_M)
+    m_mask = m < count
+    rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
+    return slot, start, m, m_mask, rows
 
 
 @triton.jit

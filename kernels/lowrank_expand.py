@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from skillpack_kernels.dequant_tile import dot_acc, unpack_words
+from skillpack_kernels.dequant_tile import dot_acc, tile_pairs, unpack_words
 from skillpack_kernels.quant import dequantize_groupwise
 
 
@@ -75,12 +75,8 @@ def _expand_kernel(
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_mask = n < out_features
-    slot = tl.load(tile_slot_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    count = tl.load(tile_count_ptr + tile)
-    m = tl.arange(0, BLOCK_M)
-    m_mask = m < count
-    rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
+    slot, start, m, m_mask, rows = tile_pairs(tile, pair_row_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr,
+                                              BLOCK_M)
     weight = tl.load(pair_weight_ptr + start + m, mask=m_mask, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _expand_pool(acc, t_ptr, start, m, m_mask, slot, n0, n, n_mask, num_pairs, num_splits, t_width, tcol0,

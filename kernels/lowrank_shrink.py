@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from skillpack_kernels.dequant_tile import dot_acc, unpack_words
+from skillpack_kernels.dequant_tile import dot_acc, tile_pairs, unpack_words
 from skillpack_kernels.quant import dequantize_groupwise
 
 
@@ -82,12 +82,8 @@ def _shrink_kernel(
     tile = tl.program_id(0)
     j = tl.program_id(1)  # rank block, counted across the pools in turn
     split = tl.program_id(2)
-    slot = tl.load(tile_slot_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    count = tl.load(tile_count_ptr + tile)
-    m = tl.arange(0, BLOCK_M)
-    m_mask = m < count
-    rows = tl.load(pair_row_ptr + start + m, mask=m_mask, other=0).to(tl.int64)
+    slot, start, m, m_mask, rows = tile_pairs(tile, pair_row_ptr, tile_start_ptr, tile_count_ptr, tile_slot_ptr,
+                                              BLOCK_M)
     out = t_ptr + ((split * num_pairs + start + m).to(tl.int64) * t_width)
     if j < blocks0:
         _shrink_pool(x_ptr, out + tcol0, rows, m_mask, slot, j, split, in_features, stride_x,
