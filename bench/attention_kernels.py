@@ -72,12 +72,12 @@ def kernel_step(q, k, v, k_cache, v_cache, pages, context: int, page_size: int):
     ctx = torch.full((batch,), context, dtype=torch.long, device=q.device)
     tables = pages.to(q.device)
     pos = context - 1
-    slots = tables[:, pos // page_size] * page_size + pos % page_size
+    cells = tables[:, pos // page_size] * page_size + pos % page_size
     scale = q.shape[-1] ** -0.5
 
     def run():
-        k_cache[slots] = k
-        v_cache[slots] = v
+        k_cache[cells] = k
+        v_cache[cells] = v
         return paged_attention(q, k_cache, v_cache, tables, ctx, page_size, scale, backend="triton")
 
     return run

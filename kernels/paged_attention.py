@@ -4,10 +4,11 @@ Semantics, for query token i of sequence b = seq_index[i] at position p = positi
 (decode: one token per sequence, p = context_lens[b] - 1):
 
     keys j in [lo, hi), hi = min(p + 1, context_lens[b]), lo = max(0, p + 1 - window) (0 without a window)
-    slot(j) = block_tables[b, j // page_size] * page_size + j % page_size
-    out[i, h] = softmax_j(scale · q[i, h] · k_cache[slot(j), h // G]) @ v_cache[slot(j), h // G],  G = H / KVH
+    cell(j) = block_tables[b, j // page_size] * page_size + j % page_size
+    out[i, h] = softmax_j(scale · q[i, h] · k_cache[cell(j), h // G]) @ v_cache[cell(j), h // G],  G = H / KVH
 
-Only those slots are read: block-table entries past a sequence's pages, slots past its
+A cell is one token's place in the paged cache (page × page_size + offset).
+Only those cells are read: block-table entries past a sequence's pages, cells past its
 length in a partly filled page and pages of other sequences may hold anything (stale
 K/V, NaN), and never reach the output. A query with no key (p >= context_lens[b] + ...
 cannot happen in the engine) gives zeros.
@@ -81,11 +82,11 @@ def _paged_attention_kernel(
         valid = (j >= lo) & (j < hi)
         # masked: table entries past the sequence's pages are never dereferenced
         page = tl.load(table_ptr + b * stride_tb + j // page_size, mask=valid, other=0).to(tl.int64)
-        slot = page * page_size + j % page_size
+        cell = page * page_size + j % page_size
         kv_mask = valid[:, None] & d_mask[None, :]
-        # other=0 for slots outside [lo, hi): their stale values, NaN included, never enter a product
-        k = tl.load(k_ptr + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        # other=0 for cells outside [lo, hi): their stale values, NaN included, never enter a product
+        k = tl.load(k_ptr + cell[:, None] * stride_ks + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + cell[:, None] * stride_vs + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
         if FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -157,7 +158,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            sliding_window: int | None = None, seq_index: torch.Tensor | None = None,
                            positions: torch.Tensor | None = None, splits: int | None = None) -> torch.Tensor:
     """Semantics: the module docstring's.
-    q: (N, H, D) query tokens; k_cache, v_cache: (slots, KVH, D), slots = pages × page_size, same dtype as q;
+    q: (N, H, D) query tokens; k_cache, v_cache: (cells, KVH, D), cells = pages × page_size, same dtype as q;
     block_tables: (B, P) int page ids per sequence (entries past a sequence's pages: anything);
     context_lens: (B,) int tokens cached per sequence (this step's K/V already written);
     seq_index: (N,) int sequence of each token (default: token i is sequence i, N == B);
@@ -218,11 +219,11 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     hi = torch.minimum(pos + 1, context_lens.long()[seq])
     lo = (pos + 1 - sliding_window).clamp(min=0) if sliding_window else torch.zeros_like(pos)
     valid = (j >= lo[:, None]) & (j < hi[:, None])  # (N, K)
-    slots = block_tables.long()[seq][:, j // page_size] * page_size + j % page_size
-    slots = torch.where(valid, slots, 0)  # entries outside the range may name no page at all
+    cells = block_tables.long()[seq][:, j // page_size] * page_size + j % page_size
+    cells = torch.where(valid, cells, 0)  # entries outside the range may name no page at all
     outside = ~valid[:, :, None, None]
-    keys = k_cache[slots].float().masked_fill(outside, 0)  # (N, K, KVH, D); 0 × NaN would be NaN
-    values = v_cache[slots].float().masked_fill(outside, 0)
+    keys = k_cache[cells].float().masked_fill(outside, 0)  # (N, K, KVH, D); 0 × NaN would be NaN
+    values = v_cache[cells].float().masked_fill(outside, 0)
     qg = q.float().view(n, kv_heads, heads // kv_heads, dim)  # (N, KVH, G, D)
     scores = torch.einsum("nhgd,nkhd->nhgk", qg, keys) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -235,7 +236,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, page_size, sliding_w
     """Shapes and dtypes as documented; returns (seq_index, positions) with their defaults filled in."""
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}: "
-                         "expected q (N, H, D) and caches of one shape (slots, KVH, D).")
+                         "expected q (N, H, D) and caches of one shape (cells, KVH, D).")
     n, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     if k_cache.shape[2] != dim or heads % kv_heads:
@@ -254,7 +255,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, page_size, sliding_w
         raise ValueError("block_tables needs contiguous rows.")
     if not isinstance(page_size, int) or page_size < 1 or k_cache.shape[0] % page_size:
         raise ValueError(f"page_size={page_size!r}; expected a positive integer dividing the {k_cache.shape[0]} "
-                         "cache slots.")
+                         "cache cells.")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"sliding_window={sliding_window!r}; expected a positive integer or None.")
     if seq_index is None:

@@ -10,7 +10,7 @@ NAN = float("nan")
 
 
 def paged_case(ctx_lens, heads, kv_heads, dim, page_size, dtype=torch.float32, seed=0, spare_pages=3):
-    """A cache whose pages are handed out shuffled; every slot no sequence holds K/V for is NaN
+    """A cache whose pages are handed out shuffled; every cell no sequence holds K/V for is NaN
     (the tail of partly filled pages, spare pages, and the page that pads the block tables)."""
     g = torch.Generator().manual_seed(seed)
     pages_of = [-(-n // page_size) for n in ctx_lens]
@@ -24,16 +24,16 @@ def paged_case(ctx_lens, heads, kv_heads, dim, page_size, dtype=torch.float32, s
         pages, order = order[:np_], order[np_:]
         tables[b, :np_] = torch.tensor(pages)
         for j in range(n):
-            slot = pages[j // page_size] * page_size + j % page_size
-            k_cache[slot] = torch.randn(kv_heads, dim, generator=g)
-            v_cache[slot] = torch.randn(kv_heads, dim, generator=g)
+            cell = pages[j // page_size] * page_size + j % page_size
+            k_cache[cell] = torch.randn(kv_heads, dim, generator=g)
+            v_cache[cell] = torch.randn(kv_heads, dim, generator=g)
     q = torch.randn(len(ctx_lens), heads, dim, generator=g)
     return q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), tables, torch.tensor(ctx_lens)
 
 
 def reference64(q, k_cache, v_cache, tables, ctx_lens, page_size, scale, window=None, seq_index=None,
                 positions=None):
-    """float64, one query head at a time over the keys its position may see, slot by slot."""
+    """float64, one query head at a time over the keys its position may see, cell by cell."""
     n, heads, _ = q.shape
     group = heads // k_cache.shape[1]
     seq_index = list(range(n)) if seq_index is None else seq_index.tolist()
@@ -41,10 +41,10 @@ def reference64(q, k_cache, v_cache, tables, ctx_lens, page_size, scale, window=
     out = torch.zeros(q.shape, dtype=torch.float64)
     for i, (b, p) in enumerate(zip(seq_index, positions)):
         keys = [j for j in range(min(p + 1, int(ctx_lens[b]))) if window is None or j > p - window]
-        slots = [int(tables[b, j // page_size]) * page_size + j % page_size for j in keys]
+        cells = [int(tables[b, j // page_size]) * page_size + j % page_size for j in keys]
         for h in range(heads):
-            k = k_cache[slots, h // group].double()
-            v = v_cache[slots, h // group].double()
+            k = k_cache[cells, h // group].double()
+            v = v_cache[cells, h // group].double()
             out[i, h] = torch.softmax(k @ q[i, h].double() * scale, dim=0) @ v
     return out
 
