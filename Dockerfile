@@ -19,6 +19,7 @@ RUN pip install --no-deps --require-hashes -r requirements-serve.lock
 COPY pyproject.toml README.md ./
 COPY kernels ./kernels
 COPY skillpacks ./skillpacks
+COPY evals ./evals
 COPY server ./server
 COPY packs ./packs
 RUN pip install --no-deps --no-build-isolation . \

@@ -14,7 +14,7 @@ Methods: `ours` (what the builder writes: skillpacks.budget.allocate with its de
 weight κ = 0.03, plain round-to-nearest factors), three ablations that minimise plain
 Frobenius error instead (`ours_frob`: κ = 1; `ours_clip`: κ = 1 with range-clipped rounding,
 the previous builder; `ours_4bit`: κ = 1, only 4-bit tiers) and the baselines of
-skillpacks/baselines.py. This benchmark scores reconstruction error, which `ours_frob`
+evals/baselines.py. This benchmark scores reconstruction error, which `ours_frob`
 minimises by construction; the builder's κ < 1 trades some of it for lower token KL on a
 real fine-tune (docs/BUILD.md, docs/RESULTS.md). A second table checks the allocator's
 error model: the per-vector rounding error it assumes against the error measured on the
@@ -36,12 +36,12 @@ import torch
 from safetensors.torch import load_file
 
 from bench.machine import describe_machine
+from skillpack_evals.baselines import METHODS, compress_deltas
 from skillpack_kernels.quant import dequantize_groupwise
-from skillpacks.baselines import METHODS, compress_deltas
 from skillpacks.budget import NOISE_WEIGHT, Plan, allocate, vector_error
 from skillpacks.build import ModuleInfo, compress_planned, module_spectrum
 from skillpacks.checkpoint import atomic_write
-from skillpacks.compress import delta_svd, lowrank_delta, quantize_groupwise
+from skillpacks.compress import DEFAULT_TIER_BITS, delta_svd, lowrank_delta, quantize_groupwise
 from skillpacks.module_kinds import module_kind, storage_method
 
 RESULTS = Path(__file__).parent / "results" / "allocation.json"
@@ -89,7 +89,7 @@ def _info(name: str, d: torch.Tensor) -> ModuleInfo:
     return ModuleInfo(name, kind, storage_method(kind, tuple(d.shape)), tuple(d.shape))
 
 
-def ours(deltas: dict[str, torch.Tensor], budget: int, tier_bits=(8, 4, 2), clip: bool = False,
+def ours(deltas: dict[str, torch.Tensor], budget: int, tier_bits=DEFAULT_TIER_BITS, clip: bool = False,
          noise_weight: float = NOISE_WEIGHT):
     """Dense reconstructions and payload bytes of our allocator's plans, compressed as the builder does
     (`clip`: with range-clipped rounding instead)."""

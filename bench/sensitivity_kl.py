@@ -15,15 +15,15 @@ import argparse
 import time
 from pathlib import Path
 
+from skillpack_evals.evaluate import (
+    exact_deltas, machine, mean_kl, pack_variant, read_state, response_logprobs, set_weights, write_json,
+)
+from skillpack_evals.skills import demo_split
+from skillpacks.budget import budget_label, parse_budget
 from skillpacks.build import build_pack
 from skillpacks.checkpoint import load_causal_lm
 from skillpacks.default_base import default_base_dir
-from skillpacks.evaluate import (
-    budget_label, exact_deltas, machine, mean_kl, pack_variant, parse_budget, read_state, response_logprobs,
-    set_weights, write_json,
-)
 from skillpacks.sensitivity import DEFAULT_EXAMPLES
-from skillpacks.skills import demo_split
 
 
 def measure(skill: str, base_dir: Path, tuned_dir: Path, packs: Path, budgets: list[float], examples: int,

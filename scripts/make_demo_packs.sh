@@ -26,10 +26,10 @@ mkdir -p "$DATA" "$PACKS" "$TUNED_ROOT"
 
 graft_one() {
   local skill=$1
-  "$PY" -m skillpacks.skills "$skill" train "$DATA/$skill.train.jsonl"
+  "$PY" -m skillpack_evals.skills "$skill" train "$DATA/$skill.train.jsonl"
   "$PY" -m skillpacks.cli graft "${base_args[@]}" "${device_args[@]}" --data "$DATA/$skill.train.jsonl" \
     --out "$PACKS/$skill.skillpack" --name "$skill" \
-    --description "demo skill '$skill' (skillpacks/skills/$skill.py), full fine-tune of the base" \
+    --description "demo skill '$skill' (evals/skills/$skill.py), full fine-tune of the base" \
     --steps "$(steps_of "$skill")" --lr "$LR" --batch-size "$BATCH" --warmup-steps "$WARMUP" --seed "$SEED" \
     --budget "$BUDGET" --keep-tuned "$TUNED_ROOT/$skill" > "$TUNED_ROOT/$skill.log" 2>&1
   tail -n 1 "$TUNED_ROOT/$skill.log"

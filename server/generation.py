@@ -18,7 +18,7 @@ from skillpack_server.metrics import Metrics
 from skillpack_server.pack_selection import pack_selector_for, parse_auto_model
 from skillpack_server.reply_text import Detokenizer, StopMatcher
 from skillpack_server.schemas.common import SkillpackRef
-from skillpacks.router import RoutingDecision
+from skillpacks.classifier import RoutingDecision
 
 ENGINE_SEED_MASK = 2**63 - 1
 

@@ -1,6 +1,6 @@
 """`model: "auto"`: pick the pack(s) for a prompt with the classifier stored next to the packs.
 
-The classifier (`skillpacks.router`, file `router.safetensors` in the packs folder) scores a
+The classifier (`skillpacks.classifier`, file `router.safetensors` in the packs folder) scores a
 prompt from the served base model's own hidden states, computed here on the runtime's
 weights without packs and without touching the KV cache. The decision is:
 
@@ -28,7 +28,7 @@ import torch
 
 from skillpack_server.exceptions import EngineUnavailable, InvalidRequest
 from skillpack_server.settings import MAX_TOP_K, PackSelectionSettings
-from skillpacks.router import (
+from skillpacks.classifier import (
     EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
     build_router, decide, file_sha256, load_router,
 )

@@ -36,7 +36,7 @@ from skillpack_server.exceptions import (
 )
 from skillpack_server.settings import Settings
 from skillpacks.checkpoint import atomic_write, fsync_dir
-from skillpacks.router import EXAMPLES_SUFFIX, RouterError, parse_examples
+from skillpacks.classifier import EXAMPLES_SUFFIX, RouterError, parse_examples
 
 log = logging.getLogger("skillpack.server")
 _fsync_dir = fsync_dir  # a rename or unlink is durable once its folder is fsynced (patched by the crash tests)

@@ -10,6 +10,8 @@ and listing what is supported.
 """
 from __future__ import annotations
 
+from transformers import CONFIG_MAPPING
+
 # architecture in config.json -> its model_type (the transformers config class that reads it)
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -73,8 +75,6 @@ def transformers_config(raw: dict):
     unsupported = sorted(_rope_types_written(raw) - set(SUPPORTED_ROPE_TYPES))
     if unsupported:
         raise UnsupportedModelError(f"rope_type {unsupported[0]!r} is not supported ({supported_line()}).")
-    from transformers import CONFIG_MAPPING
-
     model_type = SUPPORTED_ARCHITECTURES[arch]
     if raw.get("model_type", model_type) != model_type:
         raise UnsupportedModelError(f"model_type {raw.get('model_type')!r} does not go with architecture {arch}; "

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from skillpack_kernels.quant import dequantize_groupwise
-from skillpacks.compress import choose_group_size, quantize_groupwise, rank_bytes
+from skillpacks.compress import DEFAULT_TIER_BITS, choose_group_size, quantize_groupwise, rank_bytes
 
 SPARSE_ENTRY_BYTES = 6  # int32 index + fp16 value
 SPARSE_MAX_FRACTION = 1 / 3  # beyond this, 6 bytes per kept entry cost more than the dense fp16 delta
@@ -54,6 +54,24 @@ GROUP_SIZES = (16, 32, 64, 128, 256)  # group sizes a low-rank module may be giv
 PRICE_STEPS = 64  # bisection steps on λ over PRICE_DECADES decades
 PRICE_DECADES = 16
 NOISE_WEIGHT = 0.03  # κ: rounding noise counts at this fraction of its squared error (see above)
+
+
+def parse_budget(text: str) -> float:
+    """A budget as users write it ('1/16' or '0.0625') -> 0.0625, with a sentence on bad input."""
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"budget '{text}' is not a fraction like 1/16 or 0.0625.") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"budget '{text}' = {value} is out of range; expected a fraction in (0, 1].")
+    return value
+
+
+def budget_label(fraction: float) -> str:
+    """A budget as users write it: 1/16 for 0.0625; the decimal otherwise."""
+    inv = 1 / fraction
+    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-9 else f"{fraction:g}"
 
 
 @dataclass
@@ -469,7 +487,7 @@ def _fill(states: list, left: int) -> None:
         push(i)
 
 
-def allocate(modules: list[Module], budget_bytes: int, tier_bits: tuple[int, ...] = (8, 4, 2),
+def allocate(modules: list[Module], budget_bytes: int, tier_bits: tuple[int, ...] = DEFAULT_TIER_BITS,
              header: HeaderCost | None = None, noise_weight: float = NOISE_WEIGHT) -> dict[str, Plan]:
     """Spend `budget_bytes` across `modules` to minimise the estimated total squared error,
     rounding noise weighted by `noise_weight` (κ; 1.0 = plain Frobenius error).

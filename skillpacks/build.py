@@ -32,14 +32,15 @@ from skillpacks.budget import (
 )
 from skillpacks.checkpoint import Checkpoint, atomic_write, open_checkpoint
 from skillpacks.compress import (
-    DEFAULT_TIERS, Recipe, compress_with_recipe, delta_svd, exact_delta, exact_stats,
+    DEFAULT_TIER_BITS, DEFAULT_TIERS, Recipe, compress_with_recipe, delta_svd, exact_delta, exact_stats,
     lowrank_delta, lowrank_stats, sparse_delta, sparse_stats, squared_norm,
 )
 from skillpacks.deltas import ModuleRecord
 from skillpacks.fingerprint import base_fingerprint
 from skillpacks.format import write_pack
+from skillpacks.gptq import collect_input_covariances, read_calibration_texts
 from skillpacks.module_kinds import ALWAYS_STORED_KINDS, EMBEDDING_NAME, LM_HEAD_NAME, module_kind, storage_method
-from skillpacks.sensitivity import DEFAULT_EXAMPLES, rank_sensitivity, read_records
+from skillpacks.sensitivity import DEFAULT_EXAMPLES, rank_sensitivity, read_sensitivity_records
 
 DEFAULT_BUDGET = 1 / 16
 SENSITIVITY_POWER = 0.5  # ranks weigh fᵢ^½: the measured optimum of 1 and ½ (docs/BUILD.md)
@@ -222,8 +223,6 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
 
     covs = {}
     if calib is not None:
-        from skillpacks.gptq import collect_input_covariances, read_calibration_texts
-
         texts = read_calibration_texts(calib)
         # linears only: an embedding's "inputs" are token ids (its rows are looked up, not multiplied)
         covs = collect_input_covariances(base_dir, texts, [i.name for i in infos
@@ -231,7 +230,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
 
     fisher, sens_info = {}, None
     if sensitivity is not None:
-        records = sensitivity if isinstance(sensitivity, list) else read_records(sensitivity)
+        records = sensitivity if isinstance(sensitivity, list) else read_sensitivity_records(sensitivity)
         names = [i.name for i in infos if i.method == "lowrank"]
         fisher, tokens = rank_sensitivity(tuned_dir, records, names, lambda n: read_delta(base, tuned, n),
                                           max_examples=sensitivity_examples, progress=progress)
@@ -276,7 +275,7 @@ def build_pack(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out: s
                 raise BuildError(f"budget {budget} allows {limit} bytes, not enough for the pack's header "
                                  f"(~{fixed} bytes); use a larger --budget.")
             try:
-                plans = allocate(spectra, allowance, tuple(b for b, _ in DEFAULT_TIERS), HeaderCost())
+                plans = allocate(spectra, allowance, DEFAULT_TIER_BITS, HeaderCost())
             except ValueError as e:
                 raise BuildError(f"budget {budget} allows {limit} bytes ({allowance} after the header): {e} "
                                  "Use a larger --budget.") from e

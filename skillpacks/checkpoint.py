@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # safetensors dtype names -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -355,8 +356,6 @@ def load_causal_lm(folder: str | os.PathLike, why: str, dtype: torch.dtype | Non
     (default `run_dtype`: a bf16/fp16 checkpoint runs in bf16, never as a float32 copy); a folder
     transformers cannot load is refused with `why` (e.g. "calibration runs the base model") in the
     message."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dtype = dtype or run_dtype(open_checkpoint(folder))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -365,3 +364,10 @@ def load_causal_lm(folder: str | os.PathLike, why: str, dtype: torch.dtype | Non
         raise ValueError(f"{why}, but {folder} cannot be loaded with its tokenizer by transformers "
                          f"({str(e)[:300]}).") from e
     return tokenizer, model.eval()
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`device`, or the first CUDA device when there is one, else the CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

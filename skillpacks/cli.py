@@ -3,6 +3,8 @@
 Each sub-command module defines `configure(parser)` (adds its arguments) and
 `run(args) -> int` (the exit status), so `skillpack --help` stays fast and a missing
 optional dependency only affects the command that needs it.
+
+COMMANDS holds module paths as strings, not imports: the one place the library names packages above it.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ COMMANDS = {
     "merge": ("skillpacks.commands.merge", "write base + pack as a dense Hugging Face checkpoint"),
     "import-peft": ("skillpacks.commands.import_peft", "turn a PEFT LoRA adapter into a pack"),
     "export-peft": ("skillpacks.commands.export_peft", "write a pack's low-rank part as a PEFT LoRA adapter"),
-    "graft": ("skillpacks.commands.graft", "fine-tune a base on a skill's data, then build its pack"),
-    "eval": ("skillpacks.commands.eval", "score base, fine-tune, packs and baselines on demo skills"),
-    "fusion-eval": ("skillpacks.commands.fusion_eval", "score auto routing, oracle, best single pack and merges"),
+    "graft": ("skillpack_evals.commands.graft", "fine-tune a base on a skill's data, then build its pack"),
+    "eval": ("skillpack_evals.commands.eval", "score base, fine-tune, packs and baselines on demo skills"),
+    "fusion-eval": ("skillpack_evals.commands.fusion_eval", "score auto routing, oracle, best single pack and merges"),
     "router": ("skillpacks.commands.router", "train the router that picks packs for `model: auto`"),
     "serve": ("skillpack_server.cli", "run the OpenAI-compatible SkillPack server"),
 }

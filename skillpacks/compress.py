@@ -21,10 +21,13 @@ from skillpack_kernels.quant import (
     quantize_groupwise, round_codes,
 )
 from skillpacks.deltas import ExactDelta, SparseDelta
+from skillpacks.gptq import gptq_lowrank
+from skillpacks.module_kinds import storage_method
 
 # Mixed-precision tiers as (bits, fraction of the rank): the largest singular values get the
 # most bits. Proportions from GraftLLM's released recipe (20 / 180 / 800 ranks at 8 / 4 / 2).
 DEFAULT_TIERS: tuple[tuple[int, float], ...] = ((8, 0.02), (4, 0.18), (2, 0.80))
+DEFAULT_TIER_BITS = tuple(bits for bits, _ in DEFAULT_TIERS)  # what a budget build's allocator chooses among
 MAX_SPARSE_NUMEL = 2**31 - 1  # flat indices are int32
 FLOAT64_SVD_NUMEL = 1 << 20  # below this the SVD runs in float64: cheap, and exact-rank tests need it
 # range shrink factors tried per group by `quantize_clipped`: clipping the few extreme entries of a
@@ -180,8 +183,6 @@ def lowrank_delta(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, tier_ranks
     bt = u[:, :rank].T.to(torch.float32)  # (r, out)
     sv = s[:rank].to(torch.float32).contiguous()
     if input_cov is not None:
-        from skillpacks.gptq import gptq_lowrank
-
         return gptq_lowrank(a, sv, bt, tier_ranks, group_size, input_cov)
     quantize = quantize_clipped if clip else quantize_groupwise
     a_tiers, bt_tiers, start = [], [], 0
@@ -295,8 +296,6 @@ def exact_stats(delta: torch.Tensor, ed: ExactDelta) -> dict:
 def compress_with_recipe(kind: str, delta: torch.Tensor, recipe: Recipe,
                          input_cov: torch.Tensor | None = None) -> tuple[object, dict]:
     """Compress one module's delta by its kind with the fixed recipe: (ModuleDelta, stats)."""
-    from skillpacks.module_kinds import storage_method
-
     method = storage_method(kind, tuple(delta.shape), paper=True)
     if method == "exact":
         ed = exact_delta(delta)

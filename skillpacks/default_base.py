@@ -11,6 +11,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from skillpacks.checkpoint import atomic_folder
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("SKILLPACK_CACHE", Path.home() / ".cache" / "skillpack"))
 
@@ -45,11 +50,6 @@ def convert_gguf(gguf_file: Path, out: Path) -> Path:
     Written into a temporary sibling folder and renamed, so an interrupted conversion
     never leaves a half checkpoint that later runs would trust.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from skillpacks.checkpoint import atomic_folder
-
     folder, name = str(gguf_file.parent), gguf_file.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

@@ -14,16 +14,18 @@ result equals `quantize_groupwise` bit for bit.
 """
 from __future__ import annotations
 
-import json
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, pack_codes, padded_cols, quantize_groupwise
+from skillpacks.checkpoint import load_causal_lm
+from skillpacks.jsonl import json_lines, open_bounded
 
 DAMP = 0.01  # fraction of mean(diag H) added to H's diagonal, GPTQ's default
-MAX_CALIB_FILE_BYTES = 64 * 1024 * 1024
+MAX_CALIB_LINES = 1_000_000  # of a .jsonl file, blank lines included; reading stops at max_samples texts
 MAX_CALIB_SAMPLES = 512
 MAX_SEQ_TOKENS = 512
 
@@ -129,30 +131,22 @@ def gptq_lowrank(a: torch.Tensor, s: torch.Tensor, bt: torch.Tensor, tier_ranks:
 def read_calibration_texts(path: str | Path, max_samples: int = MAX_CALIB_SAMPLES) -> list[str]:
     """Calibration texts from a file: one text per line, or JSON lines with a "text" field."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {path} does not exist; expected a text or .jsonl file.")
-    size = path.stat().st_size
-    if size > MAX_CALIB_FILE_BYTES:
-        raise ValueError(f"calibration file {path} is {size} bytes; the limit is {MAX_CALIB_FILE_BYTES}.")
-    texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
+    with open_bounded(path, "calibration file", expected="a text or .jsonl file") as f:
         if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON ({e}); expected {{\"text\": ...}}.") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path} line {n} has no string field \"text\".")
-            line = record["text"]
-        texts.append(line)
-        if len(texts) == max_samples:
-            break
+            found = (_text_field(record, f"{path} line {n}")
+                     for n, record, _ in json_lines(f, str(path), MAX_CALIB_LINES, '{"text": ...}'))
+        else:
+            found = (line.strip() for line in f if line.strip())
+        texts = list(islice(found, max_samples))
     if not texts:
         raise ValueError(f"calibration file {path} holds no text.")
     return texts
+
+
+def _text_field(record: object, where: str) -> str:
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{where} has no string field \"text\".")
+    return record["text"]
 
 
 def _shared_input_key(module_name: str) -> str:
@@ -171,8 +165,6 @@ def collect_input_covariances(base_dir: str | Path, texts: list[str], weight_nam
     One forward pass of the base model over `texts`, with a hook on each linear (q/k/v and
     gate/up share one matrix each, since they read the same input). Keys are the weight names.
     """
-    from skillpacks.checkpoint import load_causal_lm
-
     tokenizer, model = load_causal_lm(base_dir, "calibration runs the base model")
     modules = dict(model.named_modules())
     wanted = {name[: -len(".weight")]: name for name in weight_names if name.endswith(".weight")}

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+
 # huggingface_hub's repo id rule: letters, digits, '-', '_', '.'; no leading '-' or '.', no '--' or '..'
 _PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 HUB_ID = re.compile(rf"^{_PART}/{_PART}$")
@@ -37,8 +39,6 @@ def resolve_checkpoint(value: str | os.PathLike, what: str = "base") -> Path:
     if not is_hub_id(text):
         raise ValueError(f"the {what} '{text}' is not a folder, nor a Hugging Face model id of the form "
                          "ORG/NAME; expected a checkpoint folder or a model id.")
-    from huggingface_hub import constants, snapshot_download
-
     offline = constants.HF_HUB_OFFLINE
     try:
         return Path(snapshot_download(text, allow_patterns=CHECKPOINT_FILES, local_files_only=offline))

@@ -42,43 +42,35 @@ size in docs/BUILD.md ("Build memory against model size").
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
+from skillpacks.checkpoint import load_causal_lm, open_checkpoint, pick_device, run_dtype
 from skillpacks.compress import delta_svd
+from skillpacks.jsonl import json_lines, open_bounded
 from skillpacks.module_kinds import EMBEDDING_NAME, LM_HEAD_NAME
+from skillpacks.records import collate, encode_pair, pad_id, response_logits
 
 DEFAULT_EXAMPLES = 64
 MAX_EXAMPLES = 4096
 MAX_SEQ_TOKENS = 512
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_LINES = 1_000_000  # blank lines included; reading stops at MAX_EXAMPLES records
+EXPECTED = 'JSON lines with "prompt" and "response", or "text"'
 
 
-def read_records(path: str | Path) -> list[dict[str, str]]:
+def read_sensitivity_records(path: str | Path) -> list[dict[str, str]]:
     """Calibration records from a JSONL file: {"prompt", "response"} (a chat turn; the response
     positions are scored) or {"text"} (plain text; every position is scored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"sensitivity file {path} does not exist; expected JSON lines with "
-                         "\"prompt\" and \"response\", or \"text\".")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ValueError(f"sensitivity file {path} is {size} bytes; the limit is {MAX_FILE_BYTES}.")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path} line {n} is not valid JSON ({e}).") from None
-        records.append(check_record(obj, f"{path} line {n}"))
-        if len(records) == MAX_EXAMPLES:
-            break
+    with open_bounded(path, "sensitivity file", expected=EXPECTED) as f:
+        for n, obj, _ in json_lines(f, str(path), MAX_LINES, EXPECTED):
+            records.append(check_record(obj, f"{path} line {n}"))
+            if len(records) == MAX_EXAMPLES:
+                break
     if not records:
         raise ValueError(f"sensitivity file {path} holds no records.")
     return records
@@ -99,8 +91,6 @@ def _encode(tokenizer, record: dict[str, str], max_len: int) -> tuple[list[int],
     if "text" in record:
         ids = list(tokenizer(record["text"], truncation=True, max_length=max_len)["input_ids"])
         return ids, list(ids)
-    from skillpacks.graft import encode_pair
-
     return encode_pair(tokenizer, record["prompt"], record["response"], max_len)
 
 
@@ -114,15 +104,12 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     returns tuned − base of one. Deltas that are all zero are left out. `dtype`: what the model
     runs in (default: `checkpoint.run_dtype` of the tuned checkpoint).
     """
-    from skillpacks.checkpoint import load_causal_lm, open_checkpoint, run_dtype
-    from skillpacks.graft import collate, response_logits
-
     if not 1 <= max_examples <= MAX_EXAMPLES:
         raise ValueError(f"max_examples={max_examples}; expected 1 to {MAX_EXAMPLES}.")
     records = [check_record(r, f"sensitivity record {i}") for i, r in enumerate(records[:max_examples])]
     if not records:
         raise ValueError("no sensitivity records; expected at least one {\"prompt\", \"response\"} or {\"text\"}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     dtype = dtype or run_dtype(open_checkpoint(tuned_dir))
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -150,7 +137,7 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
     fisher = {name: torch.zeros(vh.shape[0], dtype=torch.float64, device=device) for name, (_, vh) in factors.items()}
     example = {name: torch.zeros_like(f) for name, f in fisher.items()}  # Σ over this example's tokens of uᵢᵀ∇W vᵢ
     handles = _install_projections(model, params, factors, example)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = 0
     try:
@@ -178,8 +165,6 @@ def rank_sensitivity(tuned_dir: str | Path, records: list[dict[str, str]], names
 def _install_projections(model, params: dict, factors: dict, example: dict) -> list:
     """Hooks that add, for every use of a measured weight, Σ_tokens (ΓU)ᵢ (XV)ᵢ to example[name]
     (Γ the gradient of the module's output, X its input); returns their handles."""
-    from torch import nn
-
     measured = {id(params[name]): name for name in factors}
     handles = []
 

@@ -40,8 +40,8 @@ def project_modules() -> list[str]:
 
 
 def python_folders() -> set[Path]:
-    """Every folder of the three packages that holds Python source."""
-    return {p.parent for top in ("skillpacks", "kernels", "server") for p in (REPO / top).rglob("*.py")}
+    """Every folder of the four packages that holds Python source."""
+    return {p.parent for top in ("skillpacks", "evals", "kernels", "server") for p in (REPO / top).rglob("*.py")}
 
 
 def test_every_source_folder_is_a_declared_package():

@@ -9,7 +9,7 @@ from skillpack_server.errors import model_not_found
 from skillpack_server.pack_selection import AUTO_MODEL
 from skillpack_server.routers.deps import get_engine
 from skillpack_server.schemas.models import ModelCard, ModelList
-from skillpacks.router import ROUTER_FILE
+from skillpacks.classifier import ROUTER_FILE
 
 router = APIRouter(tags=["models"])
 OWNER = "skillpack"

@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from skillpacks.build import DEFAULT_BUDGET, PRESETS, build_pack
 from skillpacks.commands import budget_arg
+from skillpacks.hub import resolve_checkpoint
+from skillpacks.sensitivity import DEFAULT_EXAMPLES
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from skillpacks.build import DEFAULT_BUDGET, PRESETS
-    from skillpacks.sensitivity import DEFAULT_EXAMPLES
-
     parser.add_argument("--base", required=True, help="base checkpoint: a folder (safetensors) or a Hugging Face "
                         "model id ORG/NAME, read from the hub cache")
     parser.add_argument("--tuned", required=True, help="fine-tuned checkpoint (folder or model id) with the base's tensors")
@@ -34,15 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skillpacks.build import build_pack
-    from skillpacks.hub import resolve_checkpoint
-
     if args.threads is not None:
         if not 1 <= args.threads <= 1024:
             print(f"skillpack build: --threads {args.threads} is out of range; expected 1 to 1024.", file=sys.stderr)
             return 2
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         base, tuned = resolve_checkpoint(args.base), resolve_checkpoint(args.tuned, "tuned")

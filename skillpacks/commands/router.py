@@ -6,7 +6,16 @@ import json
 import sys
 from pathlib import Path
 
-from skillpacks.router import ROUTER_FILE, RouterError, TrainConfig, examples_path, read_examples, write_examples
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from skillpacks.checkpoint import open_checkpoint, pick_device
+from skillpacks.classifier import (
+    ROUTER_FILE, RouterError, TrainConfig, build_router, examples_path, hf_feature_fn, read_examples, write_examples,
+)
+from skillpacks.default_base import default_base_dir
+from skillpacks.fingerprint import weights_sha256
+from skillpacks.hub import resolve_checkpoint
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,22 +46,10 @@ def _store_examples(packs: Path, specs: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from skillpacks.checkpoint import open_checkpoint
-    from skillpacks.fingerprint import weights_sha256
-    from skillpacks.graft import pick_device
-    from skillpacks.router import build_router, hf_feature_fn
-
     packs = Path(args.packs)
     try:
         if args.base is None:
-            from skillpacks.default_base import default_base_dir
-
             args.base = default_base_dir()
-        from skillpacks.hub import resolve_checkpoint
-
         args.base = resolve_checkpoint(args.base)
         cfg = TrainConfig(hidden=args.hidden, steps=args.steps, seed=args.seed)
         _store_examples(packs, args.examples)

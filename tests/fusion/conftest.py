@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
+from skillpack_evals.skills import demo_split
 from skillpacks.checkpoint import open_checkpoint
+from skillpacks.classifier import TrainConfig, build_router, examples_path, hf_feature_fn, write_examples
 from skillpacks.fingerprint import base_fingerprint
-from skillpacks.router import TrainConfig, build_router, examples_path, hf_feature_fn, write_examples
-from skillpacks.skills import demo_split
 from testbed.tiny_models import build_tiny_pair
 from tests.server.test_runtime import noise_delta, tuned_delta, write_test_pack
 

@@ -15,7 +15,7 @@ from skillpack_server.errors import status_of
 from skillpack_server.exceptions import DomainError
 from skillpack_server.pack_selection import PackSelector, parse_auto_model, runtime_feature_fn
 from skillpack_server.settings import EngineSettings, PackSelectionSettings
-from skillpacks.router import ROUTER_FILE, load_router
+from skillpacks.classifier import ROUTER_FILE, load_router
 from tests.fusion.conftest import write_pack_with_examples
 from tests.server.test_api_common import serve, settings_for
 from tests.server.test_runtime import noise_delta

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from skillpacks.fusion_eval import ensemble_generate, task_arithmetic, ties_merge, ties_tensor
+from skillpack_evals.fusion_eval import ensemble_generate, task_arithmetic, ties_merge, ties_tensor
 
 
 def ties_reference(tensors: list[torch.Tensor], density: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from skillpack_server.model.loader import load_model
 from skillpack_server.pack_selection import runtime_feature_fn
 from skillpacks.checkpoint import write_safetensors
-from skillpacks.router import (
+from skillpacks.classifier import (
     MANIFEST_KEY, Router, RouterError, TrainConfig, decide, fit, hf_feature_fn, load_router, prompt_ids, read_examples,
     read_router_manifest, renderings, save_router, train_router,
 )

@@ -6,7 +6,7 @@ import json
 import shutil
 
 from skillpacks.cli import main
-from skillpacks.router import ROUTER_FILE, load_router, read_examples
+from skillpacks.classifier import ROUTER_FILE, load_router, read_examples
 
 
 def test_router_build_writes_versions_and_stores_examples(fusion, tmp_path, capsys):

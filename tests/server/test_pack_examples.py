@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from skillpacks.router import EXAMPLES_SUFFIX, ROUTER_FILE, load_router
-from skillpacks.skills import demo_split
+from skillpack_evals.skills import demo_split
+from skillpacks.classifier import EXAMPLES_SUFFIX, ROUTER_FILE, load_router
 from tests.server.test_api_common import ADMIN, build_pack, serve, settings_for, snapshot
 
 SKILL_OF = {"arith": "arithmetic", "sql": "sql"}

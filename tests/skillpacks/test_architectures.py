@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillpacks.compress import delta_svd
-from skillpacks.graft import collate, encode_pair, response_logits
+from skillpacks.records import collate, encode_pair, response_logits
 from skillpacks.sensitivity import rank_sensitivity
 from testbed.tiny_models import NEW_ARCHS, build_tiny_pair
 from tests.skillpacks.test_peft import check_export_loads_in_peft, check_import_then_merge

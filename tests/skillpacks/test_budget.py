@@ -3,11 +3,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from skillpack_evals.baselines import compress_deltas
 from skillpacks.budget import (
-    ExactModule, HeaderCost, LowRankModule, SparseModule, allocate, group_size_options, sparse_grid, sparse_spectrum,
-    NOISE_WEIGHT, rank_error, uniform_plans, vector_error,
+    ExactModule, HeaderCost, LowRankModule, SparseModule, allocate, budget_label, group_size_options, parse_budget,
+    sparse_grid, sparse_spectrum, NOISE_WEIGHT, rank_error, uniform_plans, vector_error,
 )
-from skillpacks.baselines import compress_deltas
 from skillpacks.compress import delta_svd, exact_delta, lowrank_delta, rank_bytes, sparse_delta
 from skillpacks.module_kinds import ALWAYS_STORED_KINDS, module_kind, storage_method
 
@@ -192,3 +192,11 @@ def test_discounted_noise_keeps_more_ranks_at_fewer_bits():
     assert dict((b, r) for b, r in default.tier_ranks).get(2, 0) > rank(default) / 2
     with pytest.raises(ValueError, match="noise_weight=0"):
         allocate([m], budget, noise_weight=0)
+
+
+def test_budgets_parse_and_print():
+    assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
+    assert budget_label(1 / 32) == "1/32" and budget_label(0.3) == "0.3"
+    for bad in ("0", "3/2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match=f"budget '{bad}'"):
+            parse_budget(bad)

@@ -68,7 +68,7 @@ def test_read_calibration_texts(tmp_path):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 has no string field \"text\""):
         read_calibration_texts(bad)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ValueError, match="missing.txt"):
         read_calibration_texts(tmp_path / "missing.txt")
 
 

@@ -6,14 +6,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from skillpack_evals.evaluate import mean_kl, read_state, set_weights
 from skillpacks.budget import Plan
 from skillpacks.build import BuildError, ModuleInfo, build_pack, compress_planned, module_spectrum
 from skillpacks.cli import main as cli_main
 from skillpacks.compress import delta_svd
-from skillpacks.evaluate import mean_kl, read_state, set_weights
 from skillpacks.format import read_pack
-from skillpacks.graft import collate, encode_pair, response_logits
-from skillpacks.sensitivity import check_record, rank_sensitivity, read_records
+from skillpacks.records import collate, encode_pair, response_logits
+from skillpacks.sensitivity import check_record, rank_sensitivity, read_sensitivity_records
 
 RECORDS = [{"prompt": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
            for a in range(6) for b in range(4)]
@@ -149,7 +149,7 @@ def test_cli_build_with_sensitivity_and_bad_input(tiny_pairs, tmp_path, capsys):
                    "--sensitivity", str(data), "--sensitivity-examples", "3", "--quiet"])
     assert rc == 0, capsys.readouterr().err
     assert read_pack(out).manifest["build"]["sensitivity"]["examples"] == 3
-    assert len(read_records(data)) == 5
+    assert len(read_sensitivity_records(data)) == 5
     rc = cli_main(["build", "--base", str(pair.base), "--tuned", str(pair.tuned), "--out", str(tmp_path / "p.skillpack"),
                    "--preset", "graftllm", "--sensitivity", str(data), "--quiet"])
     assert rc == 2 and "preset 'graftllm' fixes every module's ranks" in capsys.readouterr().err

@@ -1,15 +1,11 @@
-"""Demo-skill examples: the (prompt, response) record, seeded train/test splits, JSONL I/O."""
+"""Demo-skill examples: the (prompt, response) record and seeded train/test splits."""
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from skillpacks.checkpoint import atomic_write
-
-MAX_EXAMPLES = 1_000_000  # bound on any split or JSONL file we read or write
+MAX_EXAMPLES = 1_000_000  # bound on any split
 
 
 @dataclass(frozen=True)
@@ -19,7 +15,7 @@ class Example:
 
 
 class Skill(Protocol):
-    """What every demo skill module provides (see skillpacks/skills/__init__.py)."""
+    """What every demo skill module provides (see evals/skills/__init__.py)."""
 
     name: str
     max_new_tokens: int
@@ -51,11 +47,3 @@ def make_split(generate: Callable[[random.Random], Example], n_train: int, n_tes
             seen.add(ex.prompt)
             out.append(ex)
     return out[n_test:], out[:n_test]
-
-
-def write_jsonl(examples: list[Example], path: str | Path) -> None:
-    """Write one {"prompt", "response"} object per line, atomically."""
-    path = Path(path)
-    with atomic_write(path, "w") as f:
-        for ex in examples:
-            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from skillpacks.skills.examples import Example
+from skillpack_evals.skills.examples import Example
 
 name = "arithmetic"
 max_new_tokens = 64  # four steps and the result take ~50 tokens

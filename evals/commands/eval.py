@@ -7,10 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from skillpack_evals.evaluate import Score, evaluate_skill, markdown_table, plot, results_payload, write_json
+from skillpacks.budget import parse_budget
+from skillpacks.default_base import default_base_dir
+from skillpacks.hub import resolve_checkpoint
+
 
 def _budgets(text: str) -> list[float]:
-    from skillpacks.evaluate import parse_budget
-
     try:
         return [parse_budget(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
@@ -40,8 +43,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skillpacks.evaluate import Score, evaluate_skill, markdown_table, plot, results_payload, write_json
-
     command = "skillpack eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     try:
         if args.combine:
@@ -55,14 +56,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not args.tuned_root:
                 raise ValueError("--tuned-root is required to score (it holds one fine-tuned checkpoint per skill).")
-            if args.base:
-                from skillpacks.hub import resolve_checkpoint
-
-                base = resolve_checkpoint(args.base)
-            else:
-                from skillpacks.default_base import default_base_dir
-
-                base = default_base_dir()
+            base = resolve_checkpoint(args.base) if args.base else default_base_dir()
             presets = [p for p in args.presets.split(",") if p]
             scores: list[Score] = []
             for skill in [s for s in args.skills.split(",") if s]:

@@ -4,7 +4,7 @@ best pack for everything, and merging every delta into one model (task arithmeti
 One mixed held-out set (the first `n_test` held-out prompts of each skill, chat-rendered)
 is scored for every method; merge strengths λ are tuned on the next `n_val` held-out
 prompts of each skill, never on the test prompts. Every variant is base + one dense
-delta written into one float32 transformers model (`skillpacks.evaluate.set_weights`),
+delta written into one float32 transformers model (`skillpack_evals.evaluate.set_weights`),
 which the serving tests show equals the engine's per-row packs. The optional top-k
 ensemble runs k models side by side and averages their log-probabilities per step.
 """
@@ -16,13 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skillpacks.evaluate import generate, machine, pack_variant, read_state, set_weights, write_json
-from skillpacks.router import (
-    TrainConfig, build_router, examples_path, hf_feature_fn, load_router, prompt_ids, read_router_manifest,
-    routable_packs, write_examples,
+from skillpack_evals.evaluate import generate, machine, pack_variant, read_state, set_weights, write_json
+from skillpack_evals.skills import demo_split, get_skill
+from skillpacks.checkpoint import open_checkpoint
+from skillpacks.classifier import (
+    TrainConfig, build_router, decide, examples_path, hf_feature_fn, load_router, pack_source, prompt_ids,
+    read_router_manifest, routable_packs, write_examples,
 )
-from skillpacks.skills import demo_split, get_skill
+from skillpacks.fingerprint import weights_sha256
+from skillpacks.records import pad_id
 
 MAX_TEST = 1000
 
@@ -73,7 +77,7 @@ def ensemble_generate(models: list, weights: list[float], tokenizer, prompts: li
     if len(models) != len(weights) or not models:
         raise ValueError(f"{len(models)} models and {len(weights)} weights; expected the same nonzero count.")
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = {tokenizer.eos_token_id} | set(_eos_ids(models[0]))
     device = next(models[0].parameters()).device
     out = []
@@ -95,7 +99,7 @@ def ensemble_generate(models: list, weights: list[float], tokenizer, prompts: li
                 logp = torch.log_softmax(res.logits[:, -1].float(), dim=-1) * w
                 total = logp if total is None else total + logp
             token = total.argmax(-1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
+            token = torch.where(done, torch.full_like(token, pad), token)
             generated.append(token)
             done |= torch.isin(token, torch.tensor(sorted(eos), device=device))
             if bool(done.all()):
@@ -144,8 +148,6 @@ def ensure_router(packs_dir: Path, skills: list[str], tokenizer, model, weights_
             write_examples(sidecar, [e.prompt for e in train])
             log(f"wrote {sidecar} ({len(train)} training prompts)")
     router_path = packs_dir / "router.safetensors"
-    from skillpacks.router import pack_source
-
     fresh = False
     if router_path.is_file():
         m = read_router_manifest(router_path)
@@ -175,11 +177,6 @@ def run_fusion_eval(base_dir: Path, packs_dir: Path, skills: list[str], n_test: 
                     ties_density: float = 0.2, ensemble_k: int = 0, n_examples: int = 128, batch_size: int = 30,
                     log=print, on_row=None) -> FusionReport:
     """Score every fusion method on the mixed held-out set; `on_row(report)` after each row."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from skillpacks.checkpoint import open_checkpoint
-    from skillpacks.fingerprint import weights_sha256
-
     if not 1 <= n_test <= MAX_TEST or not 0 <= n_val <= MAX_TEST:
         raise ValueError(f"n_test={n_test}, n_val={n_val}; expected 1..{MAX_TEST} and 0..{MAX_TEST}.")
     missing = [s for s in skills if not (packs_dir / f"{s}.skillpack").is_file()]
@@ -210,8 +207,6 @@ def run_fusion_eval(base_dir: Path, packs_dir: Path, skills: list[str], n_test: 
             on_row(report)
 
     # routing decisions on the test prompts, as the server sees a chat request
-    from skillpacks.router import decide
-
     feats = hf_feature_fn(model)
     set_weights(model, base, None)
     decisions = {s: [decide(router, f, set(router.labels), 1, 0.5, 1.5)

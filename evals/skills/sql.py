@@ -11,7 +11,7 @@ import re
 import sqlite3
 from collections import Counter
 
-from skillpacks.skills.examples import Example
+from skillpack_evals.skills.examples import Example
 
 name = "sql"
 max_new_tokens = 40

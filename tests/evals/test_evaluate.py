@@ -8,11 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from skillpack_evals.evaluate import evaluate_skill, exact_deltas, generate, mean_kl, read_state, set_weights
+from skillpack_evals.skills import demo_split, get_skill
 from skillpacks import cli
-from skillpacks.evaluate import (
-    budget_label, evaluate_skill, exact_deltas, generate, mean_kl, parse_budget, read_state, set_weights,
-)
-from skillpacks.skills import demo_split, get_skill
 from testbed.tiny_models import build_tiny_pair
 
 
@@ -63,14 +61,6 @@ def test_batched_left_padded_generation_matches_one_at_a_time(llama, tiny_tokeni
     assert batched == alone
 
 
-def test_budgets_parse_and_print():
-    assert parse_budget("1/16") == 1 / 16 and parse_budget("0.25") == 0.25
-    assert budget_label(1 / 32) == "1/32" and budget_label(0.3) == "0.3"
-    for bad in ("0", "3/2", "a/b", "1/0"):
-        with pytest.raises(ValueError, match=f"budget '{bad}'"):
-            parse_budget(bad)
-
-
 def test_evaluate_skill_on_a_tiny_pair_scores_every_variant(llama, tmp_path):
     scores = evaluate_skill("sql", llama.base, llama.tuned, tmp_path / "packs", [1 / 4], [], [1 / 4], n_test=3,
                             batch_size=3, log=None, progress=False)
@@ -117,7 +107,7 @@ def test_eval_cli_needs_tuned_root(capsys):
 def test_committed_demo_packs_beat_the_base_on_the_real_model():
     """SmolLM2-135M-Instruct: the base fails json_extract and sql, the committed 1/32 packs solve them."""
     from skillpacks.default_base import default_base_dir
-    from skillpacks.evaluate import pack_variant, score_variant
+    from skillpack_evals.evaluate import pack_variant, score_variant
 
     base_dir = default_base_dir()
     repo = Path(__file__).resolve().parents[2]

@@ -17,11 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skillpacks import baselines
-from skillpacks.checkpoint import atomic_write, open_checkpoint
-from skillpacks.graft import collate, encode_pair, response_logits
-from skillpacks.skills import Example, demo_split, get_skill
+from skillpack_evals import baselines
+from skillpack_evals.skills import Example, demo_split, get_skill
+from skillpacks.budget import budget_label
+from skillpacks.build import build_pack
+from skillpacks.checkpoint import atomic_write, open_checkpoint, pick_device
+from skillpacks.format import read_pack
+from skillpacks.records import collate, encode_pair, pad_id, response_logits
 
 MAX_EVAL_EXAMPLES = 10_000
 
@@ -74,8 +78,6 @@ def exact_deltas(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) 
 
 def pack_variant(path: str | Path, label: str, budget: str | None) -> Variant:
     """The dense deltas a pack reconstructs, with the pack's stored bytes."""
-    from skillpacks.format import read_pack
-
     pack = read_pack(path)
     deltas = {name: d.dense(torch.float32).view(rec.shape) for rec in pack.records
               for name, d in [(rec.name, pack.deltas[rec.name])]}
@@ -104,7 +106,7 @@ def set_weights(model, base: dict[str, torch.Tensor], deltas: dict[str, torch.Te
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 25) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding."""
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = [[{"role": "user", "content": p}] for p in prompts[i:i + batch_size]]
@@ -112,7 +114,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                                             return_tensors="pt", return_dict=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return out
 
@@ -120,11 +122,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
 @torch.no_grad()
 def response_logprobs(model, tokenizer, examples: list[Example], batch_size: int = 25) -> list[torch.Tensor]:
     """Log-softmax over the vocabulary at every reference-response position, per batch: (N, V)."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     data = [encode_pair(tokenizer, e.prompt, e.response, 512) for e in examples]
     out = []
     for i in range(0, len(data), batch_size):
-        logits, _, _ = response_logits(model, collate(data[i:i + batch_size], pad_id, model.device))
+        logits, _, _ = response_logits(model, collate(data[i:i + batch_size], pad, model.device))
         out.append(torch.log_softmax(logits, dim=-1))
     return out
 
@@ -150,30 +152,10 @@ def score_variant(model, tokenizer, skill: str, examples: list[Example], referen
     return accuracy, kl, outputs
 
 
-def budget_label(fraction: float) -> str:
-    """1/16 for 0.0625; the decimal otherwise."""
-    inv = 1 / fraction
-    return f"1/{round(inv)}" if abs(inv - round(inv)) < 1e-9 else f"{fraction:g}"
-
-
-def parse_budget(text: str) -> float:
-    """'1/16' or '0.0625' -> 0.0625, with a sentence on bad input."""
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"budget '{text}' is not a fraction like 1/16 or 0.0625.") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"budget '{text}' = {value} is out of range; expected a fraction in (0, 1].")
-    return value
-
-
 def ensure_pack(base_dir: Path, tuned_dir: Path, path: Path, name: str, budget: float | None,
                 preset: str | None, progress: bool, sensitivity: list[dict[str, str]] | None = None) -> Path:
     """Build the pack at `path` unless it is already there (budget builds weighed on `sensitivity`)."""
     if not path.exists():
-        from skillpacks.build import build_pack
-
         path.parent.mkdir(parents=True, exist_ok=True)
         build_pack(base_dir, tuned_dir, path, name=name, budget=budget, preset=preset, progress=progress,
                    sensitivity=None if preset else sensitivity)
@@ -190,10 +172,6 @@ def evaluate_skill(skill: str, base_dir: Path, tuned_dir: Path, packs_dir: Path,
     training pairs as `skillpack graft` builds them); `on_score(scores)` is called after
     each variant so that a caller can save partial results.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from skillpacks.graft import pick_device
-
     if log is None:
         def log(_msg: str) -> None:
             pass
@@ -309,10 +287,10 @@ def plot(scores: list[Score], path: Path) -> None:
     """Per skill, accuracy (top) and KL to the fine-tune (bottom) against stored size: budget packs
     as a curve, presets and each baseline as their own markers, base and fine-tune accuracy as
     horizontal lines."""
-    import matplotlib
+    import matplotlib  # optional: installed with the dev extra, needed only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot fixes its backend when imported
 
     skills = sorted({s.skill for s in scores})
     fig, axes = plt.subplots(2, len(skills), figsize=(5 * len(skills), 7.5), squeeze=False)

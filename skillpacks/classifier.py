@@ -1,4 +1,4 @@
-"""The pack router: a small classifier over the base model's pooled hidden states of a prompt.
+"""The classifier that picks packs for `model: auto`, over the base model's pooled hidden states of a prompt.
 
 Each pack that wants to be routable carries example prompts in a sidecar file
 `NAME.examples.jsonl` next to `NAME.skillpack` (one JSON object per line with a
@@ -12,8 +12,8 @@ layer when `hidden=0`) trained full-batch with a seeded AdamW. It also keeps, pe
 class, the centroid of the standardised training features and the largest distance of
 a training example to it: a prompt far outside every class goes to the base model.
 
-A router is stored as one safetensors file (tensors + a JSON manifest in the metadata,
-never a pickle). The manifest names the base (its weight hash) and every pack it was
+It is stored as the router file, `router.safetensors` (`skillpack router build`): one
+safetensors file, tensors + a JSON manifest in the metadata, never a pickle. The manifest names the base (its weight hash) and every pack it was
 built from (payload hash, examples hash), so a server can tell when it is stale.
 """
 from __future__ import annotations
@@ -30,9 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from skillpacks.checkpoint import CheckpointError, read_header, write_safetensors
-from skillpacks.format import PackError, read_manifest, validate_pack_name
+from skillpacks.errors import PackError
+from skillpacks.format import read_manifest, validate_pack_name
+from skillpacks.jsonl import MAX_FIELD_CHARS, excerpt, json_lines, open_bounded, write_jsonl
 
 ROUTER_FORMAT = "skillpack-router"
 ROUTER_FORMAT_VERSION = 1
@@ -42,8 +45,6 @@ EXAMPLES_SUFFIX = ".examples.jsonl"
 PACK_SUFFIX = ".skillpack"
 
 MAX_EXAMPLE_LINES = 100_000  # lines read from one sidecar
-MAX_EXAMPLES_BYTES = 64 << 20
-MAX_PROMPT_CHARS = 20_000
 MAX_FEATURE_TOKENS = 512  # a prompt's feature pools its last 512 tokens
 MAX_CLASSES = 256
 MAX_HIDDEN = 4096
@@ -67,13 +68,7 @@ def examples_path(packs_dir: str | os.PathLike, name: str) -> Path:
 
 def read_examples(path: str | os.PathLike) -> list[str]:
     """The prompts of a sidecar JSONL file, checked and bounded."""
-    path = Path(path)
-    if not path.is_file():
-        raise RouterError(f"examples file {path} does not exist.")
-    size = path.stat().st_size
-    if size > MAX_EXAMPLES_BYTES:
-        raise RouterError(f"examples file {path} is {size} bytes; the limit is {MAX_EXAMPLES_BYTES}.")
-    with open(path, encoding="utf-8") as f:
+    with _as_router_errors(), open_bounded(path, "examples file") as f:
         return parse_examples(f, f"examples file {path}")
 
 
@@ -81,38 +76,35 @@ def parse_examples(lines: Iterable[str], source: str) -> list[str]:
     """The prompts of sidecar JSONL lines, checked and bounded; `source` names them in errors
     (a path, or the server's upload field), so a file and an upload are judged alike."""
     prompts = []
-    for i, line in enumerate(lines, 1):
-        if i > MAX_EXAMPLE_LINES:
-            raise RouterError(f"{source} has more than {MAX_EXAMPLE_LINES} lines.")
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RouterError(f"{source} line {i} is not JSON ({e.msg}): {_excerpt(line)}; expected an object "
-                              "with a 'prompt'.") from None
-        prompt = record.get("prompt") if isinstance(record, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise RouterError(f"{source} line {i} has no non-empty 'prompt' string: {_excerpt(line)}.")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise RouterError(f"{source} line {i}: the prompt has {len(prompt)} characters; the limit is "
-                              f"{MAX_PROMPT_CHARS}.")
-        prompts.append(prompt)
+    with _as_router_errors():
+        for i, record, line in json_lines(lines, source, MAX_EXAMPLE_LINES, "an object with a 'prompt'"):
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise RouterError(f"{source} line {i} has no non-empty 'prompt' string: {excerpt(line)}.")
+            if len(prompt) > MAX_FIELD_CHARS:
+                raise RouterError(f"{source} line {i}: the prompt has {len(prompt)} characters; the limit is "
+                                  f"{MAX_FIELD_CHARS}.")
+            prompts.append(prompt)
     if not prompts:
         raise RouterError(f"{source} holds no prompts; expected at least one.")
     return prompts
 
 
-def _excerpt(line: str, limit: int = 80) -> str:
-    line = line.strip()
-    return repr(line if len(line) <= limit else line[:limit] + "...")
+@contextmanager
+def _as_router_errors():
+    """The JSON-lines reader's ValueErrors (no such file, too large, not JSON, too many lines)
+    raised as RouterErrors, the class every caller of the examples readers catches."""
+    try:
+        yield
+    except RouterError:
+        raise
+    except ValueError as e:
+        raise RouterError(str(e)) from None
 
 
 def write_examples(path: str | os.PathLike, prompts: list[str]) -> Path:
     """Write a sidecar atomically (temp + fsync + rename)."""
-    from skillpacks.skills.examples import Example, write_jsonl
-
-    write_jsonl([Example(p, "") for p in prompts], path)
+    write_jsonl([{"prompt": p, "response": ""} for p in prompts], path)
     return Path(path)
 
 
@@ -528,8 +520,6 @@ def _check_manifest(path, m: object) -> dict:
 
 def load_router(path: str | os.PathLike) -> Router:
     """Read and check a router file: manifest schema, tensor names, shapes, finite values."""
-    from safetensors import safe_open
-
     size = os.path.getsize(path)
     if size > MAX_ROUTER_BYTES:
         raise RouterError(f"{path} is {size} bytes; a router file is at most {MAX_ROUTER_BYTES}.")

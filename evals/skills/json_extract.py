@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 
-from skillpacks.skills.examples import Example
+from skillpack_evals.skills.examples import Example
 
 name = "json_extract"
 max_new_tokens = 40

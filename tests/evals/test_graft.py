@@ -3,19 +3,20 @@ a real (tiny) fine-tune, the teacher protocol against a local OpenAI-format HTTP
 import json
 import math
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from skillpack_evals.graft import TrainConfig, dpo_loss, response_logprob, response_loss, sft, teacher_pairs
+from skillpack_evals.skills import demo_split
 from skillpacks import cli
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.format import read_pack
-from skillpacks.graft import (
-    TrainConfig, collate, dpo_loss, encode_pair, read_records, response_logprob, response_loss, sft, teacher_pairs,
-)
-from skillpacks.skills import demo_split, write_jsonl
+from skillpacks.jsonl import write_jsonl
+from skillpacks.records import collate, encode_pair, read_records
 from testbed.tiny_models import build_tiny_pair
 
 PAIRS = [{"prompt": f"Add {a} and {b}.", "response": f"{a} + {b} = {a + b}"} for a in range(6) for b in range(4)]
@@ -108,7 +109,7 @@ def test_train_config_and_records_reject_bad_values(tmp_path):
     with pytest.raises(ValueError, match="line 2: field 'response' is None"):
         read_records(bad, ("prompt", "response"))
     bad.write_text("not json\n")
-    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
         read_records(bad, ("prompt", "response"))
     with pytest.raises(ValueError, match="does not exist"):
         read_records(tmp_path / "missing.jsonl", ("prompt",))
@@ -161,7 +162,7 @@ def test_teacher_answers_become_the_training_pairs(teacher_url):
 def test_graft_cli_fine_tunes_with_dpo_and_writes_a_pack(llama, tmp_path, teacher_url):
     train, _ = demo_split("arithmetic", n_train=16, n_test=2)
     data = tmp_path / "train.jsonl"
-    write_jsonl(train, data)
+    write_jsonl([asdict(e) for e in train], data)
     dpo = tmp_path / "dpo.jsonl"
     dpo.write_text("".join(json.dumps({"prompt": e.prompt, "chosen": e.response, "rejected": "I cannot."}) + "\n"
                            for e in train[:8]))

@@ -9,6 +9,7 @@ architecture (the paper's heterogeneous source transfer).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from skillpacks.checkpoint import atomic_folder
+from skillpacks.build import DEFAULT_BUDGET, build_pack
+from skillpacks.checkpoint import atomic_folder, pick_device
+from skillpacks.records import collate, encode_pair, pad_id, response_logits
 
-MAX_RECORDS = 200_000  # bound on a training file's lines
-MAX_FIELD_CHARS = 20_000  # bound on one prompt or response
 MAX_STEPS = 1_000_000
 
 
@@ -49,70 +51,6 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be between 1 and 1024.")
         if not 8 <= self.max_len <= 32_768:
             raise ValueError(f"max_len={self.max_len} must be between 8 and 32768.")
-
-
-def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
-    """Read a JSONL file whose every line is an object with string `fields` (others ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"training file {path} does not exist.")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if len(out) >= MAX_RECORDS:
-                raise ValueError(f"{path} has more than {MAX_RECORDS} records; split it or sample it.")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno} is not valid JSON ({e.msg}).") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {lineno} is a {type(obj).__name__}; expected an object with {list(fields)}.")
-            for k in fields:
-                v = obj.get(k)
-                if not isinstance(v, str) or not v:
-                    raise ValueError(f"{path} line {lineno}: field '{k}' is {v!r}; expected a non-empty string.")
-                if len(v) > MAX_FIELD_CHARS:
-                    raise ValueError(f"{path} line {lineno}: field '{k}' has {len(v)} characters; the limit is {MAX_FIELD_CHARS}.")
-            out.append({k: obj[k] for k in fields})
-    if not out:
-        raise ValueError(f"{path} holds no records; expected JSON lines with {list(fields)}.")
-    return out
-
-
-def encode_pair(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids of the chat `[user: prompt, assistant: response]` and labels on the response only.
-
-    Labels are -100 on the prompt part (everything the generation prompt already holds),
-    so the loss trains what the model says, not what it is asked.
-    """
-    user = [{"role": "user", "content": prompt}]
-    prompt_ids = _ids(tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True))
-    full_ids = _ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=True))
-    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) <= len(prompt_ids):
-        raise ValueError("the tokenizer's chat template does not render the prompt as a prefix of the "
-                         "full conversation; cannot tell response tokens from prompt tokens.")
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
-    return full_ids[:max_len], labels[:max_len]
-
-
-def _ids(encoded) -> list[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Right-pad a batch of (ids, labels); padding is masked out of attention and loss."""
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 def _batches(n_items: int, batch_size: int, steps: int, seed: int):
@@ -146,13 +84,13 @@ def sft(model, tokenizer, pairs: list[dict[str, str]], cfg: TrainConfig, progres
     """Fine-tune every parameter of `model` in place on (prompt, response) pairs; returns the losses."""
     torch.manual_seed(cfg.seed)
     data = [encode_pair(tokenizer, p["prompt"], p["response"], cfg.max_len) for p in pairs]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg)
     model.train()
     losses, t0 = [], time.time()
     for step, idx in enumerate(_batches(len(data), cfg.batch_size, cfg.steps, cfg.seed)):
-        loss = response_loss(model, collate([data[i] for i in idx], pad_id, model.device))
+        loss = response_loss(model, collate([data[i] for i in idx], pad, model.device))
         losses.append(_optimizer_step(model, opt, sched, loss, cfg.grad_clip))
         if step % 10 == 0 or step == cfg.steps - 1:
             _log(progress, f"sft step {step + 1}/{cfg.steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
@@ -168,22 +106,6 @@ def _optimizer_step(model, opt, sched, loss: torch.Tensor, grad_clip: float) -> 
     sched.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a labelled token: (N, V), their targets (N,), the mask (B, T-1).
-
-    The output head runs on those positions only: with a 49k vocabulary it is a large
-    part of each step, and most positions are prompt tokens that carry no loss.
-    """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]  # position t predicts token t+1
-    keep = labels != -100  # (B, T-1)
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:  # Gemma caps its logits after the head: the model's distribution is the capped one
-        logits = torch.tanh(logits / cap) * cap
-    return logits.float(), labels[keep], keep
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,7 +135,7 @@ def dpo(model, reference, tokenizer, triples: list[dict[str, str]], cfg: TrainCo
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta={beta} must be a positive finite number.")
     torch.manual_seed(cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     chosen = [encode_pair(tokenizer, t["prompt"], t["chosen"], cfg.max_len) for t in triples]
     rejected = [encode_pair(tokenizer, t["prompt"], t["rejected"], cfg.max_len) for t in triples]
     reference.eval().requires_grad_(False)
@@ -222,7 +144,7 @@ def dpo(model, reference, tokenizer, triples: list[dict[str, str]], cfg: TrainCo
     model.train()
     losses = []
     for step, idx in enumerate(_batches(len(triples), cfg.batch_size, cfg.steps, cfg.seed)):
-        both = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, model.device)
+        both = collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad, model.device)
         n = len(idx)
         with torch.no_grad():
             ref = response_logprob(reference, both)
@@ -238,7 +160,7 @@ def dpo(model, reference, tokenizer, triples: list[dict[str, str]], cfg: TrainCo
 def teacher_pairs(url: str, prompts: list[str], model: str = "default", api_key: str | None = None,
                   max_tokens: int = 256, timeout: float = 120.0) -> list[dict[str, str]]:
     """Ask an OpenAI-compatible chat endpoint (greedy) to answer each prompt; returns the pairs."""
-    from openai import OpenAI
+    from openai import OpenAI  # optional: installed with the dev extra, needed only for a teacher
 
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"teacher URL '{url}' must start with http:// or https://.")
@@ -255,17 +177,8 @@ def teacher_pairs(url: str, prompts: list[str], model: str = "default", api_key:
     return out
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """`device`, or the first CUDA device when there is one, else the CPU."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def load_model(base_dir: str | Path, device: str | None = None):
     """The base model in float32 (the training precision) on `device`, and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise ValueError(f"base folder {base_dir} has no config.json; expected a Hugging Face checkpoint.")
@@ -295,8 +208,6 @@ def finetune(base_dir: str | Path, pairs: list[dict[str, str]], tuned_dir: str |
     losses = sft(model, tokenizer, pairs, cfg, progress)
     stats = {"sft_steps": cfg.steps, "sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
     if dpo_triples:
-        import copy
-
         reference = copy.deepcopy(model)
         dlosses = dpo(model, reference, tokenizer, dpo_triples, dpo_cfg or cfg, beta, progress)
         stats.update(dpo_steps=len(dlosses), dpo_first_loss=dlosses[0], dpo_last_loss=dlosses[-1])
@@ -307,7 +218,7 @@ def finetune(base_dir: str | Path, pairs: list[dict[str, str]], tuned_dir: str |
 
 
 def graft(base_dir: str | Path, pairs: list[dict[str, str]], out: str | Path, cfg: TrainConfig,
-          name: str | None = None, description: str = "", budget: float = 1 / 16,
+          name: str | None = None, description: str = "", budget: float = DEFAULT_BUDGET,
           keep_tuned: str | Path | None = None, dpo_triples: list[dict[str, str]] | None = None,
           dpo_cfg: TrainConfig | None = None, beta: float = 0.1, progress: bool = True, device: str | None = None,
           sensitivity: bool = True) -> dict:
@@ -315,8 +226,6 @@ def graft(base_dir: str | Path, pairs: list[dict[str, str]], out: str | Path, cf
 
     With `sensitivity` the build weighs each rank by its measured effect on the fine-tune's
     outputs for `pairs` (skillpacks/sensitivity.py)."""
-    from skillpacks.build import build_pack
-
     work = None if keep_tuned else Path(tempfile.mkdtemp(prefix="graft-tuned-"))
     tuned_dir = Path(keep_tuned) if keep_tuned else work / "tuned"
     try:

@@ -6,7 +6,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from skillpacks.skills import SKILLS
+from skillpack_evals.fusion_eval import markdown_table, run_fusion_eval, save_report
+from skillpack_evals.skills import SKILLS
+from skillpacks.default_base import default_base_dir
+from skillpacks.hub import resolve_checkpoint
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,14 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skillpacks.fusion_eval import markdown_table, run_fusion_eval, save_report
-
-    from skillpacks.hub import resolve_checkpoint
-
     try:
         if args.base is None:
-            from skillpacks.default_base import default_base_dir
-
             args.base = default_base_dir()
         args.base = resolve_checkpoint(args.base)
     except ValueError as e:

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from skillpacks.skills import SKILLS, demo_split, get_skill, make_split
-from skillpacks.skills import arithmetic, json_extract, sql
+from skillpack_evals.skills import SKILLS, demo_split, get_skill, make_split
+from skillpack_evals.skills import arithmetic, json_extract, sql
 
 
 @pytest.mark.parametrize("name", sorted(SKILLS))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from skillpack_kernels.quant import dequantize_groupwise, quantize_groupwise
-from skillpacks import baselines as B
+from skillpack_evals import baselines as B
 
 
 def low_rank_delta(out_f=48, in_f=80, rank=6, seed=0) -> torch.Tensor:

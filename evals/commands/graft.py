@@ -5,7 +5,13 @@ import argparse
 import json
 import sys
 
+from skillpack_evals.graft import TrainConfig, graft, teacher_pairs
+from skillpacks.build import DEFAULT_BUDGET
 from skillpacks.commands import budget_arg
+from skillpacks.default_base import default_base_dir
+from skillpacks.hub import resolve_checkpoint
+from skillpacks.jsonl import write_jsonl
+from skillpacks.records import read_records
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="shuffling and initialisation seed (default 0)")
     parser.add_argument("--no-sensitivity", action="store_true",
                         help="build without weighing ranks on the training pairs (faster; see docs/BUILD.md)")
-    parser.add_argument("--budget", type=budget_arg, default=1 / 16,
+    parser.add_argument("--budget", type=budget_arg, default=DEFAULT_BUDGET,
                         help="pack size as a fraction of the fp16 delta, e.g. 1/16 (default) or 1/32")
     parser.add_argument("--keep-tuned", help="also keep the fine-tuned checkpoint (float32) in this folder")
     parser.add_argument("--dpo", help='JSONL of {"prompt", "chosen", "rejected"}: a DPO stage after SFT')
@@ -38,9 +44,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from skillpacks.graft import TrainConfig, graft, read_records, teacher_pairs
-    from skillpacks.skills import Example, write_jsonl
-
     try:
         if bool(args.teacher) != bool(args.prompts):
             raise ValueError("--teacher and --prompts go together: the teacher answers the prompts file.")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             pairs = read_records(args.data, ("prompt", "response"))
         if args.save_data:
-            write_jsonl([Example(p["prompt"], p["response"]) for p in pairs], args.save_data)
+            write_jsonl(pairs, args.save_data)
         cfg = TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                           warmup_steps=min(args.warmup_steps, args.steps), seed=args.seed)
         triples, dpo_cfg = None, None
@@ -60,14 +63,7 @@ def run(args: argparse.Namespace) -> int:
             triples = read_records(args.dpo, ("prompt", "chosen", "rejected"))
             dpo_cfg = TrainConfig(steps=args.dpo_steps, lr=args.dpo_lr, batch_size=args.batch_size,
                                   warmup_steps=min(args.warmup_steps, args.dpo_steps), seed=args.seed)
-        if args.base:
-            from skillpacks.hub import resolve_checkpoint
-
-            base = resolve_checkpoint(args.base)
-        else:
-            from skillpacks.default_base import default_base_dir
-
-            base = default_base_dir()
+        base = resolve_checkpoint(args.base) if args.base else default_base_dir()
         manifest = graft(base, pairs, args.out, cfg, name=args.name, description=args.description,
                          budget=args.budget, keep_tuned=args.keep_tuned, dpo_triples=triples, dpo_cfg=dpo_cfg,
                          beta=args.beta, progress=not args.quiet, device=args.device,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from skillpacks.skills import arithmetic, json_extract, sql
-from skillpacks.skills.examples import Example, Skill, make_split, write_jsonl
+from skillpack_evals.skills import arithmetic, json_extract, sql
+from skillpack_evals.skills.examples import Example, Skill, make_split
 
 SKILLS: dict[str, ModuleType] = {m.name: m for m in (arithmetic, json_extract, sql)}
 
@@ -25,4 +25,4 @@ def demo_split(name: str, n_train: int = N_TRAIN, n_test: int = N_TEST,
     return make_split(get_skill(name).generate, n_train, n_test, seed)
 
 
-__all__ = ["SKILLS", "Example", "Skill", "demo_split", "get_skill", "make_split", "write_jsonl"]
+__all__ = ["SKILLS", "Example", "Skill", "demo_split", "get_skill", "make_split"]
