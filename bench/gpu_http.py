@@ -23,7 +23,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,16 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_engine import DISTINCT_PACKS, PACK_NAMES, ensure_packs, ensure_random_base  # noqa: E402
+from testbed.load import free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 READY = "SkillPack Server is ready on"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

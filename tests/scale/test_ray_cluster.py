@@ -13,7 +13,6 @@ Everything is bounded in time and the cluster is shut down by the fixture.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from skillpack_server.ray_serve import MULTIPLEX_HEADER, REPLICA_HEADER, build_application
+from testbed.load import free_port
 from tests.scale.conftest import PACK_SCALES
 from tests.scale.test_replica_app import answer
 from tests.server.test_api_common import ADMIN, settings_for
@@ -35,12 +35,6 @@ OBJECT_STORE_BYTES = 128 * 1024 * 1024  # requests and answers are small; Ray's 
 ROUNDS = 3
 PROMPT = "3 plus 4 is"
 LOGPROB_ATOL = 1e-4  # rows batched together round differently (the engine's own tests use the same bound)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 from skillpack_server.settings import Settings
 from skillpacks.cli import main
+from testbed.load import free_port
 from tests.server.test_api_common import ADMIN, build_pack, serve, settings_for, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +42,6 @@ def user_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SKILLPACK_")}
     return env | {"XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
                   "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
