@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_kernels.lowrank_slots import BitPool, LowRankSlots
 from skillpack_kernels.quant import dequantize_groupwise, quantize_groupwise
 from skillpack_kernels.row_packs import RowPacks
@@ -74,6 +75,20 @@ def dense_reference(y: torch.Tensor, x: torch.Tensor, deltas: list[LowRankDelta]
         dense = d.dense(torch.float64).to(y.device)  # (out, in)
         ref.index_add_(0, idx, (xd[idx] @ dense.T) * w[:, None])
     return ref
+
+
+def check_add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs: RowPacks,
+                      deltas: list[LowRankDelta], mix: list[list[tuple[int, float]]], atol: float, rtol: float,
+                      shape: str = "auto") -> None:
+    """`add_lowrank` on Triton and on the torch path, each from a copy of y: the kernels' result against
+    the torch path's and the float64 dense reference; rows without a pack bitwise untouched."""
+    y_kernel, y_torch = y.clone(), y.clone()
+    add_lowrank(y_kernel, x, slots, row_packs, backend="triton", shape=shape)
+    add_lowrank(y_torch, x, slots, row_packs, backend="torch")
+    torch.testing.assert_close(y_kernel.float(), y_torch.float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, deltas, mix), atol=atol, rtol=rtol)
+    base = [i for i, p in enumerate(mix) if not p]
+    assert torch.equal(y_kernel[base], y[base])
 
 
 def shrink_reference(x: torch.Tensor, deltas: list[LowRankDelta], pools: list[BitPool], t_cols: list[int],

@@ -6,7 +6,7 @@ import torch
 
 from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_kernels.row_packs import RowPacks
-from tests.kernels.delta_cases import dense_reference, load_slots, make_delta, row_mix
+from tests.kernels.delta_cases import check_add_lowrank, dense_reference, load_slots, make_delta, row_mix
 
 pytestmark = pytest.mark.gpu
 
@@ -33,18 +33,10 @@ def test_compiled_kernels_at_real_shapes(cuda, in_f, out_f, dtype, shape, rows, 
     ds = [make_delta(in_f, out_f, tiers, group_size=128, seed=i, device=cuda) for i, tiers in enumerate(TIERS)]
     slots = load_slots(ds, dtype, device=cuda, max_rank=64, num_slots=8)
     mix = row_mix(kind, rows, len(ds), seed=rows)
-    rp = RowPacks.build(mix, cuda)
     g = torch.Generator(device=cuda).manual_seed(rows)
     x = torch.randn(rows, in_f, device=cuda, generator=g).to(dtype)
     y = torch.randn(rows, out_f, device=cuda, generator=g).to(dtype)
-    y_kernel, y_twin = y.clone(), y.clone()
-    add_lowrank(y_kernel, x, slots, rp, backend="triton", shape=shape)
-    add_lowrank(y_twin, x, slots, rp, backend="torch")
-    atol, rtol = GPU_TOLERANCES[dtype]
-    torch.testing.assert_close(y_kernel.float(), y_twin.float(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)
-    base = [i for i, p in enumerate(mix) if not p]
-    assert torch.equal(y_kernel[base], y[base])
+    check_add_lowrank(y, x, slots, RowPacks.build(mix, cuda), ds, mix, *GPU_TOLERANCES[dtype], shape=shape)
 
 
 @pytest.mark.parametrize("group_size", [8, 32])

@@ -6,7 +6,7 @@ import torch
 from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_kernels.row_packs import RowPacks
 from tests.kernels.delta_cases import (
-    IN_F, OUT_F, TOLERANCES, batch, dense_reference, load_slots, make_delta, make_deltas, row_mix,
+    IN_F, OUT_F, TOLERANCES, batch, check_add_lowrank, dense_reference, load_slots, make_delta, make_deltas, row_mix,
 )
 
 
@@ -18,16 +18,8 @@ def test_add_lowrank_matches_twin_and_float64(dtype, kind, rows, shape):
     ds = make_deltas()
     slots = load_slots(ds, dtype)
     mix = row_mix(kind, rows, len(ds), seed=rows)
-    rp = RowPacks.build(mix, "cpu")
     x, y = batch(rows, dtype, rows)
-    y_kernel, y_twin = y.clone(), y.clone()
-    add_lowrank(y_kernel, x, slots, rp, backend="triton", shape=shape)
-    add_lowrank(y_twin, x, slots, rp, backend="torch")
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(y_kernel.float(), y_twin.float(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(y_kernel.double(), dense_reference(y, x, ds, mix), atol=atol, rtol=rtol)
-    base = [i for i, p in enumerate(mix) if not p]
-    assert torch.equal(y_kernel[base], y[base])
+    check_add_lowrank(y, x, slots, RowPacks.build(mix, "cpu"), ds, mix, *TOLERANCES[dtype], shape=shape)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
