@@ -11,8 +11,7 @@ is laid out head-major (`kv_cache.head_major_cache`) and a request's pages are o
 the allocator finds one, so a sequence's keys are usually a view of the cache, read in place. On CUDA
 (without soft-capping) decode rows go to the Triton kernel that reads K/V pages in place
 (`skillpack_kernels.paged_attention`); prefill chunks run per sequence through SDPA (flash when
-the chunk starts the sequence). On the CPU, decode rows are one grouped matmul per sequence,
-or one padded batch when there are many of similar length (fewer, larger ops).
+the chunk starts the sequence). On the CPU, decode rows are one grouped matmul per sequence.
 """
 from __future__ import annotations
 
@@ -21,9 +20,6 @@ import torch.nn.functional as F
 
 from skillpack_server.model.batch import SeqSpan, StepBatch
 
-# padded batching of decode rows pays off once there are this many, with at most this much padding
-BATCH_DECODE_MIN_ROWS = 4
-BATCH_DECODE_MAX_PADDING = 0.5
 # decode rows through the Triton kernel: "auto" = on CUDA; tests set "triton" to run it interpreted
 DECODE_KERNEL = "auto"
 
@@ -49,9 +45,10 @@ def paged_attention(
     kernel = q.is_cuda if DECODE_KERNEL == "auto" else DECODE_KERNEL == "triton"
     if decode and kernel and softcap is None:
         _decode_in_place(q, k_cache, v_cache, batch, page_size, scale, sliding_window, out)
-    elif decode and _batch_the_decode_rows(decode, page_size):
-        _decode_padded(q, k_cache, v_cache, decode, page_size, scale, sliding_window, softcap, out)
     else:
+        # one grouped matmul per sequence over its keys where they lie: measured faster than
+        # gathering every row's pages into one padded batch at every batch size and length
+        # tried (4-32 rows, 128-2048 tokens; the gather copies K and V once more per layer)
         for span in decode:
             out[span.first] = _attend(q[span.first : span.first + 1], k_cache, v_cache, span, page_size, scale,
                                       sliding_window, softcap)[0]
@@ -126,44 +123,6 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span:
     probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
     out = torch.bmm(probs, values)  # (KVH, G*T, D)
     return out.view(heads, t, dim).transpose(0, 1)
-
-
-def _batch_the_decode_rows(decode: list[SeqSpan], page_size: int) -> bool:
-    """Many decode rows of similar length: one padded batch beats a loop of small ops."""
-    if len(decode) < BATCH_DECODE_MIN_ROWS:
-        return False
-    pages = [len(s.pages) for s in decode]
-    return max(pages) * len(pages) <= (1 + BATCH_DECODE_MAX_PADDING) * sum(pages)
-
-
-def _decode_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, decode: list[SeqSpan],
-                   page_size: int, scale: float, window: int | None, softcap: float | None, out: torch.Tensor) -> None:
-    """Every decode row at once over its pages, padded to the longest (a few pages at most)."""
-    heads, dim = q.shape[1:]
-    kv_heads = k_cache.shape[1]
-    width = max(len(s.pages) for s in decode)
-    tables = torch.zeros(len(decode), width, dtype=torch.long, device=q.device)
-    for i, s in enumerate(decode):
-        tables[i, : len(s.pages)] = s.pages
-    rows = torch.tensor([s.first for s in decode], device=q.device)
-    lens = torch.tensor([s.context_len for s in decode], device=q.device)
-
-    def pages_of(cache: torch.Tensor) -> torch.Tensor:  # (B, KVH, K, D)
-        blocks = _heads(cache).view(kv_heads, -1, page_size, dim)[:, tables]  # (KVH, B, W, page, D)
-        return blocks.transpose(0, 1).reshape(len(decode), kv_heads, width * page_size, dim)
-
-    keys, values = pages_of(k_cache), pages_of(v_cache)
-    key_pos = torch.arange(width * page_size, device=q.device)
-    visible = key_pos < lens[:, None]  # (B, K)
-    if window is not None:
-        visible &= key_pos > lens[:, None] - 1 - window
-    # past a sequence's end lie other requests' cells, maybe non-finite: 0 x NaN would leak
-    values = values.masked_fill(~visible[:, None, :, None], 0)
-    qg = q[rows].view(len(decode), kv_heads, heads // kv_heads, dim)  # (B, KVH, G, D)
-    scores = _capped(qg @ keys.transpose(2, 3) * scale, softcap)  # (B, KVH, G, K)
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out[rows] = (probs @ values).reshape(len(decode), heads, dim)
 
 
 def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,

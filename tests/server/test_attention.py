@@ -1,7 +1,7 @@
 """The runtime's paged attention against a float64 loop over each query's keys: steps that mix
 prefill chunks (with and without a cached prefix) and decode rows, GQA, sliding windows,
-soft-capping, both decode paths (per sequence and padded batch) and the Triton kernel's wiring
-(interpreted), with NaN in every cache slot no sequence owns."""
+soft-capping, decode rows of similar and of very different lengths and the Triton kernel's wiring
+(interpreted), with NaN in every cache cell no sequence owns."""
 from __future__ import annotations
 
 import math
@@ -79,8 +79,8 @@ def run_case(specs, window=None, softcap=None, kernel="auto", runs=False):
 
 
 MIXED = [(0, 9), (13, 1), (5, 6), (22, 1), (0, 1)]  # a fresh prompt, decode, a chunk after a prefix, ...
-DECODE_ONLY = [(c, 1) for c in (17, 19, 21, 18, 20, 16)]  # similar lengths: the padded batch
-UNEVEN = [(c, 1) for c in (3, 40, 2, 39)]  # too much padding: one sequence at a time
+DECODE_ONLY = [(c, 1) for c in (17, 19, 21, 18, 20, 16)]  # decode rows of similar lengths
+UNEVEN = [(c, 1) for c in (3, 40, 2, 39)]  # decode rows of very different lengths
 
 
 @pytest.mark.parametrize("specs", [MIXED, DECODE_ONLY, UNEVEN], ids=["mixed", "decode-batched", "decode-uneven"])
@@ -89,13 +89,6 @@ UNEVEN = [(c, 1) for c in (3, 40, 2, 39)]  # too much padding: one sequence at a
 @pytest.mark.parametrize("runs", [False, True], ids=["scattered-pages", "page-runs"])
 def test_attention_equals_a_float64_loop(specs, window, softcap, runs):
     run_case(specs, window, softcap, runs=runs)
-
-
-def test_the_decode_paths_are_the_ones_meant():
-    decode = lambda specs: [s for s in make_step(specs)[0].spans if s.rows == 1]  # noqa: E731
-    assert attention._batch_the_decode_rows(decode(DECODE_ONLY), PAGE)
-    assert not attention._batch_the_decode_rows(decode(UNEVEN), PAGE)
-    assert not attention._batch_the_decode_rows(decode(DECODE_ONLY[:3]), PAGE)
 
 
 @pytest.mark.parametrize("window", [None, 6])
