@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from skillpack_server.auth import require_admin, require_api_key
+from skillpack_server.engine.engine import Engine
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import error_response, install_error_handlers
 from skillpack_server.metrics import Metrics
@@ -18,6 +19,8 @@ from skillpack_server.openapi import install_openapi
 from skillpack_server.pack_store import PackStore
 from skillpack_server.routers import admin, chat, completions, health, models
 from skillpack_server.settings import Settings, get_settings
+from skillpacks.default_base import default_base_dir
+from skillpacks.hub import resolve_checkpoint
 
 log = logging.getLogger("skillpack.server")
 
@@ -29,17 +32,11 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an upload's
 
 def base_dir(settings: Settings) -> Path:
     if settings.base is not None:
-        from skillpacks.hub import resolve_checkpoint  # a folder, or a Hugging Face model id from its cache
-
-        return resolve_checkpoint(settings.base)
-    from skillpacks.default_base import default_base_dir
-
+        return resolve_checkpoint(settings.base)  # a folder, or a Hugging Face model id from its cache
     return default_base_dir()
 
 
 def default_engine(settings: Settings) -> EngineProtocol:
-    from skillpack_server.engine.engine import Engine
-
     return Engine(base_dir(settings), settings.engine)
 
 

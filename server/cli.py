@@ -5,6 +5,16 @@ import argparse
 import logging
 import sys
 
+import uvicorn
+from pydantic import ValidationError
+
+from skillpack_server.app import base_dir, create_app
+from skillpack_server.auth import AdminTokenError, load_or_create_admin_token
+from skillpack_server.engine.config import ConfigError
+from skillpack_server.engine.engine import Engine
+from skillpack_server.ray_serve import serve_on_ray
+from skillpack_server.settings import PART_ENV_PREFIXES, Settings, env_name
+
 # option -> help; the Settings field is the option name with dashes as underscores
 OPTIONS = {
     "--base": "base model: a checkpoint folder or a Hugging Face model id ORG/NAME from the hub cache "
@@ -50,8 +60,6 @@ class StartupError(Exception):
 
 def where_to_change(field: str, part: str | None = None) -> str:
     """The option and environment variable of a settings field (`part`: its part of the tree)."""
-    from skillpack_server.settings import env_name
-
     if part in (None, "engine") or field in SCALE_OPTIONS:
         return f"--{field.replace('_', '-')} or {env_name(part, field)}"
     return env_name(part, field)
@@ -59,8 +67,6 @@ def where_to_change(field: str, part: str | None = None) -> str:
 
 def validation_message(exc) -> str:
     """A pydantic ValidationError of Settings as one line: each bad value, why, and where to change it."""
-    from skillpack_server.settings import PART_ENV_PREFIXES
-
     parts = []
     for error in exc.errors():
         loc = [str(p) for p in error["loc"]]
@@ -79,10 +85,6 @@ def validation_message(exc) -> str:
 
 def load_settings(args: argparse.Namespace):
     """Settings from the options given (explicit options win) and the environment."""
-    from pydantic import ValidationError
-
-    from skillpack_server.settings import Settings
-
     given = {k: v for k, v in vars(args).items() if v is not None and k not in CLI_ONLY}
     scale = {k: v for k, v in vars(args).items() if v is not None and k in SCALE_OPTIONS}
     if scale:
@@ -95,8 +97,6 @@ def load_settings(args: argparse.Namespace):
 
 def resolve_admin_token(settings) -> tuple[object, str]:
     """The settings with an admin token, and a sentence that says where it came from."""
-    from skillpack_server.auth import AdminTokenError, load_or_create_admin_token
-
     if settings.admin_token:
         return settings, "the admin token is the one you set (--admin-token or SKILLPACK_ADMIN_TOKEN)"
     if settings.no_admin_auth:
@@ -112,10 +112,6 @@ def resolve_admin_token(settings) -> tuple[object, str]:
 
 def build_engine_or_explain(settings):
     """The engine, built before the server binds: a bad setting or base is one line, not a traceback."""
-    from skillpack_server.app import base_dir
-    from skillpack_server.engine.config import ConfigError
-    from skillpack_server.engine.engine import Engine
-
     try:
         base = base_dir(settings)
     except (RuntimeError, ValueError, OSError) as exc:
@@ -147,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
         settings.packs.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if args.ray:
-            from skillpack_server.ray_serve import serve_on_ray
-
             return serve_on_ray(settings)
         engine = build_engine_or_explain(settings)
     except StartupError as exc:
@@ -161,10 +155,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_engine(settings, engine, banner: str, log_level: str) -> int:
-    import uvicorn
-
-    from skillpack_server.app import create_app
-
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)

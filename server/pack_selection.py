@@ -27,11 +27,14 @@ from pathlib import Path
 import torch
 
 from skillpack_server.exceptions import EngineUnavailable, InvalidRequest
+from skillpack_server.model.batch import SeqChunk, build_step
+from skillpack_server.model.kv_cache import PagedKVCache
 from skillpack_server.settings import MAX_TOP_K, PackSelectionSettings
 from skillpacks.classifier import (
     EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
     build_router, decide, file_sha256, load_router,
 )
+from skillpacks.format import read_manifest
 
 log = logging.getLogger("skillpack.router")
 AUTO_MODEL = "auto"
@@ -56,9 +59,6 @@ def runtime_feature_fn(model) -> FeatureFn:
     only, no packs), computed by the runtime's own layers on a private one-page KV cache, so
     the paged KV cache the engine thread uses is never touched and every architecture the
     runtime serves is featured exactly as it is served."""
-    from skillpack_server.model.batch import SeqChunk, build_step
-    from skillpack_server.model.kv_cache import PagedKVCache
-
     weight = model.model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
 
@@ -146,8 +146,6 @@ class PackSelector:
         cached = self._hashes.get((kind, path))
         if cached is None or cached.key != key:
             if kind == "payload":
-                from skillpacks.format import read_manifest
-
                 sha = str(read_manifest(path)["payload_sha256"])
             else:
                 sha = file_sha256(path)

@@ -35,6 +35,7 @@ from skillpack_server.exceptions import (
     PackNotFound, PackReadOnly, StorageFailed, StorageFull, TooLarge,
 )
 from skillpack_server.settings import Settings
+from skillpacks import format as pack_format
 from skillpacks.checkpoint import atomic_write, fsync_dir
 from skillpacks.classifier import EXAMPLES_SUFFIX, RouterError, parse_examples
 
@@ -46,12 +47,6 @@ TEMP_PREFIX = ".upload-"  # temporary files: never listed, removed on startup
 BACKUP_SUFFIX = ".previous"
 EXAMPLES_PARAM = "examples"
 
-
-def _format():
-    # imported when used: the store's tests and the server need it, `skillpack --help` does not
-    from skillpacks import format as pack_format
-
-    return pack_format
 
 
 def manifest_dict(manifest: Any) -> dict:
@@ -70,7 +65,7 @@ def manifest_dict(manifest: Any) -> dict:
 def check_pack_name(name: str) -> str:
     """The name, if it is a valid pack name; else an InvalidPackName that says why."""
     try:
-        _format().validate_pack_name(name)
+        pack_format.validate_pack_name(name)
     except ValueError as exc:
         raise InvalidPackName(f"Invalid pack name {name!r}: {exc}", param="name", code="invalid_pack_name") from None
     return name
@@ -213,7 +208,7 @@ class PackStore:
                     continue
                 try:
                     check_pack_name(name)
-                    _format().verify_pack(path, self.base_fingerprint)
+                    pack_format.verify_pack(path, self.base_fingerprint)
                     self.pack_cache.register(name, str(path), verified=True)
                 except (DomainError, ValueError, OSError) as exc:
                     log.warning("skipping pack %s: %s", path, exc)
@@ -227,7 +222,7 @@ class PackStore:
         path = self.path_for(name)
         if not path.is_file():
             raise pack_not_found(name)
-        return manifest_dict(_format().read_manifest(path))
+        return manifest_dict(pack_format.read_manifest(path))
 
     def staging(self) -> Staging:
         try:
@@ -271,7 +266,6 @@ class PackStore:
             staging.discard()  # a no-op once the file was renamed into place
 
     def _verify(self, path: Path) -> dict:
-        pack_format = _format()
         try:
             manifest = pack_format.verify_pack(path, self.base_fingerprint)
         except ValueError as exc:  # PackError and the checkpoint reader's errors are ValueErrors

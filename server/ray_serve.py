@@ -256,7 +256,7 @@ def replica_app(settings: Settings, shared: str, rescan_seconds: float, replica:
 @functools.cache
 def replica_deployment():
     """The `@serve.ingress` deployment class (built on first use: Ray is imported here)."""
-    from ray import serve
+    from ray import serve  # the optional `ray` extra: imported only by --ray
 
     class SkillPackReplica:
         """One base model on one device, serving the whole API; Ray routes each pack's requests here."""
@@ -313,7 +313,7 @@ def app_builder(args: dict[str, Any]):
         raise ValueError(f"unknown argument(s) {sorted(unknown)}; expected Settings or ScaleSettings fields.")
     settings = Settings(**{k: v for k, v in args.items() if k not in scale_keys},
                         scale={k: v for k, v in args.items() if k in scale_keys})
-    import ray
+    import ray  # the optional `ray` extra: imported only by --ray
 
     return build_application(settings, ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0)
 
@@ -325,7 +325,7 @@ def serve_on_ray(settings: Settings) -> int:
     except ValueError as exc:
         print(f"skillpack serve --ray: {exc}", file=sys.stderr)
         return 2
-    import ray
+    import ray  # the optional `ray` extra: imported only by --ray
     from ray import serve
 
     ray.init(address=os.environ.get("RAY_ADDRESS"))

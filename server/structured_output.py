@@ -92,6 +92,8 @@ class Grammars:
     """Compiles grammars for one served tokenizer (its llguidance view is built once, ~0.4 s)."""
 
     def __init__(self, tokenizer: Any, eos_ids: list[int]):
+        # imported on the first constrained request: plain serving (and the GPU image's HTTP
+        # check, which carries no llguidance wheel) never needs it
         import llguidance
         import llguidance.hf
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from skillpack_server.engine.config import ConfigError, default_kv_budget, resolve_device, resolve_dtype
 from skillpack_server.engine.logits import needs_processing, process_logits
@@ -76,8 +77,6 @@ class Engine:
         cfg = self.model.config
         self.model_id = model_id or checkpoint_name(ckpt)  # a hub snapshot is named by its model id, not its commit
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
             tokenizer = AutoTokenizer.from_pretrained(ckpt)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings

@@ -128,7 +128,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span:
 def _decode_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: StepBatch,
                      page_size: int, scale: float, window: int | None, out: torch.Tensor) -> None:
     """Decode rows through the Triton kernel that reads each page where it lies."""
-    from skillpack_kernels.paged_attention import paged_attention_triton
+    from skillpack_kernels.paged_attention import paged_attention_triton  # Triton: only where this path runs
 
     rows = torch.tensor([s.first for s in batch.spans if s.rows == 1], device=q.device)
     out[rows] = paged_attention_triton(q[rows], k_cache, v_cache, batch.block_tables, batch.context_lens,
