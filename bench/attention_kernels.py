@@ -16,12 +16,9 @@ shapes on CPU (Triton interpreted; one call per timing).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_file import write_result  # noqa: E402
 from skillpack_kernels.paged_attention import paged_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,14 +130,7 @@ def run_cases(shape: dict, device, dtype, timer, copy_gbs: float, device_name: s
 
 def write_json(result: dict, out_dir: Path) -> Path:
     """out_dir/attention-<device>.json, atomically."""
-    name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
-    path = out_dir / f"attention-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-    return path
+    return write_result(result, out_dir, "attention", result["device"])
 
 
 def main(argv: list[str] | None = None) -> int:

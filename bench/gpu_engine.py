@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_file import write_result  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 COMMON = dict(max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
               attention_bias=False, mlp_bias=False)
@@ -418,14 +418,7 @@ def goals(cells: list[dict]) -> dict:
 
 def write_json(result: dict, out_dir: Path) -> Path:
     """out_dir/engine-<device>.json, atomically."""
-    name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
-    path = out_dir / f"engine-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-    return path
+    return write_result(result, out_dir, "engine", result["device"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -35,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_engine import DISTINCT_PACKS, PACK_NAMES, ensure_packs, ensure_random_base  # noqa: E402
+from bench.results_file import write_result  # noqa: E402
 from testbed.load import free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,14 +126,7 @@ def run_round(url: str, models: list[str], prompts: list[list[int]], max_tokens:
 
 def write_json(result: dict, out_dir: Path) -> Path:
     """out_dir/http-<device>.json, atomically."""
-    name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
-    path = out_dir / f"http-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-    return path
+    return write_result(result, out_dir, "http", result["device"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,9 @@ shapes under the Triton interpreter instead (no CUDA graphs; what tests/bench ch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_file import write_result  # noqa: E402
 from skillpack_kernels.factors import LowRankDelta  # noqa: E402
 from skillpack_kernels.lowrank_ops import add_lowrank  # noqa: E402
 from skillpack_kernels.lowrank_slots import LowRankSlots  # noqa: E402
@@ -265,17 +263,9 @@ def _triton_version() -> str:
 
 def write_json(result: dict, out_dir: Path) -> Path:
     """Write out_dir/kernels-<device>.json atomically."""
-    name = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() or "unknown"
     result = {**result, "machine": platform.node(), "cpu_count": os.cpu_count(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path = out_dir / f"kernels-{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(json.dumps(result, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # a temp file is private; a results file is for everyone
-    os.replace(f.name, path)
+    path = write_result(result, out_dir, "kernels", result["device"], indent=2)
     print(f"wrote {path}")
     return path
 

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.results_file import write_result  # noqa: E402
 from bench.serve_memory import engine_bytes, model_bytes, peak_bytes, reset_peak  # noqa: E402
 from bench.serve_packs import adapter_bytes, ensure_packs, ensure_peft_adapter, pack_summary  # noqa: E402
 from bench.serve_workloads import WorkloadSpec, make_requests, summarize  # noqa: E402
@@ -375,15 +376,7 @@ def print_table(result: dict) -> None:
 
 def write_json(result: dict, out_dir: Path = RESULTS) -> Path:
     """Write serve-<machine>.json atomically (temp file + fsync + rename)."""
-    path = out_dir / f"serve-{result['machine']['name']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o644)  # a temp file is private; a results file is for everyone
-    os.replace(f.name, path)
-    return path
+    return write_result(result, out_dir, "serve", result["machine"]["name"])
 
 
 def main(argv: list[str] | None = None) -> int:
