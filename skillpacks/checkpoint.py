@@ -288,7 +288,9 @@ class Checkpoint:
         return self._headers[self._where[name]]
 
 
-def _read_json(path: Path, limit: int) -> dict:
+def read_json_object(path: Path, limit: int) -> dict:
+    """The JSON object in the file `path`, read only when it holds at most `limit` bytes;
+    CheckpointError naming the file otherwise."""
     if path.stat().st_size > limit:
         raise CheckpointError(f"{path} is {path.stat().st_size} bytes; the limit is {limit}.")
     try:
@@ -308,10 +310,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} has no config.json; expected a Hugging Face checkpoint folder.")
-    config = _read_json(config_file, MAX_INDEX_BYTES)
+    config = read_json_object(config_file, MAX_INDEX_BYTES)
     index_file, single = path / "model.safetensors.index.json", path / "model.safetensors"
     if index_file.exists():
-        weight_map = _read_json(index_file, MAX_INDEX_BYTES).get("weight_map")
+        weight_map = read_json_object(index_file, MAX_INDEX_BYTES).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index_file} has no valid 'weight_map' of tensor name -> shard file.")
         shard_names = sorted(set(weight_map.values()))

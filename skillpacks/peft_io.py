@@ -23,7 +23,9 @@ from safetensors import safe_open
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import quantize_groupwise
-from skillpacks.checkpoint import CheckpointError, atomic_folder, open_checkpoint, read_header, write_safetensors
+from skillpacks.checkpoint import (
+    CheckpointError, atomic_folder, open_checkpoint, read_header, read_json_object, write_safetensors,
+)
 from skillpacks.deltas import ModuleRecord
 from skillpacks.errors import PackError
 from skillpacks.fingerprint import base_fingerprint
@@ -84,14 +86,12 @@ def _read_adapter_config(adapter_dir: Path) -> dict:
     path = adapter_dir / "adapter_config.json"
     if not path.exists():
         raise PackError(f"{adapter_dir} has no adapter_config.json; expected a PEFT adapter folder.")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise PackError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes.")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise PackError(f"{path} is not valid JSON ({str(e)[:200]}).") from e
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise PackError(f"{path} describes peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; "
+        cfg = read_json_object(path, MAX_CONFIG_BYTES)
+    except CheckpointError as e:  # too large, not JSON, not an object: the adapter is what is wrong
+        raise PackError(str(e)) from None
+    if cfg.get("peft_type") != "LORA":
+        raise PackError(f"{path} describes peft_type {cfg.get('peft_type')!r}; "
                         "only LORA adapters can be imported.")
     if cfg.get("modules_to_save"):
         raise PackError(f"the adapter saves full copies of {cfg['modules_to_save']} (modules_to_save); a pack "

@@ -15,11 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillpacks.compress import delta_svd
-from skillpacks.records import collate, encode_pair, response_logits
 from skillpacks.sensitivity import rank_sensitivity
 from testbed.tiny_models import NEW_ARCHS, build_tiny_pair
 from tests.skillpacks.test_peft import check_export_loads_in_peft, check_import_then_merge
-from tests.skillpacks.test_sensitivity import RANKS, RECORDS, _deltas
+from tests.skillpacks.test_sensitivity import RANKS, RECORDS, _deltas, sampled_labels
 
 LORA_TARGETS = {
     "qwen3": ["q_proj", "k_proj", "o_proj", "up_proj", "down_proj"],
@@ -42,16 +41,7 @@ def test_a_peft_lora_imports_and_merges_like_peft(arch, tiny_root, tiny_tokenize
 def _gradient_fisher(pair, records, names, ranks, seed=0):
     """The oracle: Σ over records of (uᵢᵀ ∇W log p(ỹ) vᵢ)² from the float64 model's full parameter
     gradient (transformers' forward and backward), labels drawn as rank_sensitivity draws them."""
-    tok = AutoTokenizer.from_pretrained(pair.tuned)
-    model = AutoModelForCausalLM.from_pretrained(pair.tuned, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed)
-    batches, labels = [], []
-    with torch.no_grad():
-        for record in records:
-            batch = collate([encode_pair(tok, record["prompt"], record["response"], 512)], tok.eos_token_id)
-            logits, _, _ = response_logits(model, batch)
-            batches.append(batch)
-            labels.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1))
+    model, batches, labels = sampled_labels(pair, records, seed)
     model.double().requires_grad_(False)
     params = dict(model.named_parameters())
     vectors = {n: delta_svd(d) for n, d in _deltas(pair).items() if n in names}

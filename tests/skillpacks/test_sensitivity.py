@@ -26,9 +26,10 @@ def _deltas(pair):
     return {n: tuned[n].float() - base[n].float() for n in base}
 
 
-def _directional_fisher(pair, records, names, ranks, seed=0):
-    """The oracle: per record, the central difference of Σ log p(ỹ) along W + ε uᵢvᵢᵀ in float64
-    (forward passes only), squared and summed; labels drawn as rank_sensitivity draws them."""
+def sampled_labels(pair, records, seed=0):
+    """The tuned model (float32) and, per record, its batch and labels drawn from the model's own
+    distribution as rank_sensitivity draws them: what the Fisher oracles (here and in
+    test_architectures.py) differentiate."""
     tok = AutoTokenizer.from_pretrained(pair.tuned)
     model = AutoModelForCausalLM.from_pretrained(pair.tuned, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -39,6 +40,13 @@ def _directional_fisher(pair, records, names, ranks, seed=0):
             logits, _, _ = response_logits(model, batch)
             batches.append(batch)
             labels.append(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1))
+    return model, batches, labels
+
+
+def _directional_fisher(pair, records, names, ranks, seed=0):
+    """The oracle: per record, the central difference of Σ log p(ỹ) along W + ε uᵢvᵢᵀ in float64
+    (forward passes only), squared and summed; labels drawn as rank_sensitivity draws them."""
+    model, batches, labels = sampled_labels(pair, records, seed)
     model.double()
     params = dict(model.named_parameters())  # a tied head shares the embedding's Parameter
     deltas = _deltas(pair)
