@@ -22,8 +22,8 @@ from skillpack_evals.evaluate import generate, machine, pack_variant, read_state
 from skillpack_evals.skills import demo_split, get_skill
 from skillpacks.checkpoint import open_checkpoint
 from skillpacks.classifier import (
-    TrainConfig, build_router, decide, examples_path, hf_feature_fn, load_router, pack_source, prompt_ids,
-    read_router_manifest, routable_packs, write_examples,
+    CLASSIFIER_FILE, TrainConfig, build_classifier, decide, examples_path, hf_feature_fn, load_classifier, pack_source,
+    prompt_ids, read_classifier_manifest, routable_packs, write_examples,
 )
 from skillpacks.fingerprint import weights_sha256
 from skillpacks.records import pad_id
@@ -137,7 +137,7 @@ class FusionReport:
     tuning: dict = field(default_factory=dict)
 
 
-def ensure_router(packs_dir: Path, skills: list[str], tokenizer, model, weights_sha: str, n_examples: int,
+def ensure_classifier(packs_dir: Path, skills: list[str], tokenizer, model, weights_sha: str, n_examples: int,
                   log) -> dict:
     """Write each demo pack's examples sidecar (its training prompts) if missing, and build
     the router if it is missing or was built from other packs/examples."""
@@ -147,19 +147,19 @@ def ensure_router(packs_dir: Path, skills: list[str], tokenizer, model, weights_
             train, _ = demo_split(skill)
             write_examples(sidecar, [e.prompt for e in train])
             log(f"wrote {sidecar} ({len(train)} training prompts)")
-    router_path = packs_dir / "router.safetensors"
+    classifier_path = packs_dir / CLASSIFIER_FILE
     fresh = False
-    if router_path.is_file():
-        m = read_router_manifest(router_path)
+    if classifier_path.is_file():
+        m = read_classifier_manifest(classifier_path)
         want = {n: {"payload_sha256": s.payload_sha256, "examples_sha256": s.examples_sha256}
                 for n, path in routable_packs(packs_dir).items() for s in [pack_source(path)]}
         have = {n: {k: v[k] for k in ("payload_sha256", "examples_sha256")} for n, v in m["packs"].items()}
         fresh = want == have and m["base_weights_sha256"] == weights_sha
     if not fresh:
         t0 = time.time()
-        build_router(packs_dir, tokenizer, hf_feature_fn(model), weights_sha, TrainConfig(), max_examples=n_examples)
-        log(f"built {router_path} in {time.time() - t0:.0f}s")
-    return load_router(router_path).manifest
+        build_classifier(packs_dir, tokenizer, hf_feature_fn(model), weights_sha, TrainConfig(), max_examples=n_examples)
+        log(f"built {classifier_path} in {time.time() - t0:.0f}s")
+    return load_classifier(classifier_path).manifest
 
 
 def score(skill: str, outputs: list[str], examples) -> list[bool]:
@@ -185,9 +185,9 @@ def run_fusion_eval(base_dir: Path, packs_dir: Path, skills: list[str], n_test: 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True).eval()
     base = read_state(base_dir)
-    manifest = ensure_router(packs_dir, skills, tokenizer, model, weights_sha256(open_checkpoint(base_dir)),
+    manifest = ensure_classifier(packs_dir, skills, tokenizer, model, weights_sha256(open_checkpoint(base_dir)),
                              n_examples, log)
-    router = load_router(packs_dir / "router.safetensors")
+    router = load_classifier(packs_dir / CLASSIFIER_FILE)
     deltas = {s: pack_variant(packs_dir / f"{s}.skillpack", s, None).deltas for s in skills}
     split = {s: demo_split(s, n_test=n_test + n_val)[1] for s in skills}
     test = {s: split[s][:n_test] for s in skills}

@@ -18,7 +18,7 @@ from skillpack_server.metrics import Metrics
 from skillpack_server.pack_selection import pack_selector_for, parse_auto_model
 from skillpack_server.reply_text import Detokenizer, StopMatcher
 from skillpack_server.schemas.common import SkillpackRef
-from skillpacks.classifier import RoutingDecision
+from skillpacks.classifier import PackChoice
 
 ENGINE_SEED_MASK = 2**63 - 1
 
@@ -49,7 +49,7 @@ def resolve_packs(engine: EngineProtocol, model: str, mix: list[SkillpackRef] | 
 
 
 async def resolve_model(app_state, engine: EngineProtocol, model: str, mix: list[SkillpackRef] | None,
-                        prompt_ids: list[int]) -> tuple[list[tuple[str, float]], RoutingDecision | None]:
+                        prompt_ids: list[int]) -> tuple[list[tuple[str, float]], PackChoice | None]:
     """Like `resolve_packs`, plus `model: "auto"` / `"auto:K"`: the pack selection picks from the prompt."""
     top_k = parse_auto_model(model)
     if top_k is None:
@@ -62,7 +62,7 @@ async def resolve_model(app_state, engine: EngineProtocol, model: str, mix: list
     return decision.packs, decision
 
 
-def served_model(engine: EngineProtocol, model: str, decision: RoutingDecision | None) -> str:
+def served_model(engine: EngineProtocol, model: str, decision: PackChoice | None) -> str:
     """A response's `model`: what served it. For `auto`, the packs the selection chose (comma-separated,
     as in the X-SkillPack-Packs header), or the base model's id when it fell back to no pack."""
     if decision is None:
@@ -70,7 +70,7 @@ def served_model(engine: EngineProtocol, model: str, decision: RoutingDecision |
     return decision.header() or engine.model_id
 
 
-def selection_headers(decision: RoutingDecision | None) -> dict[str, str]:
+def selection_headers(decision: PackChoice | None) -> dict[str, str]:
     return {} if decision is None else {"X-SkillPack-Packs": decision.header()}
 
 

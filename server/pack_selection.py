@@ -31,8 +31,8 @@ from skillpack_server.model.batch import SeqChunk, build_step
 from skillpack_server.model.kv_cache import PagedKVCache
 from skillpack_server.settings import MAX_TOP_K, PackSelectionSettings
 from skillpacks.classifier import (
-    EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ROUTER_FILE, FeatureFn, Router, RouterError, RoutingDecision, TrainConfig,
-    build_router, decide, file_sha256, load_router,
+    CLASSIFIER_FILE, EXAMPLES_SUFFIX, MAX_FEATURE_TOKENS, ClassifierError, FeatureFn, PackChoice, PackClassifier,
+    TrainConfig, build_classifier, decide, file_sha256, load_classifier,
 )
 from skillpacks.format import read_manifest
 
@@ -100,7 +100,7 @@ class PackSelector:
     features: FeatureFn
     base_weights_sha256: str
     settings: PackSelectionSettings = field(default_factory=PackSelectionSettings)
-    classifier: Router | None = None
+    classifier: PackClassifier | None = None
     last_error: str | None = None
     _hashes: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,12 +109,12 @@ class PackSelector:
     @property
     def path(self) -> Path:
         """The classifier file in use: the first folder's that exists, else where a build goes."""
-        found = (Path(folder) / ROUTER_FILE for folder in self.folders)
+        found = (Path(folder) / CLASSIFIER_FILE for folder in self.folders)
         return next((p for p in found if p.is_file()), self.out_path)
 
     @property
     def out_path(self) -> Path:
-        return Path(self.folders[0]) / ROUTER_FILE
+        return Path(self.folders[0]) / CLASSIFIER_FILE
 
     def reload(self) -> None:
         """Load the classifier file, if there is one built for this base."""
@@ -122,8 +122,8 @@ class PackSelector:
             self.classifier = None
             return
         try:
-            classifier = load_router(self.path)
-        except RouterError as e:
+            classifier = load_classifier(self.path)
+        except ClassifierError as e:
             self.classifier, self.last_error = None, str(e)
             log.warning("router %s is unusable: %s", self.path, e)
             return
@@ -194,15 +194,15 @@ class PackSelector:
 
     # -- rebuilding ------------------------------------------------------------------------
 
-    def rebuild(self) -> Router:
+    def rebuild(self) -> PackClassifier:
         """Train a new classifier from the registered packs' sidecars and swap it in."""
         with self._lock:
             packs = self.routable()
             if not packs:
-                raise RouterError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) beside it; "
+                raise ClassifierError(f"no registered pack has an examples file (NAME{EXAMPLES_SUFFIX}) beside it; "
                                   "the router needs at least one.")
             s = self.settings
-            classifier, _ = build_router(self.folders[0], self.tokenizer, self.features, self.base_weights_sha256,
+            classifier, _ = build_classifier(self.folders[0], self.tokenizer, self.features, self.base_weights_sha256,
                                      TrainConfig(hidden=s.hidden), max_examples=s.max_examples, packs=packs)
             self.classifier, self.last_error = classifier, None
             log.info("router version %d built over %s", classifier.manifest["version"], sorted(packs))
@@ -215,7 +215,7 @@ class PackSelector:
         def work():
             try:
                 self.rebuild()
-            except (RouterError, ValueError, OSError) as e:
+            except (ClassifierError, ValueError, OSError) as e:
                 self.last_error = f"rebuilding the router failed: {e}"
                 log.warning("%s", self.last_error)
 
@@ -236,7 +236,7 @@ class PackSelector:
 
     # -- selecting ---------------------------------------------------------------------------
 
-    def select(self, prompt_ids: list[int], top_k: int = 0) -> RoutingDecision:
+    def select(self, prompt_ids: list[int], top_k: int = 0) -> PackChoice:
         """The decision for one prompt (top_k 0 = the configured k). Raises EngineUnavailable
         when no classifier can be used yet."""
         reasons = self.refresh()
@@ -265,7 +265,7 @@ def pack_selector_for(app_state, engine) -> PackSelector:
     if engine.model is None or store is None or "weights_sha256" not in fingerprint:
         raise EngineUnavailable("`model: auto` needs the serving engine's own model; this engine has none.",
                                 code="router_unavailable", param="model")
-    selector = PackSelector(store.router_sources(), engine.pack_cache, engine.tokenizer,
+    selector = PackSelector(store.classifier_sources(), engine.pack_cache, engine.tokenizer,
                             runtime_feature_fn(engine.model), fingerprint["weights_sha256"], app_state.settings.selection)
     selector.reload()
     app_state.pack_selector = selector

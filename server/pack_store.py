@@ -37,7 +37,7 @@ from skillpack_server.exceptions import (
 from skillpack_server.settings import Settings
 from skillpacks import format as pack_format
 from skillpacks.checkpoint import atomic_write, fsync_dir
-from skillpacks.classifier import EXAMPLES_SUFFIX, RouterError, parse_examples
+from skillpacks.classifier import EXAMPLES_SUFFIX, ClassifierError, parse_examples
 
 log = logging.getLogger("skillpack.server")
 _fsync_dir = fsync_dir  # a rename or unlink is durable once its folder is fsynced (patched by the crash tests)
@@ -173,7 +173,7 @@ class PackStore:
         """A pack's router examples sit beside the pack file."""
         return self.path_for(name).with_name(f"{name}{EXAMPLES_SUFFIX}")
 
-    def router_sources(self) -> list[Path]:
+    def classifier_sources(self) -> list[Path]:
         """Folders whose `router.safetensors` may serve `model: "auto"`, the writable one first."""
         return [self.root, *self.readonly]
 
@@ -339,7 +339,7 @@ class PackStore:
         try:
             # universal newlines, as the reader's open() splits a file
             prompts = parse_examples(io.StringIO(text, newline=None), f"`{EXAMPLES_PARAM}`")
-        except RouterError as exc:
+        except ClassifierError as exc:
             raise ExamplesInvalid(f"The examples were rejected: {exc}", param=EXAMPLES_PARAM,
                                   code="invalid_examples") from None
         return Examples(data, len(prompts), hashlib.sha256(data).hexdigest())

@@ -39,7 +39,7 @@ from skillpacks.jsonl import MAX_FIELD_CHARS, excerpt, json_lines, open_bounded,
 
 ROUTER_FORMAT = "skillpack-router"
 ROUTER_FORMAT_VERSION = 1
-ROUTER_FILE = "router.safetensors"
+CLASSIFIER_FILE = "router.safetensors"
 MANIFEST_KEY = "skillpack_router"
 EXAMPLES_SUFFIX = ".examples.jsonl"
 PACK_SUFFIX = ".skillpack"
@@ -56,7 +56,7 @@ RENDERINGS = ("chat", "raw")
 FeatureFn = Callable[[list[list[int]]], torch.Tensor]  # token id lists -> (B, dim) float32
 
 
-class RouterError(ValueError):
+class ClassifierError(ValueError):
     """A router file or its inputs are unusable; the message says what and why."""
 
 
@@ -68,7 +68,7 @@ def examples_path(packs_dir: str | os.PathLike, name: str) -> Path:
 
 def read_examples(path: str | os.PathLike) -> list[str]:
     """The prompts of a sidecar JSONL file, checked and bounded."""
-    with _as_router_errors(), open_bounded(path, "examples file") as f:
+    with _as_classifier_errors(), open_bounded(path, "examples file") as f:
         return parse_examples(f, f"examples file {path}")
 
 
@@ -76,30 +76,30 @@ def parse_examples(lines: Iterable[str], source: str) -> list[str]:
     """The prompts of sidecar JSONL lines, checked and bounded; `source` names them in errors
     (a path, or the server's upload field), so a file and an upload are judged alike."""
     prompts = []
-    with _as_router_errors():
+    with _as_classifier_errors():
         for i, record, line in json_lines(lines, source, MAX_EXAMPLE_LINES, "an object with a 'prompt'"):
             prompt = record.get("prompt") if isinstance(record, dict) else None
             if not isinstance(prompt, str) or not prompt.strip():
-                raise RouterError(f"{source} line {i} has no non-empty 'prompt' string: {excerpt(line)}.")
+                raise ClassifierError(f"{source} line {i} has no non-empty 'prompt' string: {excerpt(line)}.")
             if len(prompt) > MAX_FIELD_CHARS:
-                raise RouterError(f"{source} line {i}: the prompt has {len(prompt)} characters; the limit is "
+                raise ClassifierError(f"{source} line {i}: the prompt has {len(prompt)} characters; the limit is "
                                   f"{MAX_FIELD_CHARS}.")
             prompts.append(prompt)
     if not prompts:
-        raise RouterError(f"{source} holds no prompts; expected at least one.")
+        raise ClassifierError(f"{source} holds no prompts; expected at least one.")
     return prompts
 
 
 @contextmanager
-def _as_router_errors():
+def _as_classifier_errors():
     """The JSON-lines reader's ValueErrors (no such file, too large, not JSON, too many lines)
     raised as RouterErrors, the class every caller of the examples readers catches."""
     try:
         yield
-    except RouterError:
+    except ClassifierError:
         raise
     except ValueError as e:
-        raise RouterError(str(e)) from None
+        raise ClassifierError(str(e)) from None
 
 
 def write_examples(path: str | os.PathLike, prompts: list[str]) -> Path:
@@ -134,7 +134,7 @@ def pack_source(pack: Path) -> PackSource:
     try:
         manifest = read_manifest(pack)
     except (PackError, CheckpointError, OSError) as e:
-        raise RouterError(f"pack {pack} cannot be read: {e}") from None
+        raise ClassifierError(f"pack {pack} cannot be read: {e}") from None
     return PackSource(name, pack, ex, str(manifest["payload_sha256"]), file_sha256(ex))
 
 
@@ -142,7 +142,7 @@ def routable_packs(packs_dir: str | os.PathLike) -> dict[str, Path]:
     """The packs in the folder that have an examples sidecar: name -> pack file, sorted by name."""
     folder = Path(packs_dir)
     if not folder.is_dir():
-        raise RouterError(f"packs folder {folder} does not exist.")
+        raise ClassifierError(f"packs folder {folder} does not exist.")
     return {p.name.removesuffix(PACK_SUFFIX): p for p in sorted(folder.glob(f"*{PACK_SUFFIX}"))
             if p.is_file() and examples_path(folder, p.name.removesuffix(PACK_SUFFIX)).is_file()}
 
@@ -230,8 +230,8 @@ class TrainConfig:
 
 
 @dataclass
-class Router:
-    """A trained router: weights, normalisation, class geometry and its manifest."""
+class PackClassifier:
+    """A trained classifier: weights, normalisation, class geometry and its manifest."""
 
     labels: list[str]
     mean: torch.Tensor  # (dim,)
@@ -290,13 +290,13 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def fit(x: torch.Tensor, y: torch.Tensor, labels: list[str], cfg: TrainConfig) -> Router:
+def fit(x: torch.Tensor, y: torch.Tensor, labels: list[str], cfg: TrainConfig) -> PackClassifier:
     """Train on features x (N, dim) with class ids y (N,); classes are weighted equally."""
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise ValueError(f"features {tuple(x.shape)} and labels {tuple(y.shape)}; expected (N, dim) and (N,).")
     classes = len(labels)
     if not 1 <= classes <= MAX_CLASSES:
-        raise RouterError(f"{classes} classes; a router needs 1..{MAX_CLASSES} packs with examples.")
+        raise ClassifierError(f"{classes} classes; a router needs 1..{MAX_CLASSES} packs with examples.")
     x = x.float()
     mean = x.mean(0)
     std = x.std(0, unbiased=False).clamp_min(1e-6)
@@ -325,11 +325,11 @@ def fit(x: torch.Tensor, y: torch.Tensor, labels: list[str], cfg: TrainConfig) -
         if len(zc):
             centroids[c] = zc.mean(0)
             radii[c] = (zc - centroids[c]).norm(dim=1).max()
-    return Router(list(labels), mean, std, layers, centroids, radii)
+    return PackClassifier(list(labels), mean, std, layers, centroids, radii)
 
 
-def accuracy(router: Router, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((router.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
+def accuracy(classifier: PackClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((classifier.logits(x).argmax(-1) == y).float().mean()) if len(y) else float("nan")
 
 
 def split_by_example(index: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,8 +341,8 @@ def split_by_example(index: torch.Tensor, fraction: float, seed: int) -> tuple[t
     return ~val, val
 
 
-def train_router(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, labels: list[str],
-                 cfg: TrainConfig) -> tuple[Router, dict]:
+def train_classifier(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, labels: list[str],
+                 cfg: TrainConfig) -> tuple[PackClassifier, dict]:
     """Measure held-out accuracy on a split by example, then fit on everything."""
     stats = {"examples": int(index.max()) + 1 if len(index) else 0, "rows": int(len(y))}
     if cfg.val_fraction > 0:
@@ -351,9 +351,9 @@ def train_router(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, labels: 
             probe = fit(x[train], y[train], labels, cfg)
             stats["val_rows"] = int(val.sum())
             stats["val_accuracy"] = round(accuracy(probe, x[val], y[val]), 6)
-    router = fit(x, y, labels, cfg)
-    stats["train_accuracy"] = round(accuracy(router, x, y), 6)
-    return router, stats
+    classifier = fit(x, y, labels, cfg)
+    stats["train_accuracy"] = round(accuracy(classifier, x, y), 6)
+    return classifier, stats
 
 
 # ---- decisions -------------------------------------------------------------------------
@@ -364,7 +364,7 @@ def _digits(value: float) -> float:
 
 
 @dataclass
-class RoutingDecision:
+class PackChoice:
     packs: list[tuple[str, float]]  # empty = the base model
     confidence: float  # probability of the top live class
     probabilities: dict[str, float]  # every live class
@@ -386,35 +386,35 @@ class RoutingDecision:
         return ",".join(n for n, _ in self.packs)
 
 
-def decide(router: Router, feature: torch.Tensor, live: set[str], top_k: int, min_confidence: float,
-           ood_margin: float) -> RoutingDecision:
+def decide(classifier: PackClassifier, feature: torch.Tensor, live: set[str], top_k: int, min_confidence: float,
+           ood_margin: float) -> PackChoice:
     """The routing decision for one prompt's feature (dim,) among the `live` classes."""
-    probs = router.probabilities(feature[None])[0]
-    dist = router.distances(feature[None])[0]
-    alive = torch.tensor([name in live for name in router.labels])
-    probabilities = {n: float(p) for n, p, a in zip(router.labels, probs, alive) if a}
-    version = int(router.manifest.get("version", 0))
+    probs = classifier.probabilities(feature[None])[0]
+    dist = classifier.distances(feature[None])[0]
+    alive = torch.tensor([name in live for name in classifier.labels])
+    probabilities = {n: float(p) for n, p, a in zip(classifier.labels, probs, alive) if a}
+    version = int(classifier.manifest.get("version", 0))
     if not alive.any():
-        return RoutingDecision([], 0.0, probabilities, "no_live_pack", version)
+        return PackChoice([], 0.0, probabilities, "no_live_pack", version)
     masked = torch.where(alive, probs, torch.full_like(probs, -1.0))  # deleted packs' mass is not handed on
     order = masked.argsort(descending=True)[: min(top_k, int(alive.sum()))]
     best = int(order[0])
     confidence = float(probs[best])
     if confidence < min_confidence:
-        return RoutingDecision([], confidence, probabilities, "low_confidence", version)
-    if float(dist[best]) > ood_margin * float(router.radii[best]):
-        return RoutingDecision([], confidence, probabilities, "out_of_distribution", version)
+        return PackChoice([], confidence, probabilities, "low_confidence", version)
+    if float(dist[best]) > ood_margin * float(classifier.radii[best]):
+        return PackChoice([], confidence, probabilities, "out_of_distribution", version)
     chosen = [int(i) for i in order]
     total = float(probs[chosen].sum())
-    packs = [(router.labels[i], float(probs[i]) / total) for i in chosen]
-    return RoutingDecision(packs, confidence, probabilities, None, version)
+    packs = [(classifier.labels[i], float(probs[i]) / total) for i in chosen]
+    return PackChoice(packs, confidence, probabilities, None, version)
 
 
 # ---- building from a packs folder ------------------------------------------------------
 
-def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, base_weights_sha256: str,
+def build_classifier(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, base_weights_sha256: str,
                  cfg: TrainConfig | None = None, max_examples: int = 256, out: str | os.PathLike | None = None,
-                 packs: dict[str, Path] | None = None) -> tuple[Router, Path]:
+                 packs: dict[str, Path] | None = None) -> tuple[PackClassifier, Path]:
     """Train a router over every pack in `packs_dir` with an examples sidecar (or over `packs`,
     name -> pack file, each with its sidecar beside it, wherever they lie), write it (default
     `packs_dir/router.safetensors`) and return it with its path.
@@ -427,21 +427,21 @@ def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, b
     folder = Path(packs_dir)
     packs = packs if packs is not None else routable_packs(folder)
     if not packs:
-        raise RouterError(f"no pack in {folder} has an examples file (NAME{EXAMPLES_SUFFIX}); "
+        raise ClassifierError(f"no pack in {folder} has an examples file (NAME{EXAMPLES_SUFFIX}); "
                           "a router needs at least one.")
     names = sorted(packs)
     sources = {n: pack_source(Path(packs[n])) for n in names}
     prompts = {n: read_examples(s.examples_path)[:max_examples] for n, s in sources.items()}
     x, y, index = example_features(tokenizer, features, prompts)
-    router, stats = train_router(x, y, index, names, cfg)
-    out = Path(out) if out is not None else folder / ROUTER_FILE
+    classifier, stats = train_classifier(x, y, index, names, cfg)
+    out = Path(out) if out is not None else folder / CLASSIFIER_FILE
     previous = 0
     if out.is_file():
         try:
-            previous = int(read_router_manifest(out).get("version", 0))
-        except RouterError:
+            previous = int(read_classifier_manifest(out).get("version", 0))
+        except ClassifierError:
             previous = 0
-    router.manifest = {
+    classifier.manifest = {
         "format": ROUTER_FORMAT,
         "format_version": ROUTER_FORMAT_VERSION,
         "version": previous + 1,
@@ -449,48 +449,48 @@ def build_router(packs_dir: str | os.PathLike, tokenizer, features: FeatureFn, b
         "labels": names,
         "hidden": cfg.hidden,
         "feature": {"pooling": "mean", "state": "final_norm", "max_tokens": MAX_FEATURE_TOKENS,
-                    "renderings": list(renderings(tokenizer)), "dim": router.feature_dim},
+                    "renderings": list(renderings(tokenizer)), "dim": classifier.feature_dim},
         "base_weights_sha256": base_weights_sha256,
         "packs": {n: {"payload_sha256": s.payload_sha256, "examples_sha256": s.examples_sha256,
                       "examples": len(prompts[n])} for n, s in sources.items()},
         "training": {"steps": cfg.steps, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                      **stats},
     }
-    save_router(router, out)
-    return router, out
+    save_classifier(classifier, out)
+    return classifier, out
 
 
 # ---- storage -----------------------------------------------------------------------------
 
-def save_router(router: Router, path: str | os.PathLike) -> None:
+def save_classifier(classifier: PackClassifier, path: str | os.PathLike) -> None:
     """Write tensors + manifest as one safetensors file, atomically."""
-    tensors = router.tensors()
+    tensors = classifier.tensors()
     specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-    write_safetensors(path, specs, tensors.__getitem__, {MANIFEST_KEY: json.dumps(router.manifest, allow_nan=False)})
+    write_safetensors(path, specs, tensors.__getitem__, {MANIFEST_KEY: json.dumps(classifier.manifest, allow_nan=False)})
 
 
-def read_router_manifest(path: str | os.PathLike) -> dict:
+def read_classifier_manifest(path: str | os.PathLike) -> dict:
     try:
         header = read_header(path, max_header_bytes=MAX_MANIFEST_CHARS + 65_536)
     except CheckpointError as e:
-        raise RouterError(str(e)) from None
+        raise ClassifierError(str(e)) from None
     text = header.metadata.get(MANIFEST_KEY)
     if text is None:
-        raise RouterError(f"{path} has no '{MANIFEST_KEY}' manifest; expected a file written by "
+        raise ClassifierError(f"{path} has no '{MANIFEST_KEY}' manifest; expected a file written by "
                           "`skillpack router build`.")
     if len(text) > MAX_MANIFEST_CHARS:
-        raise RouterError(f"{path}: the router manifest has {len(text)} characters; the limit is {MAX_MANIFEST_CHARS}.")
+        raise ClassifierError(f"{path}: the router manifest has {len(text)} characters; the limit is {MAX_MANIFEST_CHARS}.")
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as e:
-        raise RouterError(f"{path}: the router manifest is not JSON ({e.msg}).") from None
+        raise ClassifierError(f"{path}: the router manifest is not JSON ({e.msg}).") from None
     return _check_manifest(path, manifest)
 
 
 def _check_manifest(path, m: object) -> dict:
     def require(cond: bool, what: str) -> None:
         if not cond:
-            raise RouterError(f"{path}: router manifest {what}.")
+            raise ClassifierError(f"{path}: router manifest {what}.")
 
     require(isinstance(m, dict), "is not a JSON object")
     require(m.get("format") == ROUTER_FORMAT, f"format is {m.get('format')!r}; expected {ROUTER_FORMAT!r}")
@@ -504,7 +504,7 @@ def _check_manifest(path, m: object) -> dict:
         try:
             validate_pack_name(name)
         except PackError as e:
-            raise RouterError(f"{path}: router label: {e}") from None
+            raise ClassifierError(f"{path}: router label: {e}") from None
     require(isinstance(m.get("hidden"), int) and 0 <= m["hidden"] <= MAX_HIDDEN, f"hidden must be 0..{MAX_HIDDEN}")
     feature = m.get("feature")
     require(isinstance(feature, dict) and isinstance(feature.get("dim"), int)
@@ -518,12 +518,12 @@ def _check_manifest(path, m: object) -> dict:
     return m
 
 
-def load_router(path: str | os.PathLike) -> Router:
+def load_classifier(path: str | os.PathLike) -> PackClassifier:
     """Read and check a router file: manifest schema, tensor names, shapes, finite values."""
     size = os.path.getsize(path)
     if size > MAX_ROUTER_BYTES:
-        raise RouterError(f"{path} is {size} bytes; a router file is at most {MAX_ROUTER_BYTES}.")
-    manifest = read_router_manifest(path)
+        raise ClassifierError(f"{path} is {size} bytes; a router file is at most {MAX_ROUTER_BYTES}.")
+    manifest = read_classifier_manifest(path)
     classes, hidden, dim = len(manifest["labels"]), manifest["hidden"], manifest["feature"]["dim"]
     sizes = [dim, hidden, classes] if hidden else [dim, classes]
     want = {"feature_mean": (dim,), "feature_std": (dim,), "centroids": (classes, dim), "radii": (classes,)}
@@ -532,18 +532,18 @@ def load_router(path: str | os.PathLike) -> Router:
     with safe_open(str(path), framework="pt") as f:
         have = set(f.keys())
         if have != set(want):
-            raise RouterError(f"{path}: tensors {sorted(have)} do not match a router with hidden={hidden}; "
+            raise ClassifierError(f"{path}: tensors {sorted(have)} do not match a router with hidden={hidden}; "
                               f"expected {sorted(want)}.")
         tensors = {}
         for name, shape in want.items():
             t = f.get_tensor(name)
             if t.dtype != torch.float32 or tuple(t.shape) != shape:
-                raise RouterError(f"{path}: tensor '{name}' is {t.dtype} {list(t.shape)}; expected float32 {list(shape)}.")
+                raise ClassifierError(f"{path}: tensor '{name}' is {t.dtype} {list(t.shape)}; expected float32 {list(shape)}.")
             if not torch.isfinite(t).all():
-                raise RouterError(f"{path}: tensor '{name}' holds non-finite values.")
+                raise ClassifierError(f"{path}: tensor '{name}' holds non-finite values.")
             tensors[name] = t
     if (tensors["feature_std"] <= 0).any():
-        raise RouterError(f"{path}: feature_std must be positive.")
+        raise ClassifierError(f"{path}: feature_std must be positive.")
     layers = [(tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"]) for i in range(len(sizes) - 1)]
-    return Router(list(manifest["labels"]), tensors["feature_mean"], tensors["feature_std"], layers,
+    return PackClassifier(list(manifest["labels"]), tensors["feature_mean"], tensors["feature_std"], layers,
                   tensors["centroids"], tensors["radii"], manifest)

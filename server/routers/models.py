@@ -9,7 +9,7 @@ from skillpack_server.errors import model_not_found
 from skillpack_server.pack_selection import AUTO_MODEL
 from skillpack_server.routers.deps import get_engine
 from skillpack_server.schemas.models import ModelCard, ModelList
-from skillpacks.classifier import ROUTER_FILE
+from skillpacks.classifier import CLASSIFIER_FILE
 
 router = APIRouter(tags=["models"])
 OWNER = "skillpack"
@@ -34,7 +34,7 @@ def _routable(request: Request, packs: list[str]) -> bool:
     store = request.app.state.pack_store
     if store is None or not packs:
         return False
-    return (any((folder / ROUTER_FILE).is_file() for folder in store.router_sources())
+    return (any((folder / CLASSIFIER_FILE).is_file() for folder in store.classifier_sources())
             or any(store.examples_path(n).is_file() for n in packs))
 
 

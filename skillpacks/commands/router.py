@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from skillpacks.checkpoint import open_checkpoint, pick_device
 from skillpacks.classifier import (
-    ROUTER_FILE, RouterError, TrainConfig, build_router, examples_path, hf_feature_fn, read_examples, write_examples,
+    CLASSIFIER_FILE, ClassifierError, TrainConfig, build_classifier, examples_path, hf_feature_fn, read_examples,
+    write_examples,
 )
 from skillpacks.default_base import default_base_dir
 from skillpacks.fingerprint import weights_sha256
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     build.add_argument("--examples", action="append", default=[], metavar="NAME=FILE",
                        help="a JSONL file of {'prompt': ...} lines to store as pack NAME's examples sidecar "
                             "(repeatable; replaces an existing sidecar)")
-    build.add_argument("--out", help=f"the router file (default: PACKS/{ROUTER_FILE}, where the server looks)")
+    build.add_argument("--out", help=f"the router file (default: PACKS/{CLASSIFIER_FILE}, where the server looks)")
     build.add_argument("--max-examples", type=int, default=256, help="examples used per pack (default 256)")
     build.add_argument("--hidden", type=int, default=64, help="hidden units of the FFN; 0 = logistic (default 64)")
     build.add_argument("--steps", type=int, default=300, help="full-batch training steps (default 300)")
@@ -39,9 +40,9 @@ def _store_examples(packs: Path, specs: list[str]) -> None:
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep or not name or not file:
-            raise RouterError(f"--examples {spec!r}: expected NAME=FILE.")
+            raise ClassifierError(f"--examples {spec!r}: expected NAME=FILE.")
         if not (packs / f"{name}.skillpack").is_file():
-            raise RouterError(f"--examples {spec!r}: there is no pack {packs / (name + '.skillpack')}.")
+            raise ClassifierError(f"--examples {spec!r}: there is no pack {packs / (name + '.skillpack')}.")
         write_examples(examples_path(packs, name), read_examples(file))
 
 
@@ -56,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.base)
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, use_safetensors=True)
         model = model.to(pick_device(args.device)).eval()
-        router, out = build_router(packs, tokenizer, hf_feature_fn(model), weights_sha256(open_checkpoint(args.base)),
+        router, out = build_classifier(packs, tokenizer, hf_feature_fn(model), weights_sha256(open_checkpoint(args.base)),
                                    cfg, max_examples=args.max_examples, out=args.out)
-    except (RouterError, ValueError, OSError) as e:
+    except (ClassifierError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     m = router.manifest

@@ -15,7 +15,7 @@ import transformers
 
 from skillpack_evals.skills import demo_split
 from skillpacks.checkpoint import open_checkpoint
-from skillpacks.classifier import TrainConfig, build_router, examples_path, hf_feature_fn, write_examples
+from skillpacks.classifier import TrainConfig, build_classifier, examples_path, hf_feature_fn, write_examples
 from skillpacks.fingerprint import base_fingerprint
 from testbed.tiny_models import build_tiny_pair
 from tests.server.test_runtime import noise_delta, tuned_delta, write_test_pack
@@ -64,5 +64,5 @@ def hf_base(fusion):
 @pytest.fixture(scope="session")
 def built_router(fusion, hf_base, tiny_tokenizer):
     """The router over the three packs, written to the packs folder as the server expects."""
-    return build_router(fusion.packs_dir, tiny_tokenizer, hf_feature_fn(hf_base), fusion.fingerprint["weights_sha256"],
+    return build_classifier(fusion.packs_dir, tiny_tokenizer, hf_feature_fn(hf_base), fusion.fingerprint["weights_sha256"],
                         TrainConfig())

@@ -15,7 +15,7 @@ from skillpack_server.errors import status_of
 from skillpack_server.exceptions import DomainError
 from skillpack_server.pack_selection import PackSelector, parse_auto_model, runtime_feature_fn
 from skillpack_server.settings import EngineSettings, PackSelectionSettings
-from skillpacks.classifier import ROUTER_FILE, load_router
+from skillpacks.classifier import CLASSIFIER_FILE, load_classifier
 from tests.fusion.conftest import write_pack_with_examples
 from tests.server.test_api_common import serve, settings_for
 from tests.server.test_runtime import noise_delta
@@ -172,7 +172,7 @@ def test_router_follows_the_pack_store(fusion, packs_copy, tiny_tokenizer):
         auto.select(sql_prompts[0])  # answers with version 2 and starts the rebuild
         auto.wait_for_rebuild(timeout=300)
         assert auto.status()["state"] == "fresh" and auto.status()["version"] == 3
-        assert load_router(packs_copy / ROUTER_FILE).manifest["version"] == 3  # written next to the packs
+        assert load_classifier(packs_copy / CLASSIFIER_FILE).manifest["version"] == 3  # written next to the packs
         assert sum(auto.select(p).packs[:1] == [("sql", 1.0)] for p in sql_prompts) >= 5
 
         # a router built for another base is never used

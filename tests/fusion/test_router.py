@@ -13,8 +13,8 @@ from skillpack_server.model.loader import load_model
 from skillpack_server.pack_selection import runtime_feature_fn
 from skillpacks.checkpoint import write_safetensors
 from skillpacks.classifier import (
-    MANIFEST_KEY, Router, RouterError, TrainConfig, decide, fit, hf_feature_fn, load_router, prompt_ids, read_examples,
-    read_router_manifest, renderings, save_router, train_router,
+    MANIFEST_KEY, ClassifierError, PackClassifier, TrainConfig, decide, fit, hf_feature_fn, load_classifier, prompt_ids,
+    read_classifier_manifest, read_examples, renderings, save_classifier, train_classifier,
 )
 from testbed.tiny_models import build_tiny_pair
 
@@ -52,8 +52,8 @@ def test_router_tells_held_out_skills_apart(fusion, built_router, hf_base, tiny_
 def test_router_file_round_trips(built_router, tmp_path):
     router, _ = built_router
     path = tmp_path / "r.safetensors"
-    save_router(router, path)
-    back = load_router(path)
+    save_classifier(router, path)
+    back = load_classifier(path)
     assert back.manifest == router.manifest and back.labels == router.labels
     x = torch.randn(5, router.feature_dim)
     assert torch.equal(back.logits(x), router.logits(x))
@@ -97,8 +97,8 @@ def test_hostile_router_files_are_refused(built_router, tmp_path, damage, messag
         manifest["packs"].pop("sql")
     path = tmp_path / "bad.safetensors"
     _write(path, tensors, manifest)
-    with pytest.raises(RouterError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        load_router(path)
+    with pytest.raises(ClassifierError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_classifier(path)
 
 
 def test_truncated_router_file_is_refused(built_router, tmp_path):
@@ -106,15 +106,15 @@ def test_truncated_router_file_is_refused(built_router, tmp_path):
     data = path.read_bytes()
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[:-7])
-    with pytest.raises(RouterError, match="truncated|data bytes"):
-        read_router_manifest(bad)
+    with pytest.raises(ClassifierError, match="truncated|data bytes"):
+        read_classifier_manifest(bad)
 
 
-def _toy_router() -> Router:
+def _toy_router() -> PackClassifier:
     """Three classes on 2-d features: class c's logit is 4 * x[c] (x[2] = -x0-x1 implicit
     through the weights), centroids at unit axes with radius 1."""
     w = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
-    return Router(["a", "b", "c"], torch.zeros(2), torch.ones(2), [(w, torch.zeros(3))],
+    return PackClassifier(["a", "b", "c"], torch.zeros(2), torch.ones(2), [(w, torch.zeros(3))],
                   torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]), torch.ones(3), {"version": 3})
 
 
@@ -156,14 +156,14 @@ def test_fit_separates_linearly_separable_classes_and_reports_held_out_accuracy(
     x = centers[y] + torch.randn(90, 16, generator=g)
     index = torch.arange(90)
     for hidden in (0, 32):
-        router, stats = train_router(x, y, index, ["a", "b", "c"], TrainConfig(hidden=hidden, steps=150))
+        router, stats = train_classifier(x, y, index, ["a", "b", "c"], TrainConfig(hidden=hidden, steps=150))
         assert stats["val_accuracy"] == 1.0 and stats["train_accuracy"] == 1.0
         assert len(router.layers) == (1 if hidden == 0 else 2)
         # the centroids and radii are the classes' own, in standardised space
         z = (x - router.mean) / router.std
         torch.testing.assert_close(router.centroids[1], z[y == 1].mean(0))
         torch.testing.assert_close(router.radii[1], (z[y == 1] - z[y == 1].mean(0)).norm(dim=1).max())
-    with pytest.raises(RouterError, match="0 classes"):
+    with pytest.raises(ClassifierError, match="0 classes"):
         fit(x, y, [], TrainConfig())
 
 
@@ -179,8 +179,8 @@ def test_examples_files_are_checked(tmp_path):
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(RouterError, match=message):
+        with pytest.raises(ClassifierError, match=message):
             read_examples(tmp_path / name)
-    with pytest.raises(RouterError, match="does not exist"):
+    with pytest.raises(ClassifierError, match="does not exist"):
         read_examples(tmp_path / "missing.jsonl")
 

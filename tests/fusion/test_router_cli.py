@@ -6,7 +6,7 @@ import json
 import shutil
 
 from skillpacks.cli import main
-from skillpacks.classifier import ROUTER_FILE, load_router, read_examples
+from skillpacks.classifier import CLASSIFIER_FILE, load_classifier, read_examples
 
 
 def test_router_build_writes_versions_and_stores_examples(fusion, tmp_path, capsys):
@@ -21,14 +21,14 @@ def test_router_build_writes_versions_and_stores_examples(fusion, tmp_path, caps
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["version"] == 1 and printed["labels"] == ["json", "sql"]
-    router = load_router(folder / ROUTER_FILE)
+    router = load_classifier(folder / CLASSIFIER_FILE)
     assert router.manifest["packs"]["sql"]["examples"] == 12 and router.manifest["hidden"] == 64
 
     extra = tmp_path / "arith.jsonl"
     extra.write_text("".join(json.dumps({"prompt": f"Compute ({i} + 1) * 2 - 3."}) + "\n" for i in range(8)))
     assert main(args + ["--examples", f"arith={extra}"]) == 0
     assert read_examples(folder / "arith.examples.jsonl") == [f"Compute ({i} + 1) * 2 - 3." for i in range(8)]
-    again = load_router(folder / ROUTER_FILE)
+    again = load_classifier(folder / CLASSIFIER_FILE)
     assert again.manifest["version"] == 2 and again.labels == ["arith", "json", "sql"]
 
 

@@ -1,4 +1,4 @@
-"""Router examples through the admin API: a pack uploaded with its `examples` joins `model: "auto"`
+"""Classifier examples through the admin API: a pack uploaded with its `examples` joins `model: "auto"`
 after the background rebuild; PUT/GET/DELETE /admin/skillpacks/{name}/examples replace, read and
 remove them (the router follows); bad or oversize examples are a 4xx naming the problem and
 leave the store byte-for-byte as it was; the routes need the admin token."""
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from skillpack_evals.skills import demo_split
-from skillpacks.classifier import EXAMPLES_SUFFIX, ROUTER_FILE, load_router
+from skillpacks.classifier import EXAMPLES_SUFFIX, CLASSIFIER_FILE, load_classifier
 from tests.server.test_api_common import ADMIN, build_pack, serve, settings_for, snapshot
 
 SKILL_OF = {"arith": "arithmetic", "sql": "sql"}
@@ -74,7 +74,7 @@ def test_uploaded_examples_join_auto_and_the_router_follows_their_changes(llama,
         assert client.get("/admin/skillpacks/sql/examples", headers=ADMIN).content == sql_examples
 
         auto.wait_for_rebuild(timeout=300)  # the upload started it: no `auto` request in between
-        manifest = load_router(store / ROUTER_FILE).manifest
+        manifest = load_classifier(store / CLASSIFIER_FILE).manifest
         assert manifest["labels"] == ["arith", "sql"] and manifest["packs"]["sql"]["examples_sha256"] == sha
         assert auto.status()["state"] == "fresh"
         for name in ("arith", "sql"):
@@ -88,7 +88,7 @@ def test_uploaded_examples_join_auto_and_the_router_follows_their_changes(llama,
             "prompts": 20, "bytes": len(fewer), "sha256": hashlib.sha256(fewer).hexdigest()}}
         assert (store / f"sql{EXAMPLES_SUFFIX}").read_bytes() == fewer
         auto.wait_for_rebuild(timeout=300)
-        manifest = load_router(store / ROUTER_FILE).manifest
+        manifest = load_classifier(store / CLASSIFIER_FILE).manifest
         assert manifest["packs"]["sql"]["examples_sha256"] == hashlib.sha256(fewer).hexdigest()
         assert manifest["version"] == 3
 
