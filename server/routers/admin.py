@@ -5,12 +5,12 @@ from __future__ import annotations
 import anyio
 from fastapi import APIRouter, Depends, Request, Response
 
+from skillpack_server.dependencies import get_engine, get_pack_store
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import APIError
 from skillpack_server.pack_store import PackStore, check_pack_name, pack_not_found
-from skillpack_server.routers.deps import get_engine, get_pack_store
-from skillpack_server.routers.upload import receive_examples, receive_pack_upload
 from skillpack_server.schemas.admin import DeleteResult, ExamplesResult, PackInfo, PackList, UploadResult
+from skillpack_server.upload_stream import receive_examples, receive_pack_upload
 
 router = APIRouter(prefix="/admin/skillpacks", tags=["admin"])
 

@@ -17,9 +17,9 @@ from skillpack_server.generation import (
     Generation, Piece, choice_seed, make_request, merged_pieces, new_id, resolve_model,
     selection_headers, sampling_for, served_model, sse, start_all, token_budget, total_usage,
 )
+from skillpack_server.dependencies import get_engine, get_metrics
 from skillpack_server.metrics import Metrics
 from skillpack_server.reply_text import token_bytes, token_text
-from skillpack_server.routers.deps import get_engine, get_metrics
 from skillpack_server.schemas.chat import ChatRequest, ChatResponse, FunctionDefinition
 from skillpack_server.structured_output import GrammarError, ToolSpec, grammars_for, json_grammar, tools_grammar
 from skillpack_server.tool_calls import CallStream, new_call_id, parse_call, template_turns

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from skillpack_server.dependencies import get_engine
 from skillpack_server.engine.types import EngineProtocol
 from skillpack_server.errors import model_not_found
 from skillpack_server.pack_selection import AUTO_MODEL
-from skillpack_server.routers.deps import get_engine
 from skillpack_server.schemas.models import ModelCard, ModelList
 from skillpacks.classifier import CLASSIFIER_FILE
 

@@ -1,5 +1,5 @@
 """Reading admin uploads as they stream: a pack straight into the store's staging file (never
-into memory), its optional router examples and the raw examples body bounded in memory."""
+into memory), its optional classifier examples and the raw examples body bounded in memory."""
 from __future__ import annotations
 
 import asyncio
