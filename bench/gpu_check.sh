@@ -26,6 +26,7 @@ names=$(mktemp -d)
 trap 'rm -rf "$names"' EXIT
 ln -s "$PWD/kernels" "$names/skillpack_kernels"
 ln -s "$PWD/server" "$names/skillpack_server"
+ln -s "$PWD/evals" "$names/skillpack_evals"
 site="$names/site"
 if [ "$DRY" = 1 ]; then
     # one torch thread: on a small shared CPU two threads spin-wait on each other
