@@ -1,7 +1,7 @@
 """JSON-lines files from users: the one bounded reader and the atomic writer.
 
 Training pairs (`skillpack graft`), sensitivity records and calibration texts (`skillpack
-build`) and router examples (files, and uploads to the server) all arrive as JSON lines:
+build`) and the classifier's examples (files, and uploads to the server) all arrive as JSON lines:
 each file's bytes are bounded before it is read and its lines before they are parsed,
 and a fault names the file (or upload) and the line.
 """
