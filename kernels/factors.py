@@ -39,13 +39,14 @@ class LowRankDelta:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.a_tiers + self.bt_tiers) + self.s.numel() * self.s.element_size()
 
-    def validate(self) -> None:
-        """Raise ValueError if tiers, ranks and feature sizes disagree."""
+    def validate(self, check_values: bool = True) -> None:
+        """Raise ValueError if tiers, ranks and feature sizes disagree, or (`check_values`)
+        any scale, zero or singular value is not finite."""
         if len(self.a_tiers) != len(self.bt_tiers):
             raise ValueError(f"{len(self.a_tiers)} A tiers but {len(self.bt_tiers)} B tiers; expected equal.")
         for k, (a, bt) in enumerate(zip(self.a_tiers, self.bt_tiers)):
-            a.validate()
-            bt.validate()
+            a.validate(check_values)
+            bt.validate(check_values)
             if a.rows != bt.rows:
                 raise ValueError(f"tier {k}: A has {a.rows} ranks but B has {bt.rows}; expected equal.")
             if a.cols != self.in_features or bt.cols != self.out_features:
@@ -55,7 +56,7 @@ class LowRankDelta:
                 )
         if sum(self.tier_ranks) != self.rank:
             raise ValueError(f"tiers hold {sum(self.tier_ranks)} ranks but there are {self.rank} singular values.")
-        if not torch.isfinite(self.s).all():
+        if check_values and not torch.isfinite(self.s).all():
             raise ValueError("singular values hold non-finite values.")
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,13 +71,11 @@ class LowRankDelta:
         return ((b * self.s.double()) @ a).to(dtype)
 
 
-def factors_of_many(deltas: list[LowRankDelta], dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`delta.factors(dtype)` of each, dequantized together (`dequantize_many`)."""
+def factor_tiers_of_many(deltas: list[LowRankDelta], dtype: torch.dtype = torch.float32
+                         ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Each delta's dequantized tiers, (A tiers (r_k, in), Bᵀ tiers (r_k, out)), dequantized
+    together (`dequantize_many`); a caller that copies them into place needs no `cat`."""
     tiers = [t for d in deltas for t in d.a_tiers + d.bt_tiers]
     flat = iter(dequantize_many(tiers, dtype))
-    out = []
-    for d in deltas:
-        a = [next(flat) for _ in d.a_tiers]
-        bt = [next(flat) for _ in d.bt_tiers]
-        out.append((torch.cat(a, dim=0), torch.cat(bt, dim=0).T))
-    return out
+    return [([next(flat) for _ in d.a_tiers], [next(flat) for _ in d.bt_tiers]) for d in deltas]
+

@@ -67,13 +67,17 @@ class ConcatFactors:
         held = [self.a, self.b, self.s] + [t for p in self._plans.values() if p.copied for t in (p.a, p.b)]
         return sum(t.numel() * t.element_size() for t in held)
 
-    def insert(self, slot: int, a: torch.Tensor, s: torch.Tensor, bt: torch.Tensor) -> None:
-        """Store slot's A (r, in), s (r,) and Bᵀ (r, out), replacing what it held."""
+    def insert(self, slot: int, a: list[torch.Tensor], s: torch.Tensor, bt: list[torch.Tensor]) -> None:
+        """Store slot's A (r, in), s (r,) and Bᵀ (r, out), replacing what it held; A and Bᵀ
+        come as row blocks in order (a pack's tiers), each copied straight into place."""
         rank = int(s.numel())
-        if a.shape != (rank, self.in_features) or bt.shape != (rank, self.out_features):
+        a_rows, b_rows = sum(t.shape[0] for t in a), sum(t.shape[0] for t in bt)
+        bad = [t for t in a if t.dim() != 2 or t.shape[1] != self.in_features]
+        bad += [t for t in bt if t.dim() != 2 or t.shape[1] != self.out_features]
+        if bad or a_rows != rank or b_rows != rank:
             raise ValueError(
-                f"factors of shapes {tuple(a.shape)} and {tuple(bt.shape)} do not match rank {rank} and "
-                f"this linear's ({self.in_features} -> {self.out_features})."
+                f"factor blocks of shapes {[tuple(t.shape) for t in a]} and {[tuple(t.shape) for t in bt]} do not "
+                f"match rank {rank} and this linear's ({self.in_features} -> {self.out_features})."
             )
         self.remove(slot)
         first = self._free_run(rank)
@@ -81,8 +85,11 @@ class ConcatFactors:
             first = self.end
             if first + rank > self.capacity:
                 self._resize(max(first + rank, int(self.capacity * GROWTH), self.capacity + MIN_GROWTH_COLUMNS))
-        self.a[first : first + rank] = a
-        self.b[first : first + rank] = bt
+        for buf, blocks in ((self.a, a), (self.b, bt)):
+            row = first
+            for t in blocks:
+                buf[row : row + t.shape[0]] = t
+                row += t.shape[0]
         self.s[first : first + rank] = s.float()
         self.spans[slot] = (first, rank)
         self.end = max(self.end, first + rank)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
 from skillpack_kernels.lowrank_cpu import ConcatFactors
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
 
@@ -156,11 +156,11 @@ class LowRankSlots:
     def loaded(self) -> frozenset[int]:
         return frozenset(self._loaded)
 
-    def prepare(self, delta: LowRankDelta, factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def prepare(self, delta: LowRankDelta, tiers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
                 validated: bool = False) -> "PreparedLowRank":
         """Check `delta` against these slots and dequantize what `load` will copy (changes nothing).
-        `factors`: its `factors()` already computed (a pack's, batched); `validated`: the pack
-        reader has already run `delta.validate()`."""
+        `tiers`: its dequantized (A tiers, Bᵀ tiers) already computed (a pack's, batched:
+        `factor_tiers_of_many`); `validated`: the pack reader has already run `delta.validate()`."""
         if not validated:
             delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):
@@ -172,8 +172,8 @@ class LowRankSlots:
             raise ValueError(f"delta rank {delta.rank} exceeds these slots' max_rank={self.max_rank}.")
         if self.concat is None:
             return PreparedLowRank(delta, None, None)
-        a, b = factors if factors is not None else delta.factors(torch.float32)  # (r, in), (out, r)
-        return PreparedLowRank(delta, a.to(self.dtype), b.T.to(self.dtype).contiguous())
+        a, bt = tiers if tiers is not None else factor_tiers_of_many([delta])[0]
+        return PreparedLowRank(delta, [t.to(self.dtype) for t in a], [t.to(self.dtype) for t in bt])
 
     def load(self, slot: int, delta: "LowRankDelta | PreparedLowRank") -> None:
         """Copy `delta` (or its `prepare`d form) into `slot`: packed codes, scales, zeros and
@@ -255,8 +255,10 @@ class LowRankSlots:
 
 @dataclass
 class PreparedLowRank:
-    """A checked delta and, for slots with a CPU form, its dequantized A (r, in) and Bᵀ (r, out)."""
+    """A checked delta and, for slots with a CPU form, its dequantized A and Bᵀ tiers in the
+    slots' dtype ((r_k, in) and (r_k, out) each, in tier order: `ConcatFactors.insert` copies
+    them into place)."""
 
     delta: LowRankDelta
-    a: torch.Tensor | None
-    bt: torch.Tensor | None
+    a: list[torch.Tensor] | None
+    bt: list[torch.Tensor] | None

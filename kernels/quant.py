@@ -61,8 +61,9 @@ class QuantTensor:
         """Bytes actually stored: codes + scales + zeros."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
-    def validate(self) -> None:
-        """Raise ValueError if the tensors disagree with the declared layout."""
+    def validate(self, check_values: bool = True) -> None:
+        """Raise ValueError if the tensors disagree with the declared layout, or
+        (`check_values`) a scale or zero is not finite."""
         check_layout(self.bits, self.group_size)
         pc = padded_cols(self.cols, self.group_size)
         rows = self.codes.shape[0]
@@ -79,7 +80,7 @@ class QuantTensor:
                     f"{t.dtype}; expected {shape} and {dtype} for rows={rows}, cols={self.cols}, "
                     f"bits={self.bits}, group_size={self.group_size}."
                 )
-        for name in ("scales", "zeros"):
+        for name in ("scales", "zeros") if check_values else ():
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"quantized tensor part '{name}' holds non-finite values.")
 
@@ -159,8 +160,8 @@ def _dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     else:
         table = _CODE_TABLES[bits].to(codes.device)
         q = table.index_select(0, codes.reshape(-1).int()).view(rows, -1)  # (R, pc): code j of byte i at i*p + j
-    g = q.view(rows, -1, group_size)
-    w = g * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)
+    g = q.view(rows, -1, group_size)  # a fresh tensor (gather or conversion): scaled in place
+    w = g.mul_(scales.float().unsqueeze(-1)).add_(zeros.float().unsqueeze(-1))
     return w.view(rows, -1)[:, :cols].to(dtype)
 
 

@@ -1,6 +1,7 @@
 """The FastAPI application: builds the engine and pack store in lifespan and assembles the routers."""
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -49,11 +50,16 @@ async def lifespan(app: FastAPI):
     store.register_all()
     app.state.engine, app.state.pack_store = engine, store
     log.info("serving %s with %d pack(s)", engine.model_id, len(engine.pack_cache.status()))
+    # Everything built so far (torch, transformers, the model's modules) lives as long as the
+    # server: frozen, full collections stop rescanning it. They ran while a pack load made its
+    # thousands of small objects and took half of its time (docs/SERVING.md).
+    gc.freeze()
     try:
         yield
     finally:
         app.state.engine = app.state.pack_store = None
         engine.close()
+        gc.unfreeze()  # collectable again: a process that starts several apps (tests) keeps no garbage
 
 
 class BodyLimit:

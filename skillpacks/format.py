@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
-from safetensors import safe_open
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import QuantTensor, check_layout, packed_row_bytes, padded_cols
 from skillpacks.checkpoint import (
-    READ_CHUNK, TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, tensor_bytes,
+    TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, read_tensors, tensor_bytes,
     write_safetensors,
 )
 from skillpacks.deltas import ExactDelta, ModuleDelta, ModuleRecord, SparseDelta
@@ -39,6 +38,7 @@ MAX_MODULE_NAME_CHARS = 256
 MAX_MODULES = 50_000
 MAX_TIERS = 8
 MAX_SPARSE_ELEMENTS = 2**31 - 1  # indices are int32 flat positions
+FINITE_BATCH = 1 << 20  # tensors below this many elements are checked for finiteness together
 
 
 @dataclass
@@ -319,29 +319,42 @@ def _check_tensor_table(header: SafetensorsHeader, manifest: dict) -> None:
                         f"({len(extra)} such tensors).")
 
 
-def _payload_sha256(header: SafetensorsHeader) -> str:
-    digest = hashlib.sha256()
-    with open(header.path, "rb") as f:
-        f.seek(header.data_start)
-        while block := f.read(READ_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+def _payload_sha256(data: torch.Tensor) -> str:
+    """sha256 of a pack's data section (read once by `read_tensors`)."""
+    return hashlib.sha256(memoryview(data.numpy())).hexdigest()
 
 
-def _load_delta(f, m: dict) -> ModuleDelta:
+def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor holds only finite values, in a few large checks: a pack's
+    thousands of small scales, zeros and singular values are checked per dtype at once."""
+    small: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors.values():
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if t.numel() >= FINITE_BATCH:
+            if not bool(torch.isfinite(t).all()):
+                return False
+        else:
+            small.setdefault(t.dtype, []).append(t.reshape(-1))
+    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in small.values())
+
+
+def _load_delta(tensors: dict[str, torch.Tensor], m: dict, check_values: bool = True) -> ModuleDelta:
+    """The delta of module `m` from the file's tensors. `check_values`: look for non-finite
+    values module by module (False once the whole file was found finite)."""
     name, shape, layout = m["name"], m["shape"], m["layout"]
     where = f"module '{name}'"
     if m["method"] == "exact":
-        delta = f.get_tensor(f"{name}:delta")
-        _require(bool(torch.isfinite(delta).all()), f"{where} holds non-finite delta values.")
+        delta = tensors[f"{name}:delta"]
+        _require(not check_values or bool(torch.isfinite(delta).all()), f"{where} holds non-finite delta values.")
         return ExactDelta(delta)
     if m["method"] == "sparse":
-        idx, val = f.get_tensor(f"{name}:indices"), f.get_tensor(f"{name}:values")
+        idx, val = tensors[f"{name}:indices"], tensors[f"{name}:values"]
         if idx.numel():
             _require(int(idx[0]) >= 0 and int(idx[-1]) < shape[0] * shape[1],
                      f"{where} has sparse indices outside 0..{shape[0] * shape[1] - 1}.")
             _require(bool((idx[1:] > idx[:-1]).all()), f"{where} has sparse indices that are not strictly ascending.")
-        _require(bool(torch.isfinite(val).all()), f"{where} holds non-finite sparse values.")
+        _require(not check_values or bool(torch.isfinite(val).all()), f"{where} holds non-finite sparse values.")
         return SparseDelta(idx, val, (shape[0], shape[1]))
     out_features, in_features = shape
     tiers = []
@@ -349,13 +362,13 @@ def _load_delta(f, m: dict) -> ModuleDelta:
         pair = []
         for part, cols in (("A", in_features), ("B", out_features)):
             p = f"{name}:{part}.{k}"
-            pair.append(QuantTensor(f.get_tensor(f"{p}.codes"), f.get_tensor(f"{p}.scales"),
-                                    f.get_tensor(f"{p}.zeros"), t["bits"], t["group_size"], cols))
+            pair.append(QuantTensor(tensors[f"{p}.codes"], tensors[f"{p}.scales"], tensors[f"{p}.zeros"],
+                                    t["bits"], t["group_size"], cols))
         tiers.append(pair)
-    s = f.get_tensor(f"{name}:s")
+    s = tensors[f"{name}:s"]
     delta = LowRankDelta([a for a, _ in tiers], [b for _, b in tiers], s, in_features, out_features)
     try:
-        delta.validate()
+        delta.validate(check_values)
     except ValueError as e:
         raise PackError(f"{where}: {e}") from e
     # any order: a sensitivity build stores its ranks by measured weight, not by σ
@@ -365,22 +378,28 @@ def _load_delta(f, m: dict) -> ModuleDelta:
 
 def read_pack(path: str | os.PathLike, verify_checksum: bool = True) -> SkillPack:
     """Read and check a whole pack: header bounds, manifest schema, tensor table, checksum,
-    and every module's structure and finiteness. Raises PackError on any fault."""
+    and every module's structure and finiteness. Raises PackError on any fault.
+    The file is read once; the pack's tensors are views of that one buffer."""
     header = _read_pack_header(path)
     manifest = _manifest_from_header(header)
     _check_tensor_table(header, manifest)
+    try:
+        data, tensors = read_tensors(header)
+    except CheckpointError as e:
+        raise PackError(str(e)) from None
     if verify_checksum:
-        got = _payload_sha256(header)
+        got = _payload_sha256(data)
         _require(got == manifest["payload_sha256"],
                  f"{header.path}: payload checksum mismatch (sha256 {got}, manifest says "
                  f"{manifest['payload_sha256']}): the file is corrupt.")
+    # one pass finds a clean file clean; only a file with a bad value is searched module by module
+    check_values = not _all_finite(tensors)
     deltas: dict[str, ModuleDelta] = {}
-    with safe_open(str(header.path), framework="pt") as f:
-        for m in manifest["modules"]:
-            try:
-                deltas[m["name"]] = _load_delta(f, m)
-            except PackError as e:
-                raise PackError(f"{header.path}: {e}") from None
+    for m in manifest["modules"]:
+        try:
+            deltas[m["name"]] = _load_delta(tensors, m, check_values)
+        except PackError as e:
+            raise PackError(f"{header.path}: {e}") from None
     records = [ModuleRecord(m["name"], m["kind"], m["method"], list(m["shape"]), dict(m.get("stats", {})))
                for m in manifest["modules"]]
     return SkillPack(manifest, deltas, records)

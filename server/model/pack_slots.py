@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skillpack_kernels.factors import LowRankDelta, factors_of_many
+from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
 from skillpack_kernels.lowrank_slots import LowRankSlots, PreparedLowRank
 from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
 from skillpack_server.model.vocab_delta import VocabDelta, to_vocab_delta
@@ -92,14 +92,14 @@ class PackSlots:
         `validated`: they come from the pack reader, which has already checked each one."""
         self.check(deltas)
         lowrank = [name for name in deltas if self.targets[name][0] == "lowrank"]
-        factors = {}
+        tiers = {}
         if self.device.type == "cpu":  # the CPU path keeps dequantized factors: all of them in one pass
-            factors = dict(zip(lowrank, factors_of_many([deltas[name] for name in lowrank])))
+            tiers = dict(zip(lowrank, factor_tiers_of_many([deltas[name] for name in lowrank])))
         out: dict[str, PreparedLowRank | VocabDelta | torch.Tensor] = {}
         for name, delta in deltas.items():
             role, module = self.targets[name]
             if role == "lowrank":
-                out[name] = module.lowrank.prepare(delta, factors.get(name), validated)
+                out[name] = module.lowrank.prepare(delta, tiers.get(name), validated)
             elif role == "vocab":
                 out[name] = to_vocab_delta(delta, self.device)
             else:

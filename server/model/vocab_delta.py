@@ -9,7 +9,7 @@ directions). The runtime needs two operations of either form:
 - `times_transposed(h)`: float32 h (n, dim) @ ΔEᵀ -> (n, vocab) (output projection).
 
 Sparse deltas become a float32 CSR matrix (`skillpack_server.model.sparse_rows`); low-rank ones
-keep dequantized float32 factors with σ folded into B — (vocab + dim) · rank floats,
+keep dequantized float32 factors with σ folded into Bᵀ — (vocab + dim) · rank floats,
 never the dense (vocab, dim) matrix.
 """
 from __future__ import annotations
@@ -41,18 +41,18 @@ class CsrRows:
 
 @dataclass
 class LowRankRows:
-    left: torch.Tensor  # float32 (vocab, rank): B diag(s)
+    left_t: torch.Tensor  # float32 (rank, vocab): diag(s) Bᵀ, as the pack stores Bᵀ (no transposed copy)
     right: torch.Tensor  # float32 (rank, dim): A
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.left, self.right))
+        return sum(t.numel() * t.element_size() for t in (self.left_t, self.right))
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.left[ids] @ self.right
+        return self.left_t.index_select(1, ids).T @ self.right
 
     def times_transposed(self, h: torch.Tensor) -> torch.Tensor:
-        return (h.float() @ self.right.T) @ self.left.T
+        return (h.float() @ self.right.T) @ self.left_t
 
 
 VocabDelta = CsrRows | LowRankRows
@@ -61,6 +61,6 @@ VocabDelta = CsrRows | LowRankRows
 def to_vocab_delta(delta: SparseDelta | ExactDelta | LowRankDelta, device) -> VocabDelta:
     """The device form of one embedding/lm_head delta."""
     if isinstance(delta, LowRankDelta):
-        a, b = delta.factors(torch.float32)
-        return LowRankRows((b * delta.s.float()).contiguous().to(device), a.contiguous().to(device))
+        a, b = delta.factors(torch.float32)  # b is a transposed view of the dequantized Bᵀ
+        return LowRankRows((b.T * delta.s.float().unsqueeze(1)).to(device), a.to(device))
     return CsrRows(to_csr(delta, device))

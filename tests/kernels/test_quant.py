@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from skillpack_kernels.factors import LowRankDelta, factors_of_many
+from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
 from skillpack_kernels.quant import (
     QuantTensor, dequantize_groupwise, dequantize_many, pack_codes, padded_cols, quantize_groupwise, unpack_codes,
 )
@@ -87,7 +87,7 @@ def test_dequantize_many_equals_one_at_a_time():
         torch.testing.assert_close(many, want, atol=1e-6, rtol=0)
 
 
-def test_factors_of_many_equal_each_deltas_factors():
+def test_factor_tiers_of_many_equal_each_deltas_factors():
     torch.manual_seed(4)
 
     def delta(in_f, out_f, tiers):
@@ -96,6 +96,7 @@ def test_factors_of_many_equal_each_deltas_factors():
         return LowRankDelta(a, bt, torch.rand(sum(r for r, _ in tiers)), in_f, out_f)
 
     deltas = [delta(40, 24, [(3, 8), (5, 4)]), delta(24, 40, [(2, 4), (4, 2)]), delta(40, 24, [(6, 2)])]
-    for d, (a, b) in zip(deltas, factors_of_many(deltas)):
+    for d, (a, bt) in zip(deltas, factor_tiers_of_many(deltas)):
         want_a, want_b = d.factors()
-        assert torch.equal(a, want_a) and torch.equal(b, want_b)
+        assert [t.shape[0] for t in a] == [t.shape[0] for t in bt] == d.tier_ranks
+        assert torch.equal(torch.cat(a), want_a) and torch.equal(torch.cat(bt).T, want_b)

@@ -273,7 +273,7 @@ def test_vocab_deltas_gather_and_product_match_dense():
     u, s, vh = delta_svd(low)
     lr = lowrank_delta(u, s, vh, [(8, 2), (4, 1)], 8)
     rows = to_vocab_delta(lr, "cpu")
-    assert isinstance(rows, LowRankRows) and rows.left.shape == (40, 3) and rows.right.shape == (3, 24)
+    assert isinstance(rows, LowRankRows) and rows.left_t.shape == (3, 40) and rows.right.shape == (3, 24)
     ref = lr.dense(torch.float64)
     torch.testing.assert_close(rows.gather(ids).double(), ref[ids], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rows.times_transposed(h).double(), h.double() @ ref.T, atol=1e-4, rtol=1e-5)

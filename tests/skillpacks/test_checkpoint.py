@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from skillpacks.checkpoint import CheckpointError, open_checkpoint, write_safetensors
+from skillpacks.checkpoint import CheckpointError, open_checkpoint, read_header, read_tensors, write_safetensors
 from skillpacks.fingerprint import base_fingerprint, check_base
 from skillpacks.format import PackError
 
@@ -24,6 +24,45 @@ def test_names_shapes_dtypes_and_tensors_match_safetensors(tiny_pair):
         assert torch.equal(ckpt.get(name), t)
     assert ckpt.config["model_type"] == json.loads((tiny_pair.base / "config.json").read_text())["model_type"]
     assert ckpt.path == tiny_pair.base
+
+
+def _raw_safetensors(path, tensors: dict) -> None:
+    """A safetensors file laid out in the given order with no alignment padding (the format
+    allows it; safetensors' own writer aligns, so misaligned spans need a hand-made file)."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8",
+             torch.int64: "I64", torch.float8_e4m3fn: "F8_E4M3", torch.bool: "BOOL"}
+    header, data = {}, b""
+    for name, t in tensors.items():
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + data)
+
+
+def test_read_tensors_reads_every_dtype_and_alignment_like_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    tensors = {
+        "odd_bytes": torch.randint(0, 255, (3, 5), generator=g, dtype=torch.uint8),  # 15 bytes: what follows is misaligned
+        "half": torch.randn(4, 6, generator=g).half(),
+        "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f32": torch.randn(2, 3, 4, generator=g),
+        "one_byte": torch.ones(1, dtype=torch.uint8),
+        "i64": torch.arange(-5, 5, dtype=torch.int64),
+        "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn),
+        "flags": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "raw.safetensors"
+    _raw_safetensors(path, tensors)
+    data, got = read_tensors(read_header(path))
+    assert data.numel() == path.stat().st_size - 8 - int.from_bytes(path.read_bytes()[:8], "little")
+    with safe_open(str(path), framework="pt") as f:
+        for name in tensors:
+            want = f.get_tensor(name)
+            assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+            assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name
+            assert torch.equal(got[name].view(torch.uint8), tensors[name].view(torch.uint8)), name
 
 
 def test_tied_embeddings_follow_config_and_files(tiny_pairs):
