@@ -97,6 +97,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _waiting, _running, _aborted
         self._wake = threading.Event()
+        self.pack_cache.on_staged = self._wake.set  # a pack read off this thread is ready: admit its request
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._aborted: set[Sequence] = set()
@@ -156,6 +157,7 @@ class Engine:
             self._stopping = True
         self._wake.set()
         self._thread.join(timeout=60)
+        self.pack_cache.close()
 
     # ---- validation ------------------------------------------------------------------------
 
@@ -268,12 +270,13 @@ class Engine:
                 return  # first come, first served: later requests do not overtake for KV
             if seq.request.packs:
                 try:
-                    lease = self.pack_cache.acquire(seq.request.packs)
+                    # a pack not on the device is read on the cache's loader thread: running rows keep stepping
+                    lease = self.pack_cache.acquire(seq.request.packs, stage=True)
                 except DomainError as e:
                     self._reject(seq, e)
                     continue
                 if lease is None:
-                    continue  # its packs wait for a slot; requests with resident packs go on
+                    continue  # its packs are being read or wait for a slot; requests with resident packs go on
                 seq.lease = lease
             seq.pages = self.kv.allocator.allocate(need)
             with self._lock:

@@ -17,8 +17,11 @@ is still caught).
 
 One lock guards the bookkeeping; `device_lock` serialises slot writes with forward
 steps, so a slot is never rewritten while a step reads the model's delta tables. The
-slow part of placing a pack (dequantizing it, `PackSlots.prepare`) runs before either
-lock is taken; under `device_lock` only copies remain.
+slow part of placing a pack (reading and dequantizing it, `PackSlots.prepare`) runs
+before either lock is taken; under `device_lock` only copies remain. The engine asks
+with `acquire(..., stage=True)`: a pack that is not on the device is then read and
+prepared on the cache's own loader thread while the engine keeps stepping its running
+rows, and a later `acquire` copies the staged pack into a slot.
 """
 from __future__ import annotations
 
@@ -28,17 +31,20 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from skillpack_server.engine.types import PackStatus
 from skillpack_server.exceptions import (
-    EngineFailure, EngineUnavailable, PackInUse, PackInvalid, PackMismatch, PackNotFound,
+    DomainError, EngineFailure, EngineUnavailable, PackInUse, PackInvalid, PackMismatch, PackNotFound,
 )
 from skillpack_server.model.pack_slots import PackSlots, PreparedPack
 from skillpacks.fingerprint import check_base
 from skillpacks.format import PackError, SkillPack, read_pack
 
 log = logging.getLogger(__name__)
+STAGED_MAX = 8  # prepared packs waiting for a slot; past this the oldest is dropped (staged again on demand)
 
 
 def pack_bytes(pack: SkillPack) -> int:
@@ -105,6 +111,10 @@ class PackCache:
         self._host = OrderedDict()  # PackVersion -> None, least recently used first
         self._host_bytes = 0
         self._clock = itertools.count(1)
+        # version -> its prepared form, the error that refused it, or None while the loader works on it
+        self._staged: OrderedDict[PackVersion, PreparedPack | DomainError | None] = OrderedDict()
+        self._loader: ThreadPoolExecutor | None = None  # started on first use
+        self.on_staged: Callable[[], None] | None = None  # called from the loader thread when a pack is ready
 
     # ---- the HTTP layer's side (PackCacheProtocol) ----------------------------------
 
@@ -177,10 +187,13 @@ class PackCache:
 
     # ---- the engine's side -------------------------------------------------------------
 
-    def acquire(self, packs: list[tuple[str, float]]) -> PackLease | None:
+    def acquire(self, packs: list[tuple[str, float]], stage: bool = False) -> PackLease | None:
         """Hold the current version of each named pack on the device, or return None
         (holding nothing) when a slot is not free yet. Raises a domain error for packs
-        that can never be served (unknown, unreadable, wrong base, too big)."""
+        that can never be served (unknown, unreadable, wrong base, too big).
+        `stage`: packs not on the device are read and prepared on the loader thread and
+        None is returned until they are ready (`on_staged` says when); without it they
+        are read here."""
         with self._lock:
             weights: dict[str, float] = {}
             for name, weight in packs:
@@ -192,8 +205,13 @@ class PackCache:
                     f"{self.slots.num_slots - self._pinned_slots_excluding(versions)} of "
                     f"{self.slots.num_slots} slots are not pinned by other packs."
                 )
-        parsed = {v: self._read_if_needed(v) for v in versions}
-        prepared = {v: self._prepare(v, parsed[v]) for v in versions if v.slot is None}
+            if stage and not self._staged_all(v for v in versions if v.slot is None):
+                return None
+            prepared = {v: self._staged.pop(v) for v in versions
+                        if v.slot is None and isinstance(self._staged.get(v), PreparedPack)}
+        missing = [v for v in versions if v.slot is None and v not in prepared]
+        parsed = {v: self._read_if_needed(v) for v in missing}
+        prepared |= {v: self._prepare(v, parsed[v]) for v in missing}
         with self._lock:
             taken = []
             for v in versions:
@@ -203,12 +221,19 @@ class PackCache:
                     self.counters.hits += 1
                 else:
                     self.counters.misses += 1
-                    if not self._place(v, prepared.get(v) or self._prepare(v, parsed[v])):
+                    pack = prepared.get(v) or self._prepare(v, self._read_if_needed(v))
+                    if not self._place(v, pack):
+                        self._keep_staged(v, pack)  # every slot is busy: the next try copies it in
                         return self._undo(taken)
                 v.refs += 1
                 v.last_used = next(self._clock)
                 taken.append(v)
             return PackLease(taken, [(v.slot, weights[v.name]) for v in taken])
+
+    def close(self) -> None:
+        """Stop the loader thread (a pack it is reading is dropped)."""
+        if self._loader is not None:
+            self._loader.shutdown(wait=False, cancel_futures=True)
 
     def release(self, lease: PackLease) -> None:
         with self._lock:
@@ -245,6 +270,48 @@ class PackCache:
     def _undo(self, taken: list[PackVersion]) -> None:
         self.release(PackLease(taken, []))
         return None
+
+    def _staged_all(self, versions) -> bool:
+        """Whether every version is prepared; starts the loader on those that are not, and
+        raises the error that refused one. Call with the lock held."""
+        ready = True
+        for v in versions:
+            state = self._staged.get(v, False)
+            if isinstance(state, DomainError):
+                del self._staged[v]
+                raise state
+            if state is False:
+                self._staged[v] = None
+                if self._loader is None:
+                    self._loader = ThreadPoolExecutor(1, thread_name_prefix="skillpack-pack-loader")
+                self._loader.submit(self._stage, v)
+            ready = ready and state is not None and state is not False
+        return ready
+
+    def _stage(self, version: PackVersion) -> None:
+        """The loader thread's job: read and prepare `version`, or keep the error that refuses it."""
+        try:
+            result: PreparedPack | DomainError = self._prepare(version, self._read_if_needed(version))
+        except DomainError as e:
+            result = e
+        except Exception as e:  # a bug here must fail the request, not leave it waiting
+            log.exception("staging pack '%s' failed", version.name)
+            result = EngineFailure(f"pack '{version.name}' could not be loaded: {e}")
+        with self._lock:
+            if version in self._staged and version.slot is None and not version.retired:
+                self._keep_staged(version, result)
+            else:
+                self._staged.pop(version, None)
+        if self.on_staged is not None:
+            self.on_staged()
+
+    def _keep_staged(self, version: PackVersion, state: PreparedPack | DomainError) -> None:
+        """Keep a prepared pack (or its error) for the next acquire, within `STAGED_MAX`. Lock held."""
+        self._staged[version] = state
+        self._staged.move_to_end(version)
+        ready = [v for v, st in self._staged.items() if st is not None]
+        for v in ready[: max(0, len(ready) - STAGED_MAX)]:
+            del self._staged[v]
 
     def _read_if_needed(self, version: PackVersion) -> SkillPack:
         """The parsed pack: from host memory, or read, verified and cached (no lock held
@@ -338,6 +405,7 @@ class PackCache:
 
     def _retire(self, version: PackVersion) -> None:
         version.retired = True
+        self._staged.pop(version, None)
         if version.refs == 0:
             self._free_slot(version)
             self._drop_host(version)

@@ -10,6 +10,7 @@ the old version, eviction never hits an in-use pack, and the queue bound answers
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -190,6 +191,43 @@ def test_queue_bound_returns_429_while_packs_wait_for_a_slot(packs, oracles, tin
         assert status_of(error) == 429 and "max_queue=1" in str(error)
         check(waited, oracles((("noise-a", 1.0),), PROMPTS[1]))
     finally:
+        eng.close()
+
+
+def test_running_rows_keep_stepping_while_a_cold_pack_is_read(packs, oracles, tiny_tokenizer):
+    """A request whose pack is not on the device waits for it off the engine thread: the rows
+    already running produce tokens while the pack file is being read, and then it is served."""
+    pair, fp, paths = packs
+    eng = make_engine(pair, fp, paths, tiny_tokenizer)
+    reading, release = threading.Event(), threading.Event()
+    read = eng.pack_cache._reader
+
+    def slow_reader(path, verify_checksum=True):
+        reading.set()
+        assert release.wait(timeout=60)
+        return read(path, verify_checksum=verify_checksum)
+
+    eng.pack_cache._reader = slow_reader
+    try:
+        async def scenario():
+            runner = eng.generate(greedy(PROMPTS[0], 40, "run"))
+            first = [await runner.__anext__()]
+            cold = asyncio.ensure_future(collect(eng, greedy(PROMPTS[1], NEW_TOKENS, "cold",
+                                                             packs=[("noise-a", 1.0)])))
+            while not reading.is_set():
+                first.append(await runner.__anext__())
+            during = []
+            for _ in range(5):  # with the read on the engine thread, none of these could come
+                during.append(await asyncio.wait_for(runner.__anext__(), timeout=30))
+            release.set()
+            rest = [ev async for ev in runner]
+            return first + during + rest, await cold
+
+        events, cold = run(scenario())
+        assert len([e for e in events if not e.is_prompt]) == 40
+        check(cold, oracles((("noise-a", 1.0),), PROMPTS[1]))
+    finally:
+        release.set()
         eng.close()
 
 

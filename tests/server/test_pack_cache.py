@@ -271,3 +271,80 @@ def test_packs_are_dequantized_outside_the_device_lock(setup):
     lease = cache.acquire([("skill", 1.0)])
     torch.testing.assert_close(slot_logits(setup, lease), oracle(setup, setup[3]["skill"]), atol=ATOL, rtol=0)
     cache.release(lease)
+
+
+class GatedReader:
+    """read_pack that waits for `gate` and records the thread each read ran on."""
+
+    def __init__(self):
+        self.gate, self.threads = threading.Event(), []
+
+    def __call__(self, path, verify_checksum=True):
+        self.threads.append(threading.current_thread().name)
+        assert self.gate.wait(timeout=60)
+        return read_pack(path, verify_checksum=verify_checksum)
+
+
+def test_staged_acquire_reads_on_the_loader_thread_and_then_serves_the_pack(setup):
+    pair, model, fp, paths, _ = setup
+    reader = GatedReader()
+    cache = PackCache(PackSlots(model, 2), fp, 1 << 30, reader=reader)
+    cache.register("skill", str(paths["skill"]))
+    ready = threading.Event()
+    cache.on_staged = ready.set
+    try:
+        assert cache.acquire([("skill", 1.0)], stage=True) is None  # the caller goes on at once
+        assert cache.acquire([("skill", 1.0)], stage=True) is None  # still reading: not read twice
+        reader.gate.set()
+        assert ready.wait(timeout=60)
+        assert state_of(cache, "skill").state == "host"  # prepared, not yet in a slot
+        lease = cache.acquire([("skill", 1.0)], stage=True)
+        assert reader.threads == ["skillpack-pack-loader_0"]
+        torch.testing.assert_close(slot_logits(setup, lease), oracle(setup, paths["skill"]), atol=ATOL, rtol=0)
+        cache.release(lease)
+    finally:
+        cache.close()
+
+
+def test_a_staged_pack_that_is_refused_fails_its_request_on_the_next_acquire(setup, tiny_root, tiny_tokenizer):
+    other = build_tiny_pair("llama_untied", tiny_root, tiny_tokenizer)
+    path = write_test_pack(setup[4] / "other-staged.skillpack", "other", other.base,
+                           tuned_delta(other.base, other.tuned))
+    cache = make_cache(setup)
+    cache.register("other", str(path))
+    ready = threading.Event()
+    cache.on_staged = ready.set
+    try:
+        assert cache.acquire([("other", 1.0)], stage=True) is None
+        assert ready.wait(timeout=60)
+        with pytest.raises(DomainError, match="'other' was built for a different base model") as e:
+            cache.acquire([("other", 1.0)], stage=True)
+        assert status_of(e.value) == 409
+        assert cache.stats()["slots_used"] == 0
+        ready.clear()  # asked again, it is read again (the error is not remembered)
+        assert cache.acquire([("other", 1.0)], stage=True) is None and ready.wait(timeout=60)
+    finally:
+        cache.close()
+
+
+def test_a_pack_replaced_while_staged_is_never_placed(setup):
+    pair, model, fp, paths, _ = setup
+    reader = GatedReader()
+    cache = PackCache(PackSlots(model, 2), fp, 1 << 30, reader=reader)
+    cache.register("skill", str(paths["skill"]))
+    ready = threading.Event()
+    cache.on_staged = ready.set
+    try:
+        assert cache.acquire([("skill", 1.0)], stage=True) is None
+        cache.register("skill", str(paths["noise-a"]))  # a new version while the old one is read
+        reader.gate.set()
+        assert ready.wait(timeout=60)
+        ready.clear()
+        assert cache.acquire([("skill", 1.0)], stage=True) is None  # the new version is read now
+        assert ready.wait(timeout=60)
+        lease = cache.acquire([("skill", 1.0)], stage=True)
+        torch.testing.assert_close(slot_logits(setup, lease), oracle(setup, paths["noise-a"]), atol=ATOL, rtol=0)
+        cache.release(lease)
+        assert cache.stats()["slots_used"] == 1
+    finally:
+        cache.close()
