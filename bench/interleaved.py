@@ -8,8 +8,8 @@ the machine's load hits all of them alike:
   clock (a merged model's arithmetic: the base's);
 - `base`: the same batch with no pack;
 - `packs-8`: each request its own pack, 8 packs loaded in the engine's slots;
-- `packs-64`: each request its own pack from 8 of 64 loaded ones (the other 56 resident
-  in the same slots, so a step reads the gathered columns of the 8 in use).
+- `packs-64`: each request its own pack from 8 of 64 loaded ones (`--resident`; the other
+  56 in the same slots, so a step reads the gathered columns of the 8 in use).
 
 Per round the ratio packs ÷ merged (tokens/s) is taken, and the median over rounds is
 reported with the medians of each system. Prints a table and writes
@@ -34,7 +34,6 @@ from bench.serve_setup import start_engine  # noqa: E402
 from bench.serve_systems import EngineSystem, GroupedSystem, WeightSwapper  # noqa: E402
 from bench.serve_workloads import Request, WorkloadSpec, make_requests, summarize  # noqa: E402
 
-RESIDENT = 64
 
 
 def one_pack(requests: list[Request], name: str) -> list[Request]:
@@ -57,14 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--resident", type=int, default=64, help="packs loaded in the second phase")
+    ap.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default SmolLM2-135M-Instruct)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.batch < 1 or args.tokens < 2:
-        raise SystemExit(f"--rounds {args.rounds} --batch {args.batch} --tokens {args.tokens}: "
-                         "expected at least 1 round, 1 row and 2 tokens.")
+    if args.rounds < 1 or args.batch < 1 or args.tokens < 2 or args.resident < args.batch:
+        raise SystemExit(f"--rounds {args.rounds} --batch {args.batch} --tokens {args.tokens} --resident "
+                         f"{args.resident}: expected at least 1 round, 1 row, 2 tokens and a pack per row.")
     started = time.perf_counter()
-    bench = start_engine(args.cache, RESIDENT, args.batch, 16 + args.tokens + 1, args.threads)
+    bench = start_engine(args.cache, args.resident, args.batch, 16 + args.tokens + 1, args.threads, args.base)
     engine, names = bench.engine, bench.names
     try:
         mixed = make_requests(WorkloadSpec(args.batch, num_requests=args.batch, max_tokens=args.tokens),
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                    "packs": EngineSystem(engine, use_packs=True)}
         workloads = {"merged": one_pack(mixed, used[0]), "base": mixed, "packs": mixed}
         phases = {}
-        for label, loaded in (("packs-8", used), ("packs-64", names)):
+        for label, loaded in ((f"packs-{len(used)}", used), (f"packs-{len(names)}", names)):
             for name in loaded:
                 engine.pack_cache.load(name)
             print(f"{label}: {engine.pack_cache.stats()['slots_used']} packs in slots", flush=True)

@@ -1,6 +1,6 @@
 """Open-loop rate sweep: the highest request rate each system sustains under a p99 TTFT bound.
 
-64 synthetic packs, arrivals at seeded exponential gaps (bench/serve_workloads.py), pack
+64 synthetic packs (`--packs`), arrivals at seeded exponential gaps (bench/serve_workloads.py), pack
 popularity uniform and Zipf. At each rate, `skillpack` (this engine, packs mixed in the
 batch, every pack resident) and `swap` (merge the oldest waiting request's pack into the
 weights, run every waiting request for it, repeat) serve the same requests. A rate is
@@ -10,6 +10,7 @@ goal: skillpack ≥ 3× swap). Rates go up until both systems miss the bound or 
 ends. Prints a table and writes bench/results/open_loop_sweep-<machine>.json.
 
     PYTHONPATH=. python bench/open_loop_sweep.py [--rates 0.25 0.5 1 2 4] [--bound 2] [--requests 24]
+        [--systems skillpack swap] [--tag NAME]
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from bench.serve_setup import start_engine  # noqa: E402
 from bench.serve_systems import EngineSystem, GroupedSystem, WeightSwapper  # noqa: E402
 from bench.serve_workloads import WorkloadSpec, make_requests, summarize  # noqa: E402
 
-NUM_PACKS = 64
 
 
 def highest_sustained(points: list[dict], system: str, bound: float) -> float:
@@ -39,13 +39,13 @@ def sweep(systems: dict, names: list[str], vocab: int, popularity: str, rates: l
           tokens: int, bound: float) -> list[dict]:
     points, live = [], set(systems)
     for rate in rates:
-        spec = WorkloadSpec(NUM_PACKS, popularity, "mixed", "open", rate=rate, num_requests=requests,
+        spec = WorkloadSpec(len(names), popularity, "mixed", "open", rate=rate, num_requests=requests,
                             max_tokens=tokens, seed=1 if popularity == "zipf" else 0)
         workload = make_requests(spec, names, vocab)
         for name in sorted(live):
             summary = summarize(systems[name].run(workload))
             points.append({"popularity": popularity, "rate": rate, "system": name, **summary,
-                           "distinct_packs": len({r.pack for r in workload})})
+                           "distinct_packs": len({r.pack for r in workload}), "stats": dict(systems[name].stats)})
             print(f"{popularity:8s} {rate:5.2f} req/s {name:10s} TTFT p50/p99 {summary['ttft_p50']:6.2f}/"
                   f"{summary['ttft_p99']:6.2f} s  {summary['tokens_per_s']:6.1f} tok/s", flush=True)
             if summary["ttft_p99"] > bound:
@@ -61,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bound", type=float, default=2.0, help="p99 time-to-first-token bound, seconds")
     ap.add_argument("--requests", type=int, default=24, help="arrivals per rate and system")
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per request")
+    ap.add_argument("--packs", type=int, default=64, help="packs, all resident")
     ap.add_argument("--popularity", nargs="+", default=["uniform", "zipf"], choices=["uniform", "zipf"])
+    ap.add_argument("--systems", nargs="+", default=["skillpack", "swap"], choices=["skillpack", "swap"])
+    ap.add_argument("--tag", default="", help="added to the results file's name (a supplementary run)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--base", type=Path, default=None, help="base checkpoint folder (default SmolLM2-135M-Instruct)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -71,13 +75,14 @@ def main(argv: list[str] | None = None) -> int:
                          "positive rates and bound and at least 2 requests.")
     rates = sorted(args.rates)
     started = time.perf_counter()
-    bench = start_engine(args.cache, NUM_PACKS, 8, 16 + args.tokens + 1, args.threads)
+    bench = start_engine(args.cache, args.packs, 8, 16 + args.tokens + 1, args.threads, args.base)
     engine = bench.engine
     try:
         for name in bench.names:
             engine.pack_cache.load(name)  # every pack resident, as a server that has seen them all holds them
         swapper = WeightSwapper(engine, bench.packs)
         systems = {"skillpack": EngineSystem(engine, use_packs=True), "swap": GroupedSystem(engine, swapper, "swap")}
+        systems = {name: systems[name] for name in args.systems}
         points = []
         for popularity in args.popularity:
             points += sweep(systems, bench.names, engine.model.config.vocab_size, popularity, rates,
@@ -87,20 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for popularity in args.popularity:
         mine = [p for p in points if p["popularity"] == popularity]
-        best = {name: highest_sustained(mine, name, args.bound) for name in ("skillpack", "swap")}
+        best = {name: highest_sustained(mine, name, args.bound) for name in args.systems}
         summary[popularity] = {"highest_rate": best,
-                               "ratio": best["skillpack"] / best["swap"] if best["swap"] else None,
+                               "ratio": best["skillpack"] / best["swap"] if best.get("swap") and "skillpack" in best
+                               else None,
                                "rates_run": sorted({p["rate"] for p in mine})}
     result = {"benchmark": "open_loop_sweep", "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "machine": describe_machine(), "threads": args.threads, "bound_ttft_p99_s": args.bound,
-              "requests_per_point": args.requests, "tokens": args.tokens, "packs": NUM_PACKS,
+              "requests_per_point": args.requests, "tokens": args.tokens, "packs": args.packs,
+              "systems": args.systems,
               "points": points, "summary": summary, "wall_s": time.perf_counter() - started}
     print(f"\nmachine: {result['machine']}, threads {args.threads}; sustained = p99 TTFT <= {args.bound} s")
     for popularity, s in summary.items():
-        ratio = f"{s['ratio']:.1f}x" if s["ratio"] else "swap sustained none of the rates"
-        print(f"{popularity:8s} skillpack {s['highest_rate']['skillpack']:g} req/s, swap "
-              f"{s['highest_rate']['swap']:g} req/s: {ratio}")
-    print(f"wrote {write_result(result, args.out, 'open_loop_sweep', result['machine'].split(',')[0])}")
+        rates = ", ".join(f"{name} {rate:g} req/s" for name, rate in s["highest_rate"].items())
+        print(f"{popularity:8s} highest sustained: {rates}" + (f"; ratio {s['ratio']:.1f}x" if s["ratio"] else ""))
+    prefix = "open_loop_sweep" + (f"-{args.tag}" if args.tag else "")
+    print(f"wrote {write_result(result, args.out, prefix, result['machine'].split(',')[0])}")
     return 0
 
 

@@ -39,14 +39,13 @@ class LowRankDelta:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.a_tiers + self.bt_tiers) + self.s.numel() * self.s.element_size()
 
-    def validate(self, check_values: bool = True) -> None:
-        """Raise ValueError if tiers, ranks and feature sizes disagree, or (`check_values`)
-        any scale, zero or singular value is not finite."""
+    def validate(self) -> None:
+        """Raise ValueError if tiers, ranks and feature sizes disagree."""
         if len(self.a_tiers) != len(self.bt_tiers):
             raise ValueError(f"{len(self.a_tiers)} A tiers but {len(self.bt_tiers)} B tiers; expected equal.")
         for k, (a, bt) in enumerate(zip(self.a_tiers, self.bt_tiers)):
-            a.validate(check_values)
-            bt.validate(check_values)
+            a.validate()
+            bt.validate()
             if a.rows != bt.rows:
                 raise ValueError(f"tier {k}: A has {a.rows} ranks but B has {bt.rows}; expected equal.")
             if a.cols != self.in_features or bt.cols != self.out_features:
@@ -56,7 +55,7 @@ class LowRankDelta:
                 )
         if sum(self.tier_ranks) != self.rank:
             raise ValueError(f"tiers hold {sum(self.tier_ranks)} ranks but there are {self.rank} singular values.")
-        if check_values and not torch.isfinite(self.s).all():
+        if not torch.isfinite(self.s).all():
             raise ValueError("singular values hold non-finite values.")
 
     def factors(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,9 +61,8 @@ class QuantTensor:
         """Bytes actually stored: codes + scales + zeros."""
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
-    def validate(self, check_values: bool = True) -> None:
-        """Raise ValueError if the tensors disagree with the declared layout, or
-        (`check_values`) a scale or zero is not finite."""
+    def validate(self) -> None:
+        """Raise ValueError if the tensors disagree with the declared layout."""
         check_layout(self.bits, self.group_size)
         pc = padded_cols(self.cols, self.group_size)
         rows = self.codes.shape[0]
@@ -80,7 +79,7 @@ class QuantTensor:
                     f"{t.dtype}; expected {shape} and {dtype} for rows={rows}, cols={self.cols}, "
                     f"bits={self.bits}, group_size={self.group_size}."
                 )
-        for name in ("scales", "zeros") if check_values else ():
+        for name in ("scales", "zeros"):
             if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"quantized tensor part '{name}' holds non-finite values.")
 

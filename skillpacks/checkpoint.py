@@ -65,19 +65,29 @@ class SafetensorsHeader:
     file_size: int
 
 
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+def _ints_in(values: list, lo: int, hi: int) -> bool:
+    """Every item an int in [lo, hi) (a loop: a pack's header has thousands of entries and a
+    generator per entry was a third of parsing it)."""
+    for v in values:
+        if type(v) is not int or not lo <= v < hi:
+            return False
+    return True
+
+
 def _entry(path: Path, name: str, raw: object, data_len: int) -> TensorEntry:
-    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
+    if type(raw) is not dict or raw.keys() != _ENTRY_KEYS:
         raise CheckpointError(f"{path}: tensor '{name}' has entry {str(raw)[:200]!r}; expected "
                               "exactly the keys dtype, shape and data_offsets.")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
     if dtype not in DTYPES:
         raise CheckpointError(f"{path}: tensor '{name}' has dtype {dtype!r}; expected one of {sorted(DTYPES)}.")
-    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
-            or not all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+    if type(shape) is not list or len(shape) > MAX_DIMS or not _ints_in(shape, 0, 2**40):
         raise CheckpointError(f"{path}: tensor '{name}' has shape {str(shape)[:200]}; expected a list of at "
                               f"most {MAX_DIMS} non-negative integers.")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+    if type(offsets) is not list or len(offsets) != 2 or not _ints_in(offsets, 0, 2**63) or offsets[0] > offsets[1]:
         raise CheckpointError(f"{path}: tensor '{name}' has data_offsets {str(offsets)[:200]}; "
                               "expected [begin, end] with 0 <= begin <= end.")
     begin, end = offsets

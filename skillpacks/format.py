@@ -21,7 +21,7 @@ import torch
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import QuantTensor, check_layout, packed_row_bytes, padded_cols
 from skillpacks.checkpoint import (
-    TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, read_tensors, tensor_bytes,
+    DTYPES, TORCH_TO_ST, CheckpointError, SafetensorsHeader, layout_order, read_header, read_tensors, tensor_bytes,
     write_safetensors,
 )
 from skillpacks.deltas import ExactDelta, ModuleDelta, ModuleRecord, SparseDelta
@@ -38,7 +38,6 @@ MAX_MODULE_NAME_CHARS = 256
 MAX_MODULES = 50_000
 MAX_TIERS = 8
 MAX_SPARSE_ELEMENTS = 2**31 - 1  # indices are int32 flat positions
-FINITE_BATCH = 1 << 20  # tensors below this many elements are checked for finiteness together
 
 
 @dataclass
@@ -324,24 +323,33 @@ def _payload_sha256(data: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(data.numpy())).hexdigest()
 
 
-def _all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether every floating tensor holds only finite values, in a few large checks: a pack's
-    thousands of small scales, zeros and singular values are checked per dtype at once."""
-    small: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors.values():
-        if not t.is_floating_point() or not t.numel():
+def _values_ok(header: SafetensorsHeader, data: torch.Tensor, tensors: dict[str, torch.Tensor],
+               modules: list[dict]) -> bool:
+    """Whether every floating tensor holds only finite values and every singular value is
+    ≥ 0, in a few large checks: neighbouring tensors of one floating dtype (a pack's
+    thousands of scales and zeros lie side by side) are checked as one run of the data."""
+    runs: list[tuple[str, int, int]] = []  # (dtype, begin, end) in the data section
+    for t in sorted(header.tensors.values(), key=lambda t: t.begin):
+        if not t.torch_dtype.is_floating_point or t.begin == t.end:
             continue
-        if t.numel() >= FINITE_BATCH:
-            if not bool(torch.isfinite(t).all()):
-                return False
+        if runs and runs[-1][0] == t.dtype and runs[-1][2] == t.begin and t.begin % DTYPES[t.dtype][1] == 0:
+            runs[-1] = (t.dtype, runs[-1][1], t.end)
         else:
-            small.setdefault(t.dtype, []).append(t.reshape(-1))
-    return all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in small.values())
+            runs.append((t.dtype, t.begin, t.end))
+    for dtype, begin, end in runs:
+        span = data[begin:end]
+        if begin % DTYPES[dtype][1]:
+            span = span.clone()  # a span not aligned to its element size
+        if not bool(torch.isfinite(span.view(DTYPES[dtype][0])).all()):
+            return False
+    sigmas = [tensors[f"{m['name']}:s"] for m in modules if m["method"] == "lowrank"]
+    return not sigmas or bool((torch.cat(sigmas) >= 0).all())
 
 
 def _load_delta(tensors: dict[str, torch.Tensor], m: dict, check_values: bool = True) -> ModuleDelta:
-    """The delta of module `m` from the file's tensors. `check_values`: look for non-finite
-    values module by module (False once the whole file was found finite)."""
+    """The delta of module `m` from the file's tensors, whose dtypes and shapes
+    `_check_tensor_table` has matched to the validated manifest's layout. `check_values`:
+    look for bad values module by module (False once the whole file was found clean)."""
     name, shape, layout = m["name"], m["shape"], m["layout"]
     where = f"module '{name}'"
     if m["method"] == "exact":
@@ -367,8 +375,10 @@ def _load_delta(tensors: dict[str, torch.Tensor], m: dict, check_values: bool = 
         tiers.append(pair)
     s = tensors[f"{name}:s"]
     delta = LowRankDelta([a for a, _ in tiers], [b for _, b in tiers], s, in_features, out_features)
+    if not check_values:  # the table check has implied the structure; the values are clean
+        return delta
     try:
-        delta.validate(check_values)
+        delta.validate()
     except ValueError as e:
         raise PackError(f"{where}: {e}") from e
     # any order: a sensitivity build stores its ranks by measured weight, not by σ
@@ -393,7 +403,7 @@ def read_pack(path: str | os.PathLike, verify_checksum: bool = True) -> SkillPac
                  f"{header.path}: payload checksum mismatch (sha256 {got}, manifest says "
                  f"{manifest['payload_sha256']}): the file is corrupt.")
     # one pass finds a clean file clean; only a file with a bad value is searched module by module
-    check_values = not _all_finite(tensors)
+    check_values = not _values_ok(header, data, tensors, manifest["modules"])
     deltas: dict[str, ModuleDelta] = {}
     for m in manifest["modules"]:
         try:
