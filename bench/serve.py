@@ -19,6 +19,7 @@ bench/results/serve-<machine>.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -172,6 +173,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         memory |= hf["memory"]
 
     runs, http_server = [], None
+    gc.freeze()  # as the server's lifespan does once it has started (every system runs in this process)
     try:
         for scenario in cfg.scenarios:
             requests = make_requests(scenario.spec, names, vocab)
@@ -194,6 +196,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         if http_server is not None:
             http_server.close()
         engine.close()
+        gc.unfreeze()
     info["load_avg_end"] = list(os.getloadavg())
     result = {
         "benchmark": "serve", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,

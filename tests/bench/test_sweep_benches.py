@@ -29,12 +29,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_highest_sustained_rate_is_the_fastest_rate_within_the_bound():
+def test_highest_sustained_rate_is_the_top_of_the_passing_rates_below_the_first_miss():
     points = [{"system": "a", "rate": r, "ttft_p99": p} for r, p in ((0.5, 0.4), (1.0, 1.9), (2.0, 2.1))]
     points += [{"system": "b", "rate": 0.5, "ttft_p99": 3.0}]
+    points += [{"system": "c", "rate": r, "ttft_p99": p} for r, p in ((2.0, 0.9), (0.5, 1.0), (1.0, 2.5))]
     assert highest_sustained(points, "a", 2.0) == 1.0
     assert highest_sustained(points, "a", 2.5) == 2.0
     assert highest_sustained(points, "b", 2.0) == 0.0  # missed the bound at every rate it ran
+    assert highest_sustained(points, "c", 2.0) == 0.5  # a pass above a miss does not count
 
 
 def test_interleaved_runs_every_system_every_round_in_both_phases(tiny_base, tmp_path, one_thread):
