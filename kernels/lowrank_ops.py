@@ -38,11 +38,12 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs
 
 
 def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs: RowPacks) -> None:
-    """The torch path: on a CPU, two GEMMs over the concatenated factors (kernels/lowrank_cpu.py);
+    """The torch path: on a CPU, the slots' CPU form (compact kernels on the codes,
+    kernels/lowrank_compact.py, or two GEMMs over concatenated float factors, kernels/lowrank_cpu.py);
     elsewhere the kernels' twins (shrink, then expand) on the same pools, K in one split."""
-    if slots.concat is not None and x.device.type == "cpu":
+    if slots.cpu_factors is not None and x.device.type == "cpu":
         rows = None if row_packs.num_rows_with_packs == row_packs.num_rows else row_packs.rows_with_packs.long()
-        slots.concat.add(y, x, row_packs.slot_order, row_packs.slot_weights(), rows)
+        slots.cpu_factors.add(y, x, row_packs.slot_order, row_packs.slot_weights(), rows)
         return
     # deferred: the twins sit beside their Triton kernels, and Triton is optional where only the CPU path runs
     from skillpack_kernels.lowrank_expand import expand_torch

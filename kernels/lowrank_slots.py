@@ -9,11 +9,14 @@ code that reads a pool, so codes load as wide words unpacked with constant shift
 each group's scale/zero loads once. Pools appear and grow on demand (to the most rows any
 slot holds at that width), so memory follows the bit widths actually used.
 
-On a CPU the slots also keep every slot's factors dequantized once, concatenated in the
-serving dtype (kernels/lowrank_cpu.py): the torch path runs on them as two GEMMs. Slots
-built with `packed=False` keep only that form (the engine's CPU runtime: the Triton
-kernels never read them there). Dequantizing is `prepare`'s job, which changes nothing,
-so callers can run it outside the lock that `load` needs.
+On a CPU the slots also keep every slot's factors in the CPU path's form (`cpu_form`):
+"compact", a code per byte with float32 group scales that C kernels compute on
+(kernels/lowrank_compact.py; the default where a C compiler builds them), or "dense",
+dequantized once and concatenated in the serving dtype for two GEMMs
+(kernels/lowrank_cpu.py). Slots built with `packed=False` keep only that form (the
+engine's CPU runtime: the Triton kernels never read them there). Converting is
+`prepare`'s job, which changes nothing, so callers can run it outside the lock that
+`load` needs.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
+from skillpack_kernels.lowrank_compact import CompactFactors, CompactTier, available as compact_available, compact_tiers
 from skillpack_kernels.lowrank_cpu import ConcatFactors
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
 
@@ -118,6 +122,21 @@ class BitPool:
         return self.a.nbytes + self.b.nbytes + (self.s.numel() + self.rank.numel()) * 4
 
 
+CPU_FORMS = ("auto", "compact", "dense")
+
+
+def compact_tiers_of(deltas: list[LowRankDelta]) -> list[tuple[list[CompactTier], list[CompactTier]]]:
+    """Each delta's (A tiers, Bᵀ tiers) as the compact CPU form keeps them, converted together."""
+    a = iter(compact_tiers([t for d in deltas for t in d.a_tiers]))
+    bt = iter(compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True))  # laid out for the expand
+    return [([next(a) for _ in d.a_tiers], [next(bt) for _ in d.bt_tiers]) for d in deltas]
+
+
+def cpu_tiers_of_many(deltas: list[LowRankDelta], cpu_form: str) -> list[tuple[list, list]]:
+    """What `prepare(..., tiers=)` takes for each delta, for slots of `cpu_form`, in one batched pass."""
+    return compact_tiers_of(deltas) if cpu_form == "compact" else factor_tiers_of_many(deltas)
+
+
 def _widen(buf: torch.Tensor, cap: int) -> torch.Tensor:
     """A copy of `buf` (slots, n, ...) with `cap` entries along dim 1, zero-filled past the old ones."""
     out = torch.zeros(buf.shape[0], cap, *buf.shape[2:], dtype=buf.dtype, device=buf.device)
@@ -130,7 +149,7 @@ class LowRankSlots:
     up to num_slots packs; each slot holds one pack's LowRankDelta (mixed ranks, tiers, bits per slot)."""
 
     def __init__(self, in_features: int, out_features: int, num_slots: int, max_rank: int, device, dtype,
-                 packed: bool = True):
+                 packed: bool = True, cpu_form: str = "auto"):
         for name, value, hi in (("in_features", in_features, MAX_FEATURES), ("out_features", out_features, MAX_FEATURES),
                                 ("num_slots", num_slots, MAX_SLOTS), ("max_rank", max_rank, MAX_RANK)):
             if not isinstance(value, int) or not 1 <= value <= hi:
@@ -139,6 +158,8 @@ class LowRankSlots:
             raise ValueError(f"dtype={dtype} is not supported; expected float32, float16 or bfloat16.")
         if sys.byteorder != "little":
             raise RuntimeError("the int32 code words assume a little-endian host.")
+        if cpu_form not in CPU_FORMS:
+            raise ValueError(f"cpu_form={cpu_form!r} is not one of {CPU_FORMS}.")
         self.in_features, self.out_features = in_features, out_features
         self.num_slots, self.max_rank = num_slots, max_rank
         self.device, self.dtype = torch.device(device), dtype
@@ -149,18 +170,24 @@ class LowRankSlots:
         self.rank = torch.zeros(num_slots, dtype=torch.int32, device=self.device)  # total rank per slot
         self._places: dict[int, list[_TierPlace]] = {}
         self._loaded: set[int] = set()
-        # the CPU path's storage: each loaded slot's factors once, dequantized, in `dtype`
-        self.concat = ConcatFactors(in_features, out_features, dtype) if self.device.type == "cpu" else None
+        # the CPU path's storage: each loaded slot's factors once, as codes the compact kernels read
+        # (kernels/lowrank_compact.py) or, without them, dequantized in `dtype` (kernels/lowrank_cpu.py)
+        self.cpu_factors: CompactFactors | ConcatFactors | None = None
+        self.cpu_form: str | None = None
+        if self.device.type == "cpu":
+            self.cpu_form = "compact" if cpu_form == "compact" or (cpu_form == "auto" and compact_available()) else "dense"
+            self.cpu_factors = (CompactFactors(in_features, out_features) if self.cpu_form == "compact"
+                                else ConcatFactors(in_features, out_features, dtype))
 
     @property
     def loaded(self) -> frozenset[int]:
         return frozenset(self._loaded)
 
-    def prepare(self, delta: LowRankDelta, tiers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    def prepare(self, delta: LowRankDelta, tiers: tuple[list, list] | None = None,
                 validated: bool = False) -> "PreparedLowRank":
-        """Check `delta` against these slots and dequantize what `load` will copy (changes nothing).
-        `tiers`: its dequantized (A tiers, Bᵀ tiers) already computed (a pack's, batched:
-        `factor_tiers_of_many`); `validated`: the pack reader has already run `delta.validate()`."""
+        """Check `delta` against these slots and convert what `load` will copy (changes nothing).
+        `tiers`: its (A tiers, Bᵀ tiers) already converted for this CPU form (a pack's, batched:
+        `cpu_tiers_of_many`); `validated`: the pack reader has already run `delta.validate()`."""
         if not validated:
             delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):
@@ -170,8 +197,11 @@ class LowRankSlots:
             )
         if delta.rank > self.max_rank:
             raise ValueError(f"delta rank {delta.rank} exceeds these slots' max_rank={self.max_rank}.")
-        if self.concat is None:
+        if self.cpu_form is None:
             return PreparedLowRank(delta, None, None)
+        if self.cpu_form == "compact":
+            a, bt = tiers if tiers is not None else compact_tiers_of([delta])[0]
+            return PreparedLowRank(delta, a, bt)
         a, bt = tiers if tiers is not None else factor_tiers_of_many([delta])[0]
         return PreparedLowRank(delta, [t.to(self.dtype) for t in a], [t.to(self.dtype) for t in bt])
 
@@ -184,8 +214,8 @@ class LowRankSlots:
         self.clear(slot)
         self._loaded.add(slot)
         self.rank[slot] = delta.rank
-        if self.concat is not None:
-            self.concat.insert(slot, prepared.a, delta.s, prepared.bt)
+        if self.cpu_factors is not None:
+            self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt)
         if not self.packed:
             return
         groups: dict[tuple[int, int], list[int]] = {}  # pool key -> tier indices, in tier order
@@ -215,8 +245,8 @@ class LowRankSlots:
         self.pools = {k: p for k, p in self.pools.items() if any(p.rows)}
         self._places.pop(slot, None)
         self._loaded.discard(slot)
-        if self.concat is not None:
-            self.concat.remove(slot)
+        if self.cpu_factors is not None:
+            self.cpu_factors.remove(slot)
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float32 (A (rank, in), s (rank,), B (out, rank)) of `slot` in tier order, dequantized from
@@ -224,7 +254,7 @@ class LowRankSlots:
         if slot not in self._loaded:
             raise ValueError(f"slot {slot} holds no pack; load one first.")
         if not self.packed:
-            return self.concat.factors(slot)
+            return self.cpu_factors.factors(slot)
         a, b, s = [], [], []
         for p in self._places[slot]:
             pool = self.pools[p.key]
@@ -245,8 +275,8 @@ class LowRankSlots:
 
     @property
     def nbytes(self) -> int:
-        dense = self.concat.nbytes if self.concat is not None else 0
-        return sum(p.nbytes for p in self.pools.values()) + self.rank.numel() * 4 + dense
+        cpu = self.cpu_factors.nbytes if self.cpu_factors is not None else 0
+        return sum(p.nbytes for p in self.pools.values()) + self.rank.numel() * 4 + cpu
 
     def _check_slot(self, slot: int) -> None:
         if not isinstance(slot, int) or not 0 <= slot < self.num_slots:
@@ -255,10 +285,10 @@ class LowRankSlots:
 
 @dataclass
 class PreparedLowRank:
-    """A checked delta and, for slots with a CPU form, its dequantized A and Bᵀ tiers in the
-    slots' dtype ((r_k, in) and (r_k, out) each, in tier order: `ConcatFactors.insert` copies
-    them into place)."""
+    """A checked delta and, for slots with a CPU form, its A and Bᵀ tiers in that form, in tier
+    order: `CompactTier`s (compact), or dequantized (r_k, in) / (r_k, out) blocks in the slots'
+    dtype (dense, copied into place by `ConcatFactors.insert`)."""
 
     delta: LowRankDelta
-    a: list[torch.Tensor] | None
-    bt: list[torch.Tensor] | None
+    a: list | None
+    bt: list | None

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
-from skillpack_kernels.lowrank_slots import LowRankSlots, PreparedLowRank
+from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_slots import LowRankSlots, PreparedLowRank, cpu_tiers_of_many
 from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
 from skillpack_server.model.vocab_delta import VocabDelta, to_vocab_delta
 from skillpacks.deltas import ExactDelta, SparseDelta
@@ -46,7 +46,7 @@ class PackSlots:
         self.targets: dict[str, tuple[str, torch.nn.Module]] = {}  # tensor name -> (role, module)
         for name, module in model.named_modules():
             if isinstance(module, DeltaLinear):
-                # on a CPU the torch path reads only the dequantized factors: keep no packed copy
+                # on a CPU the torch path reads only its own form of the factors: keep no packed copy
                 module.lowrank = LowRankSlots(
                     module.in_features, module.out_features, num_slots,
                     min(module.in_features, module.out_features), self.device, self.dtype,
@@ -93,8 +93,9 @@ class PackSlots:
         self.check(deltas)
         lowrank = [name for name in deltas if self.targets[name][0] == "lowrank"]
         tiers = {}
-        if self.device.type == "cpu":  # the CPU path keeps dequantized factors: all of them in one pass
-            tiers = dict(zip(lowrank, factor_tiers_of_many([deltas[name] for name in lowrank])))
+        if self.device.type == "cpu" and lowrank:  # the CPU form of every linear's factors, in one pass
+            form = self.targets[lowrank[0]][1].lowrank.cpu_form
+            tiers = dict(zip(lowrank, cpu_tiers_of_many([deltas[name] for name in lowrank], form)))
         out: dict[str, PreparedLowRank | VocabDelta | torch.Tensor] = {}
         for name, delta in deltas.items():
             role, module = self.targets[name]

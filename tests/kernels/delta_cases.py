@@ -51,10 +51,10 @@ def batch(rows: int, dtype, seed: int, in_f: int = IN_F, out_f: int = OUT_F) -> 
 
 
 def load_slots(deltas: list[LowRankDelta], dtype=torch.float32, device="cpu", max_rank: int | None = None,
-               num_slots: int | None = None) -> LowRankSlots:
+               num_slots: int | None = None, cpu_form: str = "auto") -> LowRankSlots:
     d0 = deltas[0]
     slots = LowRankSlots(d0.in_features, d0.out_features, num_slots or len(deltas),
-                         max_rank or max(d.rank for d in deltas), device, dtype)
+                         max_rank or max(d.rank for d in deltas), device, dtype, cpu_form=cpu_form)
     for i, d in enumerate(deltas):
         slots.load(i, d)
     return slots

@@ -1,5 +1,5 @@
-"""The torch path (CPU concatenated factors) and the slot storage against a float64 dense reference
-built from dequantize_groupwise."""
+"""The torch path (the CPU's compact kernels and its concatenated float factors) and the slot storage
+against a float64 dense reference built from dequantize_groupwise."""
 import pytest
 import torch
 
@@ -18,12 +18,14 @@ def deltas(seed=0):
             for i, tiers in enumerate(TIER_MIXES)]
 
 
+@pytest.mark.parametrize("cpu_form", ["compact", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["identical", "distinct", "skewed", "base_rows", "fused"])
-@pytest.mark.parametrize("rows", [1, 7, 40])
-def test_twin_matches_dense_reference(dtype, kind, rows):
+@pytest.mark.parametrize("rows", [1, 7, 40, 80])  # 80: past the compact kernels' rows, the dequantized GEMMs
+def test_twin_matches_dense_reference(dtype, kind, rows, cpu_form):
     ds = deltas()
-    slots = load_slots(ds, dtype)
+    slots = load_slots(ds, dtype, cpu_form=cpu_form)
+    assert slots.cpu_form == cpu_form
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, IN_F, generator=g).to(dtype)
     y = torch.randn(rows, OUT_F, generator=g).to(dtype)
@@ -108,15 +110,17 @@ def spread_mix(rows: int, used: list[int]) -> list[list[tuple[int, float]]]:
     return out
 
 
+@pytest.mark.parametrize("cpu_form", ["compact", "dense"])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("rows", [1, 7, 40, 80])
 @pytest.mark.parametrize("used", ["all", "one", "adjacent", "spread"])
-def test_cpu_path_matches_dense_reference_with_many_slots(used, rows, dtype, packed):
-    """24 slots of mixed ranks; the step uses all, one, a contiguous run, or a few spread out of
-    them (views of contiguous columns, or a gathered copy), with fused and base-only rows."""
+def test_cpu_path_matches_dense_reference_with_many_slots(used, rows, dtype, packed, cpu_form):
+    """24 slots of mixed ranks, bits (8/4/2, several tiers) and group sizes (8, 16, 32 on 72 -> 56:
+    vector and one-by-one columns); the step uses all, one, a contiguous run, or a few spread out
+    of them (dense: views of contiguous columns, or a gathered copy), with fused and base-only rows."""
     ds = many_deltas(24)
-    slots = LowRankSlots(IN_F, OUT_F, 24, 9, "cpu", dtype, packed=packed)
+    slots = LowRankSlots(IN_F, OUT_F, 24, 9, "cpu", dtype, packed=packed, cpu_form=cpu_form)
     for i, d in enumerate(ds):
         slots.load(i, d)
     which = {"all": list(range(24)), "one": [5], "adjacent": [6, 7, 8], "spread": [1, 9, 17, 22]}[used]
@@ -131,9 +135,10 @@ def test_cpu_path_matches_dense_reference_with_many_slots(used, rows, dtype, pac
     torch.testing.assert_close(y.double(), dense_reference(y0, x, ds, mix), atol=atol, rtol=rtol)
     base = [i for i, p in enumerate(mix) if not p]
     assert torch.equal(y[base], y0[base])
-    plan = slots.concat._plans[rp.slot_order]
-    assert plan.mode == {"all": "view", "one": "view", "adjacent": "view", "spread": "gathered"}[used] or (
-        rows == 1 and plan.mode == "view")  # one row uses one pack: a view
+    if cpu_form == "dense":
+        plan = slots.cpu_factors._plans[rp.slot_order]
+        assert plan.mode == {"all": "view", "one": "view", "adjacent": "view", "spread": "gathered"}[used] or (
+            rows == 1 and plan.mode == "view")  # one row uses one pack: a view
 
 
 def test_duplicate_slots_in_a_row_add_up_on_the_cpu_path():
@@ -148,11 +153,14 @@ def test_duplicate_slots_in_a_row_add_up_on_the_cpu_path():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_storage_survives_churn_and_stays_compact():
+@pytest.mark.parametrize("cpu_form", ["compact", "dense"])
+def test_cpu_storage_survives_churn_and_stays_compact(cpu_form):
     """Loads, replacements and clears in a random order: every slot still reads back its own
-    factors exactly, the step still matches the reference, and freed columns get reused."""
+    factors (exactly from float factors; within float32 rounding from codes, whose
+    code × scale + zero may be one fused multiply-add), the step still matches the reference,
+    and (dense) freed columns get reused."""
     ds = many_deltas(40, seed=3)
-    slots = LowRankSlots(IN_F, OUT_F, 12, 9, "cpu", torch.float32, packed=False)
+    slots = LowRankSlots(IN_F, OUT_F, 12, 9, "cpu", torch.float32, packed=False, cpu_form=cpu_form)
     g = torch.Generator().manual_seed(0)
     held: dict[int, int] = {}  # slot -> index into ds
     for step in range(60):
@@ -166,12 +174,16 @@ def test_cpu_storage_survives_churn_and_stays_compact():
             slots.load(slot, ds[k])
             held[slot] = k
         loaded_rank = sum(ds[k].rank for k in held.values())
-        assert loaded_rank <= slots.concat.end <= loaded_rank + 9  # at most one largest-rank hole
+        if cpu_form == "dense":
+            assert loaded_rank <= slots.cpu_factors.end <= loaded_rank + 9  # at most one largest-rank hole
     assert slots.loaded == set(held)
     for slot, k in held.items():
         a, s, b = slots.factors(slot)
         ra, rb = ds[k].factors()
-        assert torch.equal(a, ra) and torch.equal(b, rb) and torch.equal(s, ds[k].s)
+        tol = 0 if cpu_form == "dense" else 1e-6
+        torch.testing.assert_close(a, ra, atol=tol, rtol=tol)
+        torch.testing.assert_close(b, rb, atol=tol, rtol=tol)
+        assert torch.equal(s, ds[k].s)
     order = sorted(held)
     mix = spread_mix(9, order)
     x, y = torch.randn(9, IN_F), torch.zeros(9, OUT_F)
@@ -182,12 +194,16 @@ def test_cpu_storage_survives_churn_and_stays_compact():
                                atol=2e-4, rtol=2e-4)
     for slot in list(held):
         slots.clear(slot)
-    assert slots.concat.end == 0 and slots.concat.capacity <= 64  # memory goes back after unloads
+    if cpu_form == "dense":
+        assert slots.cpu_factors.end == 0 and slots.cpu_factors.capacity <= 64  # memory goes back after unloads
+    else:
+        assert slots.nbytes == 12 * 4  # nothing but the ranks table
 
 
-def test_prepare_changes_nothing_and_load_takes_its_result():
+@pytest.mark.parametrize("cpu_form", ["compact", "dense"])
+def test_prepare_changes_nothing_and_load_takes_its_result(cpu_form):
     ds = many_deltas(2)
-    slots = LowRankSlots(IN_F, OUT_F, 2, 9, "cpu", torch.float32, packed=False)
+    slots = LowRankSlots(IN_F, OUT_F, 2, 9, "cpu", torch.float32, packed=False, cpu_form=cpu_form)
     slots.load(0, ds[0])
     before = slots.nbytes
     prepared = slots.prepare(ds[1])
@@ -195,25 +211,26 @@ def test_prepare_changes_nothing_and_load_takes_its_result():
     slots.load(1, prepared)
     a, s, b = slots.factors(1)
     ra, rb = ds[1].factors()
-    assert torch.equal(a, ra) and torch.equal(b, rb)
+    torch.testing.assert_close(a, ra, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b, rb, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="rank 9 exceeds"):
         LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).prepare(ds[0] if ds[0].rank > 4 else many_deltas(5)[4])
 
 
 def test_unpacked_slots_hold_each_pack_once_in_the_serving_dtype():
     ds = many_deltas(4)
-    slots = LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.bfloat16, packed=False)
+    slots = LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.bfloat16, packed=False, cpu_form="dense")
     for i, d in enumerate(ds):
         slots.load(i, d)
     ranks = sum(d.rank for d in ds)
     assert not slots.pools
-    assert slots.concat.a.dtype == torch.bfloat16
-    cap = slots.concat.capacity
+    assert slots.cpu_factors.a.dtype == torch.bfloat16
+    cap = slots.cpu_factors.capacity
     assert ranks <= cap <= ranks + MIN_GROWTH_COLUMNS
     assert slots.nbytes == cap * (IN_F + OUT_F) * 2 + cap * 4 + 4 * 4  # bf16 factors, float32 s, int32 ranks
     add_lowrank(torch.zeros(1, OUT_F, dtype=torch.bfloat16), torch.zeros(1, IN_F, dtype=torch.bfloat16),
                 slots, RowPacks.build([[(0, 1.0)]], "cpu"))
-    working = slots.concat._plans[(0,)].a.numel() + slots.concat._plans[(0,)].b.numel()
+    working = slots.cpu_factors._plans[(0,)].a.numel() + slots.cpu_factors._plans[(0,)].b.numel()
     assert working == ds[0].rank * (IN_F + OUT_F)  # a float32 copy of only the step's columns
     assert slots.nbytes == cap * (IN_F + OUT_F) * 2 + cap * 4 + 4 * 4 + working * 4
     with pytest.raises(ValueError, match="packed=True"):
@@ -225,11 +242,49 @@ def test_unpacked_slots_hold_each_pack_once_in_the_serving_dtype():
 
 def test_whole_buffer_is_used_only_when_the_step_fills_most_of_it():
     ds = many_deltas(10)
-    slots = load_slots(ds, max_rank=9)
+    slots = load_slots(ds, max_rank=9, cpu_form="dense")
     most = list(range(10))
     most.remove(4)  # a hole in the middle: not contiguous
     add_lowrank(torch.zeros(9, OUT_F), torch.zeros(9, IN_F), slots, RowPacks.build([[(p, 1.0)] for p in most], "cpu"))
     used = sum(ds[p].rank for p in most)
-    plan = slots.concat._plans[tuple(most)]
-    assert slots.concat.end <= FULL_BUFFER_SLACK * used and plan.mode == "whole"
-    assert plan.a.shape[0] == slots.concat.end
+    plan = slots.cpu_factors._plans[tuple(most)]
+    assert slots.cpu_factors.end <= FULL_BUFFER_SLACK * used and plan.mode == "whole"
+    assert plan.a.shape[0] == slots.cpu_factors.end
+
+
+def test_compact_slots_hold_codes_a_byte_each_with_float32_scales():
+    """The compact form's memory is its codes, one byte each, and float32 group scales and
+    zeros: under a third of the float32 factors, whatever the bit widths."""
+    ds = many_deltas(4)
+    compact, dense = (LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.float32, packed=False, cpu_form=form)
+                      for form in ("compact", "dense"))
+    for i, d in enumerate(ds):
+        compact.load(i, d)
+        dense.load(i, d)
+    want = 0
+    for d in ds:
+        for blocked, tiers in ((False, d.a_tiers), (True, d.bt_tiers)):  # Bᵀ tiers: whole 32-column blocks
+            for t in tiers:
+                pcols = t.scales.shape[1] * t.group_size
+                want += t.rows * (-(-pcols // 32) * 32 if blocked else pcols) + t.scales.numel() * 8
+        want += d.rank * 4
+    assert compact.nbytes == want + 4 * 4
+    assert compact.nbytes < dense.nbytes / 2
+
+
+def test_the_cpu_form_follows_the_request_and_the_environment(monkeypatch):
+    from skillpack_kernels import lowrank_compact
+
+    assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="dense").cpu_form == "dense"
+    assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).cpu_form == "compact"  # a compiler is here
+    monkeypatch.setenv("SKILLPACK_CPU_FACTORS", "dense")
+    lowrank_compact.library.cache_clear()
+    try:
+        assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).cpu_form == "dense"
+        with pytest.raises(RuntimeError, match="not available"):
+            LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="compact")
+    finally:
+        monkeypatch.delenv("SKILLPACK_CPU_FACTORS")
+        lowrank_compact.library.cache_clear()
+    with pytest.raises(ValueError, match="cpu_form='fast'"):
+        LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="fast")

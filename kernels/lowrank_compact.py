@@ -1,0 +1,291 @@
+"""The CPU path on compact factors: every loaded slot's tiers kept as codes, computed on directly.
+
+`CompactFactors` is `ConcatFactors`' drop-in for one linear (same `insert`/`remove`/`factors`/
+`add`/`nbytes`), but it keeps each tier of each slot as one code per byte (the file's 2/4/8-bit
+codes unpacked at load) with float32 group scales and zeros: about a quarter of the float32
+factors' bytes. A decode-sized step (at most `MAX_ROWS` rows) runs the C kernels of
+kernels/lowrank_compact.c, which dequantize one row of a factor at a time into a small buffer
+and multiply it at once:
+
+    t = x @ Aᵀ                        (shrink, on the codes)
+    t *= W[row, pack_of_col] · s      (each row keeps only its own packs' columns, weighted)
+    y += t @ Bᵀᵀ                      (expand, on the codes)
+
+so a step reads a byte per factor value instead of four. A bigger step (prefill) dequantizes
+the step's columns once into float32 and runs two GEMMs. Arithmetic is float32 and y is
+rounded once, as in the other paths.
+
+The kernels are C, compiled on first use with the machine's C compiler (`cc`, or `$CC`) into
+a cache folder (`$SKILLPACK_KERNEL_CACHE`, else `~/.cache/skillpack/kernels`), named by the
+source's hash, and loaded with ctypes: no compiler, a failed build, or
+`SKILLPACK_CPU_FACTORS=dense` leaves the float32 path (`ConcatFactors`) in charge.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from skillpack_kernels.quant import QuantTensor
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("lowrank_compact.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
+         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
+MAX_ROWS = 64  # the C kernels' limit (MAX_ROWS in the source); bigger steps dequantize and use GEMMs
+PLANS_KEPT = 2
+
+
+class _Tier(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("rows", ctypes.c_int64), ("pcols", ctypes.c_int64), ("group_size", ctypes.c_int64),
+                ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64)]
+
+
+def kernel_cache() -> Path:
+    folder = os.environ.get("SKILLPACK_KERNEL_CACHE")
+    return Path(folder) if folder else Path.home() / ".cache" / "skillpack" / "kernels"
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built once per source version and machine; None when they cannot be."""
+    if os.environ.get("SKILLPACK_CPU_FACTORS", "auto") == "dense":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler found: the CPU path keeps float32 factors (4x the memory, slower decode)")
+        return None
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    path = kernel_cache() / f"lowrank_compact-{tag}.so"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built beside it, then renamed: never half a file
+                out = Path(tmp) / path.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(out, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("building the compact CPU kernels failed (%s %s): the CPU path keeps float32 factors",
+                        e, detail.decode(errors="replace")[:500])
+            return None
+    lib = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.shrink.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64]
+    lib.expand.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr]
+    lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
+    lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64]
+    for fn in (lib.shrink, lib.expand, lib.dequantize, lib.lowrank_add):
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+# byte -> its codes, for widths that pack several codes a byte (kernels/quant.py's bit order)
+_UNPACK = {bits: ((torch.arange(256)[:, None] >> (torch.arange(8 // bits) * bits)) & ((1 << bits) - 1)).to(torch.uint8)
+           for bits in (2, 4)}
+
+
+BLOCK = 32  # columns of a blocked tier stored side by side for every row (the expand's tile width)
+
+
+@dataclass
+class CompactTier:
+    """One tier of one factor: a code per byte, float32 scales and zeros (rows, groups). Codes
+    are (rows, pcols), or `blocked`: (ceil(pcols / 32), rows, 32), each block of 32 columns of
+    every row side by side, the order in which the expand reads a Bᵀ tier."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    pcols: int
+    blocked: bool = False
+
+    @property
+    def rows(self) -> int:
+        return int(self.scales.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+
+def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[CompactTier]:
+    """`qts` unpacked to a code per byte, in one batched pass per (bits, cols) layout;
+    `blocked`: laid out for the expand (see `CompactTier`)."""
+    out: list[CompactTier | None] = [None] * len(qts)
+    layouts: dict[tuple[int, int, int], list[int]] = {}
+    for i, qt in enumerate(qts):
+        layouts.setdefault((qt.bits, qt.group_size, qt.codes.shape[1]), []).append(i)
+    for (bits, group_size, _), idx in layouts.items():
+        parts = [qts[i] for i in idx]
+        codes = torch.cat([p.codes for p in parts])
+        if bits < 8:
+            codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
+        scales = torch.cat([p.scales for p in parts]).float()
+        zeros = torch.cat([p.zeros for p in parts]).float()
+        rows, pcols = [p.rows for p in parts], codes.shape[1]
+        for i, c, s, z in zip(idx, codes.split(rows), scales.split(rows), zeros.split(rows)):
+            if blocked:
+                nb = -(-pcols // BLOCK)
+                padded = torch.zeros(c.shape[0], nb * BLOCK, dtype=torch.uint8)
+                padded[:, :pcols] = c
+                c = padded.view(c.shape[0], nb, BLOCK).transpose(0, 1).contiguous()
+            out[i] = CompactTier(c, s, z, group_size, pcols, blocked)
+    return out
+
+
+@dataclass
+class _Plan:
+    """The columns a step with one set of packs multiplies: its tiers, as the kernels read them."""
+
+    a: ctypes.Array  # _Tier per A tier, `col` = its first column of t
+    b: ctypes.Array
+    row_tier: torch.Tensor  # int64 (R,)
+    row_index: torch.Tensor  # int64 (R,)
+    s: torch.Tensor  # float32 (R,)
+    pack_of_col: torch.Tensor  # long (R,): index into the step's slot order
+    keep: list  # the tensors the ctypes arrays point into
+    t: torch.Tensor  # float32 (MAX_ROWS * R,): the shrink's output, reused by every step
+
+    @property
+    def width(self) -> int:
+        return int(self.s.numel())
+
+    @property
+    def a_ptr(self) -> int:
+        return ctypes.addressof(self.a)
+
+    @property
+    def b_ptr(self) -> int:
+        return ctypes.addressof(self.b)
+
+
+class CompactFactors:
+    """Compact factors of every loaded slot of ONE linear (in -> out); see the module docstring."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+        self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
+        self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
+        self._lib = library()
+        if self._lib is None:
+            raise RuntimeError("the compact CPU kernels are not available on this machine (see the log).")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(sum(t.nbytes for t in a + b) + s.numel() * 4 for a, b, s in self.slots.values())
+
+    def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier]) -> None:
+        """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held."""
+        rank = int(s.numel())
+        bad = [t for t in a if t.pcols < self.in_features or t.blocked] + [t for t in bt if t.pcols < self.out_features]
+        if bad or sum(t.rows for t in a) != rank or sum(t.rows for t in bt) != rank:
+            raise ValueError(
+                f"factor tiers of shapes {[tuple(t.codes.shape) for t in a]} and {[tuple(t.codes.shape) for t in bt]} "
+                f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
+        self.slots[slot] = (a, bt, s.float().contiguous())
+        self._plans.clear()
+
+    def remove(self, slot: int) -> None:
+        if self.slots.pop(slot, None) is not None:
+            self._plans.clear()
+
+    def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 (A (r, in), s (r,), B (out, r)) of `slot`."""
+        plan = self._plan((slot,))
+        return self._dense(plan.a, plan, self.in_features), plan.s.clone(), self._dense(plan.b, plan, self.out_features).T
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, slot_order: tuple[int, ...], weights: torch.Tensor,
+            rows: torch.Tensor | None) -> None:
+        """Semantics: y[i] += Σ_j weights[i, j] · ((x[i] @ A_pᵀ) * s_p) @ B_pᵀ with p = slot_order[j].
+        y: (N, out); x: (N, in); weights: float32 (N, k + 1), last column 0; rows: the rows to
+        change (None = all N), so rows without a pack stay bit-for-bit unchanged."""
+        plan = self._plan(slot_order)
+        if rows is not None:
+            x, weights = x.index_select(0, rows), weights.index_select(0, rows)
+        x = x.float().contiguous()
+        n = x.shape[0]
+        if n <= MAX_ROWS:
+            direct = y.dtype == torch.float32 and rows is None and y.stride(1) == 1
+            out = y if direct else torch.zeros(n, self.out_features)
+            weights = weights.contiguous()
+            t = plan.t[: n * plan.width]
+            self._check(self._lib.lowrank_add(
+                out.data_ptr(), out.stride(0), x.data_ptr(), n, self.in_features, self.out_features,
+                plan.a_ptr, plan.b_ptr, plan.row_tier.data_ptr(), plan.row_index.data_ptr(), plan.width,
+                weights.data_ptr(), weights.stride(0), plan.pack_of_col.data_ptr(), plan.s.data_ptr(), t.data_ptr(),
+                torch.get_num_threads()))
+            if direct:
+                return
+            delta = out
+        else:  # a prefill-sized step: dequantize the step's columns once, two GEMMs
+            t = x @ self._dense(plan.a, plan, self.in_features).T
+            t.mul_(weights.index_select(1, plan.pack_of_col).mul_(plan.s))
+            delta = t @ self._dense(plan.b, plan, self.out_features)
+        if y.dtype == torch.float32 and rows is None:
+            y.add_(delta)
+        elif y.dtype == torch.float32:
+            y.index_add_(0, rows, delta)
+        elif rows is None:
+            y.copy_(y.float().add_(delta))
+        else:
+            y[rows] = y[rows].float().add_(delta).to(y.dtype)
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _dense(self, tiers: ctypes.Array, plan: _Plan, cols: int) -> torch.Tensor:
+        out = torch.empty(plan.width, cols)
+        self._check(self._lib.dequantize(ctypes.addressof(tiers), plan.row_tier.data_ptr(), plan.row_index.data_ptr(),
+                                         plan.width, cols, out.data_ptr(), torch.get_num_threads()))
+        return out
+
+    @staticmethod
+    def _check(code: int) -> None:
+        if code:
+            raise RuntimeError(f"compact CPU kernel failed with code {code} (1: too many rows, 2: out of memory).")
+
+    def _plan(self, slot_order: tuple[int, ...]) -> _Plan:
+        plan = self._plans.get(slot_order)
+        if plan is not None:
+            self._plans.move_to_end(slot_order)
+            return plan
+        a_tiers, b_tiers, row_tier, row_index, s, pack_of_col = [], [], [], [], [], []
+        col = 0
+        for j, slot in enumerate(slot_order):
+            a, bt, sigma = self.slots[slot]
+            for ta, tb in zip(a, bt):
+                for tier, group in ((ta, a_tiers), (tb, b_tiers)):
+                    group.append(_Tier(tier.codes.data_ptr(), tier.scales.data_ptr(), tier.zeros.data_ptr(),
+                                       tier.rows, tier.pcols, tier.group_size, col,
+                                       tier.group_size.bit_length() - 1, int(tier.blocked)))
+                row_tier += [len(a_tiers) - 1] * ta.rows
+                row_index += range(ta.rows)
+                col += ta.rows
+            s.append(sigma)
+            pack_of_col.append(torch.full((sigma.numel(),), j, dtype=torch.long))
+        keep = [self.slots[slot] for slot in slot_order]  # the ctypes arrays hold raw pointers into these
+        plan = _Plan((_Tier * len(a_tiers))(*a_tiers), (_Tier * len(b_tiers))(*b_tiers),
+                     torch.tensor(row_tier, dtype=torch.int64), torch.tensor(row_index, dtype=torch.int64),
+                     torch.cat(s), torch.cat(pack_of_col), keep, torch.empty(MAX_ROWS * col))
+        self._plans[slot_order] = plan
+        while len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
+        return plan
