@@ -1,8 +1,12 @@
 /* The CPU path's compact kernels: low-rank pack deltas computed on their codes.
  *
- * A factor is kept as its tiers, each one code per byte (rows x pcols, the file's 2/4/8-bit
- * codes unpacked once at load) with float32 scales and zeros per group of `group_size`
- * columns: value = code * scale + zero (kernels/quant.py). A step's columns of t are the
+ * A factor is kept as its tiers, each with float32 scales and zeros per group of
+ * `group_size` columns: value = code * scale + zero (kernels/quant.py). Codes are cut into
+ * chunks of 32 columns: 32 bytes, or for 2- and 4-bit tiers (`nibbles`) 16 bytes whose low
+ * nibbles are columns 0..15 and high nibbles columns 16..31, so 16 bytes widen into two
+ * vectors of floats with a mask and a shift. A tier's chunks are row by row (A: the shrink
+ * streams a row) or `blocked`, chunk j of every row side by side (Bᵀ: the expand reads one
+ * chunk of every row in turn). A step's columns of t are the
  * concatenated rows of the tiers of the packs it uses; `row_tier[k]` and `row_index[k]` say
  * which tier and row column k of t is. Built by kernels/lowrank_compact.py with
  * -O3 -march=native -fopenmp and the three flags that let gcc vectorise float sums
@@ -16,55 +20,69 @@
 #endif
 
 typedef struct {
-    const uint8_t *codes;  /* rows x pcols, or with `blocked` (pcols / 32) x rows x 32: a block of
-                              32 columns of every row side by side, as the expand reads them */
+    const uint8_t *codes;
     const float *scales;   /* rows x (pcols / group_size) */
     const float *zeros;    /* rows x (pcols / group_size) */
     int64_t rows, pcols, group_size, col, group_shift; /* group_size == 1 << group_shift */
-    int64_t blocked;
+    int64_t blocked, nibbles;
 } Tier;
 
-/* where code c of row r of a tier lies */
-static inline const uint8_t *code_at(const Tier *T, int64_t r, int64_t c) {
-    return T->blocked ? T->codes + ((c >> 5) * T->rows + r) * 32 + (c & 31) : T->codes + r * T->pcols + c;
+static inline int64_t chunk_bytes(const Tier *T) { return T->nibbles ? 16 : 32; }
+
+/* the bytes of chunk j (columns 32j .. 32j + 31) of row r */
+static inline const uint8_t *chunk_at(const Tier *T, int64_t r, int64_t j) {
+    const int64_t cb = chunk_bytes(T);
+    return T->blocked ? T->codes + (j * T->rows + r) * cb : T->codes + (r * ((T->pcols + 31) >> 5) + j) * cb;
+}
+
+/* from one chunk of a row to the next */
+static inline int64_t chunk_stride(const Tier *T) { return T->blocked ? T->rows * chunk_bytes(T) : chunk_bytes(T); }
+
+static inline int code_of(const Tier *T, int64_t r, int64_t c) {
+    const uint8_t *chunk = chunk_at(T, r, c >> 5);
+    const int64_t i = c & 31;
+    if (!T->nibbles) return chunk[i];
+    return i < 16 ? chunk[i] & 15 : chunk[i - 16] >> 4;
 }
 
 #define MAX_ROWS 64      /* shrink/expand serve decode-sized steps; bigger ones dequantize and use a GEMM */
 
-static inline void dequant(const uint8_t *q, const float *sc, const float *zr, int64_t gs, int64_t c0,
-                           int64_t m, float *w) { /* for whole-factor dequantization only: one division per group */
-    /* w[0..m) = value of columns c0..c0+m of one row (c0 a multiple of gs) */
-    int64_t c = 0;
-    while (c < m) {
-        int64_t g = (c0 + c) / gs, end = (g + 1) * gs - c0;
-        if (end > m) end = m;
-        const float s = sc[g], z = zr[g];
-        for (int64_t j = c; j < end; j++) w[j] = (float)q[c0 + j] * s + z;
-        c = end;
-    }
-}
-
 typedef float v16 __attribute__((vector_size(64)));
 typedef uint8_t u8x16 __attribute__((vector_size(16)));
 
-/* 16 codes as floats: gcc 12 turns __builtin_convertvector from bytes into 16 scalar
-   conversions, so widen with the machine's own instructions where it has them */
-static inline v16 load_codes(const uint8_t *q) {
+/* a chunk's 32 codes as two vectors of floats (columns 0..15, 16..31): gcc 12 turns
+   __builtin_convertvector from bytes into 16 scalar conversions, so widen with the
+   machine's own instructions where it has them */
+static inline v16 widen(u8x16 b) {
 #if defined(__AVX512F__)
-    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)));
+    __m128i v;
+    memcpy(&v, &b, 16);
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
 #elif defined(__AVX2__)
-    const __m128i b = _mm_loadu_si128((const __m128i *)q);
-    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
-    v16 v;
-    memcpy(&v, &lo, 32);
-    memcpy((char *)&v + 32, &hi, 32);
-    return v;
+    __m128i v;
+    memcpy(&v, &b, 16);
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+    v16 out;
+    memcpy(&out, &lo, 32);
+    memcpy((char *)&out + 32, &hi, 32);
+    return out;
 #else
-    u8x16 b;
-    memcpy(&b, q, 16);
     return __builtin_convertvector(b, v16);
 #endif
+}
+
+static inline void load_chunk(const uint8_t *chunk, int64_t nibbles, v16 *lo, v16 *hi) {
+    u8x16 a, b;
+    memcpy(&a, chunk, 16);
+    if (nibbles) {
+        b = a >> 4;
+        a = a & 15;
+    } else {
+        memcpy(&b, chunk + 16, 16);
+    }
+    *lo = widen(a);
+    *hi = widen(b);
 }
 
 static inline v16 loadu(const float *p) {
@@ -85,10 +103,10 @@ static inline float hsum(v16 v) { /* a tree, not a chain of 16 dependent adds */
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* Columns [0, vec_cols) go 16 at a time (one group per 16 columns: group_size >= 16 and a
-   multiple of 16); the rest, and every column of a tier with smaller groups, go one by one. */
+/* Columns [0, vector_cols) go a chunk of 32 at a time (one group per 16 columns:
+   group_size >= 16); the rest, and every column of a tier with smaller groups, one by one. */
 static inline int64_t vector_cols(const Tier *T, int64_t cols) {
-    return T->group_size >= 16 ? cols / 16 * 16 : 0;
+    return T->group_size >= 16 ? cols / 32 * 32 : 0;
 }
 
 /* t[i, k] = sum_c x[i, c] * A_k[c] for c < cols, every column k of t (x: n x cols, t: n x R).
@@ -101,7 +119,8 @@ int shrink(const float *x, int64_t n, int64_t cols, const Tier *tiers, const int
     for (int64_t k = 0; k < R; k++) {
         const Tier *T = &tiers[row_tier[k]];
         const int64_t r = row_index[k], groups = T->pcols >> T->group_shift, sh = T->group_shift;
-        const uint8_t *q = T->codes + r * T->pcols;
+        const uint8_t *q = chunk_at(T, r, 0);
+        const int64_t cb = chunk_bytes(T);
         const float *sc = T->scales + r * groups, *zr = T->zeros + r * groups;
         const int64_t vc = vector_cols(T, cols);
         for (int64_t i0 = 0; i0 < n; i0 += 8) {
@@ -109,17 +128,24 @@ int shrink(const float *x, int64_t n, int64_t cols, const Tier *tiers, const int
             const float *xr[8];
             for (int i = 0; i < 8; i++) xr[i] = x + (i0 + (i < ni ? i : 0)) * cols;
             v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-            for (int64_t c = 0; c < vc; c += 16) {
-                const v16 w = load_codes(q + c) * sc[c >> sh] + zr[c >> sh];
-                a0 += loadu(xr[0] + c) * w; a1 += loadu(xr[1] + c) * w;
-                a2 += loadu(xr[2] + c) * w; a3 += loadu(xr[3] + c) * w;
-                a4 += loadu(xr[4] + c) * w; a5 += loadu(xr[5] + c) * w;
-                a6 += loadu(xr[6] + c) * w; a7 += loadu(xr[7] + c) * w;
+            for (int64_t c = 0; c < vc; c += 32) {
+                v16 lo, hi;
+                load_chunk(q + (c >> 5) * cb, T->nibbles, &lo, &hi);
+                const v16 w = lo * sc[c >> sh] + zr[c >> sh], u = hi * sc[(c + 16) >> sh] + zr[(c + 16) >> sh];
+                a0 += loadu(xr[0] + c) * w + loadu(xr[0] + c + 16) * u;
+                a1 += loadu(xr[1] + c) * w + loadu(xr[1] + c + 16) * u;
+                a2 += loadu(xr[2] + c) * w + loadu(xr[2] + c + 16) * u;
+                a3 += loadu(xr[3] + c) * w + loadu(xr[3] + c + 16) * u;
+                a4 += loadu(xr[4] + c) * w + loadu(xr[4] + c + 16) * u;
+                a5 += loadu(xr[5] + c) * w + loadu(xr[5] + c + 16) * u;
+                a6 += loadu(xr[6] + c) * w + loadu(xr[6] + c + 16) * u;
+                a7 += loadu(xr[7] + c) * w + loadu(xr[7] + c + 16) * u;
             }
             const v16 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
             for (int64_t i = 0; i < ni; i++) {
                 float a = hsum(acc[i]);
-                for (int64_t c = vc; c < cols; c++) a += xr[i][c] * ((float)q[c] * sc[c >> sh] + zr[c >> sh]);
+                for (int64_t c = vc; c < cols; c++)
+                    a += xr[i][c] * ((float)code_of(T, r, c) * sc[c >> sh] + zr[c >> sh]);
                 t[(i0 + i) * R + k] = a;
             }
         }
@@ -146,16 +172,22 @@ int expand(float *y, int64_t ldy, int64_t n, int64_t cols, const float *t, const
     int64_t *sh = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
     int64_t *vc = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
     int64_t *bs = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
+    int64_t *nb = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
+    int64_t *rk = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
+    const Tier **tk_of = (const Tier **)malloc(sizeof(void *) * (size_t)(R + 1));
     float *tt = (float *)malloc(sizeof(float) * (size_t)(R * 8 + 1)); /* t's tile, k-major: 8 rows per k */
-    if (!q || !sc || !zr || !sh || !vc || !bs || !tt) {
-        free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(tt);
+    if (!q || !sc || !zr || !sh || !vc || !bs || !nb || !rk || !tk_of || !tt) {
+        free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(nb); free(rk); free(tk_of); free(tt);
         return 2;
     }
     for (int64_t k = 0; k < R; k++) {
         const Tier *T = &tiers[row_tier[k]];
         const int64_t r = row_index[k], groups = T->pcols >> T->group_shift;
-        q[k] = code_at(T, r, 0);
-        bs[k] = T->blocked ? T->rows * 32 : 32; /* from one block of 32 columns to the next */
+        q[k] = chunk_at(T, r, 0);
+        bs[k] = chunk_stride(T); /* from one chunk of 32 columns to the next */
+        nb[k] = T->nibbles;
+        tk_of[k] = T;
+        rk[k] = r;
         sc[k] = T->scales + r * groups;
         zr[k] = T->zeros + r * groups;
         sh[k] = T->group_shift;
@@ -176,16 +208,17 @@ int expand(float *y, int64_t ldy, int64_t n, int64_t cols, const float *t, const
             v16 b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, b4 = {0}, b5 = {0}, b6 = {0}, b7 = {0};
             for (int64_t k = 0; k < R; k++) {
                 v16 w0, w1;
-                const uint8_t *qb = q[k] + b * bs[k]; /* this block's 32 codes of column k */
                 if (c0 + 32 <= vc[k]) {
                     const int64_t g0 = c0 >> sh[k], g1 = (c0 + 16) >> sh[k];
-                    w0 = load_codes(qb) * sc[k][g0] + zr[k][g0];
-                    w1 = load_codes(qb + 16) * sc[k][g1] + zr[k][g1];
+                    load_chunk(q[k] + b * bs[k], nb[k], &w0, &w1); /* this chunk of column k's codes */
+                    w0 = w0 * sc[k][g0] + zr[k][g0];
+                    w1 = w1 * sc[k][g1] + zr[k][g1];
                 } else {
                     for (int64_t j = 0; j < 16; j++) {
                         const int64_t c = c0 + j, d = c + 16;
-                        w0[j] = j < m ? (float)qb[j] * sc[k][c >> sh[k]] + zr[k][c >> sh[k]] : 0.0f;
-                        w1[j] = j + 16 < m ? (float)qb[j + 16] * sc[k][d >> sh[k]] + zr[k][d >> sh[k]] : 0.0f;
+                        w0[j] = j < m ? (float)code_of(tk_of[k], rk[k], c) * sc[k][c >> sh[k]] + zr[k][c >> sh[k]] : 0.0f;
+                        w1[j] = j + 16 < m ? (float)code_of(tk_of[k], rk[k], d) * sc[k][d >> sh[k]] + zr[k][d >> sh[k]]
+                                           : 0.0f;
                     }
                 }
                 const float *tk = tt + k * 8;
@@ -206,7 +239,7 @@ int expand(float *y, int64_t ldy, int64_t n, int64_t cols, const float *t, const
             }
         }
     }
-    free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(tt);
+    free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(nb); free(rk); free(tk_of); free(tt);
     return 0;
 }
 
@@ -219,11 +252,7 @@ int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_in
         const int64_t r = row_index[k], groups = T->pcols / T->group_size;
         const float *sc = T->scales + r * groups, *zr = T->zeros + r * groups;
         float *o = out + k * cols;
-        if (!T->blocked) {
-            dequant(T->codes + r * T->pcols, sc, zr, T->group_size, 0, cols, o);
-        } else {
-            for (int64_t c = 0; c < cols; c++) o[c] = (float)*code_at(T, r, c) * sc[c >> T->group_shift] + zr[c >> T->group_shift];
-        }
+        for (int64_t c = 0; c < cols; c++) o[c] = (float)code_of(T, r, c) * sc[c >> T->group_shift] + zr[c >> T->group_shift];
     }
     return 0;
 }

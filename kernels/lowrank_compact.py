@@ -1,9 +1,9 @@
 """The CPU path on compact factors: every loaded slot's tiers kept as codes, computed on directly.
 
 `CompactFactors` is `ConcatFactors`' drop-in for one linear (same `insert`/`remove`/`factors`/
-`add`/`nbytes`), but it keeps each tier of each slot as one code per byte (the file's 2/4/8-bit
-codes unpacked at load) with float32 group scales and zeros: about a quarter of the float32
-factors' bytes. A decode-sized step (at most `MAX_ROWS` rows) runs the C kernels of
+`add`/`nbytes`), but it keeps each tier of each slot as codes, a nibble each for the file's 2-
+and 4-bit tiers and a byte each for 8-bit ones, with float32 group scales and zeros: about a
+seventh of the float32 factors' bytes for GraftLLM's 8/4/2-bit tiers. A decode-sized step (at most `MAX_ROWS` rows) runs the C kernels of
 kernels/lowrank_compact.c, which dequantize one row of a factor at a time into a small buffer
 and multiply it at once:
 
@@ -11,7 +11,7 @@ and multiply it at once:
     t *= W[row, pack_of_col] · s      (each row keeps only its own packs' columns, weighted)
     y += t @ Bᵀᵀ                      (expand, on the codes)
 
-so a step reads a byte per factor value instead of four. A bigger step (prefill) dequantizes
+so a step reads half a byte or a byte per factor value instead of four. A bigger step (prefill) dequantizes
 the step's columns once into float32 and runs two GEMMs. Arithmetic is float32 and y is
 rounded once, as in the other paths.
 
@@ -49,7 +49,8 @@ PLANS_KEPT = 2
 class _Tier(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("pcols", ctypes.c_int64), ("group_size", ctypes.c_int64),
-                ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64)]
+                ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64),
+                ("nibbles", ctypes.c_int64)]
 
 
 def kernel_cache() -> Path:
@@ -102,14 +103,16 @@ _UNPACK = {bits: ((torch.arange(256)[:, None] >> (torch.arange(8 // bits) * bits
            for bits in (2, 4)}
 
 
-BLOCK = 32  # columns of a blocked tier stored side by side for every row (the expand's tile width)
+CHUNK = 32  # columns per chunk of codes (the kernels' vector width, two 16-float vectors)
 
 
 @dataclass
 class CompactTier:
-    """One tier of one factor: a code per byte, float32 scales and zeros (rows, groups). Codes
-    are (rows, pcols), or `blocked`: (ceil(pcols / 32), rows, 32), each block of 32 columns of
-    every row side by side, the order in which the expand reads a Bᵀ tier."""
+    """One tier of one factor, as the kernels read it: float32 scales and zeros (rows, groups)
+    and codes in chunks of 32 columns, 32 bytes each, or 16 for 2- and 4-bit tiers (`nibbles`:
+    byte i holds column i in its low nibble and column i + 16 in its high one). Chunks are
+    (rows, chunks, bytes), or `blocked`: (chunks, rows, bytes), chunk j of every row side by
+    side, the order in which the expand reads a Bᵀ tier."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -117,6 +120,7 @@ class CompactTier:
     group_size: int
     pcols: int
     blocked: bool = False
+    nibbles: bool = False
 
     @property
     def rows(self) -> int:
@@ -127,8 +131,20 @@ class CompactTier:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
 
+def _chunked(codes: torch.Tensor, nibbles: bool, blocked: bool) -> torch.Tensor:
+    """Codes (rows, pcols), one per byte, in the kernels' chunk layout (see `CompactTier`)."""
+    rows, pcols = codes.shape
+    chunks = -(-pcols // CHUNK)
+    padded = torch.zeros(rows, chunks * CHUNK, dtype=torch.uint8)
+    padded[:, :pcols] = codes
+    out = padded.view(rows, chunks, CHUNK)
+    if nibbles:
+        out = out[..., :16] | (out[..., 16:] << 4)
+    return (out.transpose(0, 1) if blocked else out).contiguous()
+
+
 def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[CompactTier]:
-    """`qts` unpacked to a code per byte, in one batched pass per (bits, cols) layout;
+    """`qts` in the kernels' layout, in one batched pass per (bits, cols) layout;
     `blocked`: laid out for the expand (see `CompactTier`)."""
     out: list[CompactTier | None] = [None] * len(qts)
     layouts: dict[tuple[int, int, int], list[int]] = {}
@@ -141,14 +157,9 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[Compact
             codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
         scales = torch.cat([p.scales for p in parts]).float()
         zeros = torch.cat([p.zeros for p in parts]).float()
-        rows, pcols = [p.rows for p in parts], codes.shape[1]
+        rows, pcols, nibbles = [p.rows for p in parts], codes.shape[1], bits <= 4
         for i, c, s, z in zip(idx, codes.split(rows), scales.split(rows), zeros.split(rows)):
-            if blocked:
-                nb = -(-pcols // BLOCK)
-                padded = torch.zeros(c.shape[0], nb * BLOCK, dtype=torch.uint8)
-                padded[:, :pcols] = c
-                c = padded.view(c.shape[0], nb, BLOCK).transpose(0, 1).contiguous()
-            out[i] = CompactTier(c, s, z, group_size, pcols, blocked)
+            out[i] = CompactTier(_chunked(c, nibbles, blocked), s, z, group_size, pcols, blocked, nibbles)
     return out
 
 
@@ -275,7 +286,7 @@ class CompactFactors:
                 for tier, group in ((ta, a_tiers), (tb, b_tiers)):
                     group.append(_Tier(tier.codes.data_ptr(), tier.scales.data_ptr(), tier.zeros.data_ptr(),
                                        tier.rows, tier.pcols, tier.group_size, col,
-                                       tier.group_size.bit_length() - 1, int(tier.blocked)))
+                                       tier.group_size.bit_length() - 1, int(tier.blocked), int(tier.nibbles)))
                 row_tier += [len(a_tiers) - 1] * ta.rows
                 row_index += range(ta.rows)
                 col += ta.rows

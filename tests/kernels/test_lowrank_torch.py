@@ -252,9 +252,10 @@ def test_whole_buffer_is_used_only_when_the_step_fills_most_of_it():
     assert plan.a.shape[0] == slots.cpu_factors.end
 
 
-def test_compact_slots_hold_codes_a_byte_each_with_float32_scales():
-    """The compact form's memory is its codes, one byte each, and float32 group scales and
-    zeros: under a third of the float32 factors, whatever the bit widths."""
+def test_compact_slots_hold_codes_in_nibbles_or_bytes_with_float32_scales():
+    """The compact form's memory is its codes, half a byte each for 2- and 4-bit tiers and a byte
+    for 8-bit ones, in whole chunks of 32 columns, and float32 group scales and zeros: under
+    a third of the float32 factors, and under twice the pack's own bytes."""
     ds = many_deltas(4)
     compact, dense = (LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.float32, packed=False, cpu_form=form)
                       for form in ("compact", "dense"))
@@ -263,13 +264,13 @@ def test_compact_slots_hold_codes_a_byte_each_with_float32_scales():
         dense.load(i, d)
     want = 0
     for d in ds:
-        for blocked, tiers in ((False, d.a_tiers), (True, d.bt_tiers)):  # Bᵀ tiers: whole 32-column blocks
-            for t in tiers:
-                pcols = t.scales.shape[1] * t.group_size
-                want += t.rows * (-(-pcols // 32) * 32 if blocked else pcols) + t.scales.numel() * 8
+        for t in d.a_tiers + d.bt_tiers:
+            chunks = -(-t.scales.shape[1] * t.group_size // 32)
+            want += t.rows * chunks * (16 if t.bits <= 4 else 32) + t.scales.numel() * 8
         want += d.rank * 4
     assert compact.nbytes == want + 4 * 4
-    assert compact.nbytes < dense.nbytes / 2
+    assert compact.nbytes < dense.nbytes / 3
+    assert compact.nbytes < 2 * sum(d.nbytes for d in ds) + 4 * 4
 
 
 def test_the_cpu_form_follows_the_request_and_the_environment(monkeypatch):
