@@ -9,6 +9,9 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     SKILLPACK_CACHE=/app/.cache SKILLPACK_PACKS=/data/packs SKILLPACK_READONLY_PACKS=/app/packs
 WORKDIR /app
 
+# a C compiler: the CPU path builds its compact pack kernels on first start (docs/CPU_PATH.md);
+# without one it keeps float32 factors, 4-7x the memory per resident pack
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 # pinned CPU wheel first: an unpinned torch requirement would pull a multi-GB CUDA build
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 # then exactly the locked versions (scripts/lock.sh writes the lock), so an upstream release

@@ -252,7 +252,15 @@ int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_in
         const int64_t r = row_index[k], groups = T->pcols / T->group_size;
         const float *sc = T->scales + r * groups, *zr = T->zeros + r * groups;
         float *o = out + k * cols;
-        for (int64_t c = 0; c < cols; c++) o[c] = (float)code_of(T, r, c) * sc[c >> T->group_shift] + zr[c >> T->group_shift];
+        const int64_t vc = vector_cols(T, cols), sh = T->group_shift, stride = chunk_stride(T);
+        const uint8_t *q = chunk_at(T, r, 0);
+        for (int64_t c = 0; c < vc; c += 32) { /* a chunk (two vectors) at a time */
+            v16 lo, hi;
+            load_chunk(q + (c >> 5) * stride, T->nibbles, &lo, &hi);
+            storeu(o + c, lo * sc[c >> sh] + zr[c >> sh]);
+            storeu(o + c + 16, hi * sc[(c + 16) >> sh] + zr[(c + 16) >> sh]);
+        }
+        for (int64_t c = vc; c < cols; c++) o[c] = (float)code_of(T, r, c) * sc[c >> sh] + zr[c >> sh];
     }
     return 0;
 }

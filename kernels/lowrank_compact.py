@@ -16,9 +16,10 @@ the step's columns once into float32 and runs two GEMMs. Arithmetic is float32 a
 rounded once, as in the other paths.
 
 The kernels are C, compiled on first use with the machine's C compiler (`cc`, or `$CC`) into
-a cache folder (`$SKILLPACK_KERNEL_CACHE`, else `~/.cache/skillpack/kernels`), named by the
-source's hash, and loaded with ctypes: no compiler, a failed build, or
-`SKILLPACK_CPU_FACTORS=dense` leaves the float32 path (`ConcatFactors`) in charge.
+`$SKILLPACK_CACHE/kernels` (~/.cache/skillpack/kernels), named by the source's, flags' and
+compiler's hash, and loaded with ctypes. Without a compiler, or when the build fails, slots
+asked for "auto" keep the float32 path (`ConcatFactors`); the engine's `cpu_factors`
+setting (`SKILLPACK_CPU_FACTORS`) can also ask for either form.
 """
 from __future__ import annotations
 
@@ -54,18 +55,16 @@ class _Tier(ctypes.Structure):
 
 
 def kernel_cache() -> Path:
-    folder = os.environ.get("SKILLPACK_KERNEL_CACHE")
-    return Path(folder) if folder else Path.home() / ".cache" / "skillpack" / "kernels"
+    """`$SKILLPACK_CACHE/kernels` (the project's cache folder, ~/.cache/skillpack by default)."""
+    return Path(os.environ.get("SKILLPACK_CACHE") or Path.home() / ".cache" / "skillpack") / "kernels"
 
 
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built once per source version and machine; None when they cannot be."""
-    if os.environ.get("SKILLPACK_CPU_FACTORS", "auto") == "dense":
-        return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.warning("no C compiler found: the CPU path keeps float32 factors (4x the memory, slower decode)")
+        log.warning("no C compiler found: the CPU path keeps float32 factors (4-7x the memory per pack, slower decode)")
         return None
     source = SOURCE.read_bytes()
     tag = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -45,6 +45,9 @@ class EngineSettings(BaseModel):
     max_queue: int = Field(256, ge=1)  # waiting requests; more are refused with 429
     max_packs_per_request: int = Field(8, ge=1)
     max_logprobs: int = Field(20, ge=0, le=100)
+    # the CPU path's form of resident packs: compact codes computed on by C kernels (auto: when a
+    # C compiler builds them) or dequantized float32 factors (4-7x the memory, slower decode)
+    cpu_factors: Literal["auto", "compact", "dense"] = "auto"
 
     @field_validator("dtype")
     @classmethod

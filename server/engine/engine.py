@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from skillpack_kernels.lowrank_compact import available as compact_kernels_available
 from skillpack_server.engine.config import ConfigError, default_kv_budget, resolve_device, resolve_dtype
 from skillpack_server.engine.logits import needs_processing, process_logits
 from skillpack_server.engine.pack_cache import PackCache
@@ -92,8 +93,12 @@ class Engine:
         self.eos_ids = frozenset(cfg.eos_token_ids) | (
             {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set())
         self.base_fingerprint = fingerprint or base_fingerprint(open_checkpoint(ckpt))  # once, at start
-        self.pack_cache = PackCache(PackSlots(self.model, config.pack_slots), self.base_fingerprint,
-                                    config.pack_cache_bytes)
+        if self.device.type == "cpu" and config.cpu_factors == "compact" and not compact_kernels_available():
+            raise ConfigError("cpu_factors", "cpu_factors='compact' needs the compact CPU kernels, which could not be "
+                                             "built here (no C compiler, or it failed: see the log); expected 'auto' "
+                                             "or 'dense', or a working `cc`.")
+        self.pack_cache = PackCache(PackSlots(self.model, config.pack_slots, config.cpu_factors),
+                                    self.base_fingerprint, config.pack_cache_bytes)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _waiting, _running, _aborted
         self._wake = threading.Event()

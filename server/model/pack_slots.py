@@ -37,7 +37,7 @@ class PreparedPack:
 
 
 class PackSlots:
-    def __init__(self, model: Transformer, num_slots: int):
+    def __init__(self, model: Transformer, num_slots: int, cpu_form: str = "auto"):
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots}; expected at least one pack slot.")
         weight = model.model.embed_tokens.weight
@@ -50,7 +50,7 @@ class PackSlots:
                 module.lowrank = LowRankSlots(
                     module.in_features, module.out_features, num_slots,
                     min(module.in_features, module.out_features), self.device, self.dtype,
-                    packed=self.device.type != "cpu",
+                    packed=self.device.type != "cpu", cpu_form=cpu_form,
                 )
                 self.targets[f"{name}.weight"] = ("lowrank", module)
                 if module.bias is not None:

@@ -273,19 +273,21 @@ def test_compact_slots_hold_codes_in_nibbles_or_bytes_with_float32_scales():
     assert compact.nbytes < 2 * sum(d.nbytes for d in ds) + 4 * 4
 
 
-def test_the_cpu_form_follows_the_request_and_the_environment(monkeypatch):
+def test_the_cpu_form_follows_the_request_and_falls_back_without_a_compiler(monkeypatch, tmp_path):
     from skillpack_kernels import lowrank_compact
 
     assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="dense").cpu_form == "dense"
     assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).cpu_form == "compact"  # a compiler is here
-    monkeypatch.setenv("SKILLPACK_CPU_FACTORS", "dense")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SKILLPACK_CACHE", str(tmp_path / "cache"))  # nothing built there yet
     lowrank_compact.library.cache_clear()
     try:
         assert LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32).cpu_form == "dense"
         with pytest.raises(RuntimeError, match="not available"):
             LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="compact")
     finally:
-        monkeypatch.delenv("SKILLPACK_CPU_FACTORS")
+        monkeypatch.delenv("CC")
+        monkeypatch.delenv("SKILLPACK_CACHE")
         lowrank_compact.library.cache_clear()
     with pytest.raises(ValueError, match="cpu_form='fast'"):
         LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="fast")

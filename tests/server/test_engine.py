@@ -291,3 +291,26 @@ def test_default_base_greedy_matches_transformers():
         eng.close()
     assert [e.token_id for e in events] == want_tokens
     torch.testing.assert_close(torch.tensor([e.logprob for e in events]), torch.tensor(want_lp), atol=1e-3, rtol=0)
+
+
+def test_compact_cpu_factors_without_their_kernels_is_a_setting_error(pair, tiny_tokenizer, monkeypatch, tmp_path):
+    from skillpack_kernels import lowrank_compact
+    from skillpack_server.engine.config import ConfigError
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SKILLPACK_CACHE", str(tmp_path / "cache"))  # no kernels built there
+    lowrank_compact.library.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="cpu_factors='compact' needs the compact CPU kernels") as e:
+            Engine(pair.base, EngineSettings(device="cpu", max_model_len=48, cpu_factors="compact"),
+                   tokenizer=tiny_tokenizer)
+        assert e.value.field == "cpu_factors"
+        eng = Engine(pair.base, EngineSettings(device="cpu", max_model_len=48), tokenizer=tiny_tokenizer)
+        try:  # "auto" falls back to the float32 factors
+            assert eng.model.model.layers[0].mlp.up_proj.lowrank.cpu_form == "dense"
+        finally:
+            eng.close()
+    finally:
+        monkeypatch.delenv("CC")
+        monkeypatch.delenv("SKILLPACK_CACHE")
+        lowrank_compact.library.cache_clear()
