@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -51,7 +52,7 @@ class _Tier(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("pcols", ctypes.c_int64), ("group_size", ctypes.c_int64),
                 ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64),
-                ("nibbles", ctypes.c_int64)]
+                ("nibbles", ctypes.c_int64), ("block_rows", ctypes.c_int64)]
 
 
 def kernel_cache() -> Path:
@@ -110,8 +111,9 @@ class CompactTier:
     """One tier of one factor, as the kernels read it: float32 scales and zeros (rows, groups)
     and codes in chunks of 32 columns, 32 bytes each, or 16 for 2- and 4-bit tiers (`nibbles`:
     byte i holds column i in its low nibble and column i + 16 in its high one). Chunks are
-    (rows, chunks, bytes), or `blocked`: (chunks, rows, bytes), chunk j of every row side by
-    side, the order in which the expand reads a Bᵀ tier."""
+    (rows, chunks, bytes), or `blocked`: chunk j of every row side by side, the order in which
+    the expand reads a Bᵀ tier; blocked tiers of one layout share one (chunks, all rows, bytes)
+    tensor, this tier's rows starting at `first_row`."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -120,31 +122,42 @@ class CompactTier:
     pcols: int
     blocked: bool = False
     nibbles: bool = False
+    first_row: int = 0
 
     @property
     def rows(self) -> int:
         return int(self.scales.shape[0])
 
     @property
+    def codes_ptr(self) -> int:
+        return self.codes.data_ptr() + self.first_row * self.codes.shape[2]
+
+    @property
+    def block_rows(self) -> int:
+        return int(self.codes.shape[1]) if self.blocked else self.rows
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+        """This tier's own bytes (its rows of a shared blocked tensor)."""
+        chunks, width = (self.codes.shape[0], self.codes.shape[2]) if self.blocked else self.codes.shape[1:]
+        return self.rows * chunks * width + sum(t.numel() * t.element_size() for t in (self.scales, self.zeros))
 
 
-def _chunked(codes: torch.Tensor, nibbles: bool, blocked: bool) -> torch.Tensor:
-    """Codes (rows, pcols), one per byte, in the kernels' chunk layout (see `CompactTier`)."""
+def _chunked(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
+    """Codes (rows, pcols), one per byte, as (rows, chunks, bytes) chunks (see `CompactTier`)."""
     rows, pcols = codes.shape
     chunks = -(-pcols // CHUNK)
-    padded = torch.zeros(rows, chunks * CHUNK, dtype=torch.uint8)
-    padded[:, :pcols] = codes
-    out = padded.view(rows, chunks, CHUNK)
-    if nibbles:
-        out = out[..., :16] | (out[..., 16:] << 4)
-    return (out.transpose(0, 1) if blocked else out).contiguous()
+    if chunks * CHUNK != pcols:
+        padded = torch.zeros(rows, chunks * CHUNK, dtype=torch.uint8)
+        padded[:, :pcols] = codes
+        codes = padded
+    out = codes.view(rows, chunks, CHUNK)
+    return (out[..., :16] | (out[..., 16:] << 4)) if nibbles else out.contiguous()
 
 
 def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[CompactTier]:
-    """`qts` in the kernels' layout, in one batched pass per (bits, cols) layout;
-    `blocked`: laid out for the expand (see `CompactTier`)."""
+    """`qts` in the kernels' layout, in one batched pass per (bits, cols) layout (a pack's
+    hundreds of tiers cost a few large ops); `blocked`: laid out for the expand."""
     out: list[CompactTier | None] = [None] * len(qts)
     layouts: dict[tuple[int, int, int], list[int]] = {}
     for i, qt in enumerate(qts):
@@ -154,11 +167,18 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[Compact
         codes = torch.cat([p.codes for p in parts])
         if bits < 8:
             codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
+        pcols, nibbles = codes.shape[1], bits <= 4
+        chunks = _chunked(codes, nibbles)  # (all rows, chunks, bytes), row by row
         scales = torch.cat([p.scales for p in parts]).float()
         zeros = torch.cat([p.zeros for p in parts]).float()
-        rows, pcols, nibbles = [p.rows for p in parts], codes.shape[1], bits <= 4
-        for i, c, s, z in zip(idx, codes.split(rows), scales.split(rows), zeros.split(rows)):
-            out[i] = CompactTier(_chunked(c, nibbles, blocked), s, z, group_size, pcols, blocked, nibbles)
+        rows = [p.rows for p in parts]
+        if blocked:  # one (chunks, all rows, bytes) tensor for the layout, each tier a run of its rows
+            shared, firsts = chunks.transpose(0, 1).contiguous(), itertools.accumulate([0] + rows[:-1])
+            for i, first, s, z in zip(idx, firsts, scales.split(rows), zeros.split(rows)):
+                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles, first)
+        else:
+            for i, c, s, z in zip(idx, chunks.split(rows), scales.split(rows), zeros.split(rows)):
+                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles)
     return out
 
 
@@ -283,9 +303,10 @@ class CompactFactors:
             a, bt, sigma = self.slots[slot]
             for ta, tb in zip(a, bt):
                 for tier, group in ((ta, a_tiers), (tb, b_tiers)):
-                    group.append(_Tier(tier.codes.data_ptr(), tier.scales.data_ptr(), tier.zeros.data_ptr(),
+                    group.append(_Tier(tier.codes_ptr, tier.scales.data_ptr(), tier.zeros.data_ptr(),
                                        tier.rows, tier.pcols, tier.group_size, col,
-                                       tier.group_size.bit_length() - 1, int(tier.blocked), int(tier.nibbles)))
+                                       tier.group_size.bit_length() - 1, int(tier.blocked), int(tier.nibbles),
+                                       tier.block_rows))
                 row_tier += [len(a_tiers) - 1] * ta.rows
                 row_index += range(ta.rows)
                 col += ta.rows
