@@ -285,13 +285,21 @@ class GatedReader:
         return read_pack(path, verify_checksum=verify_checksum)
 
 
-def test_staged_acquire_reads_on_the_loader_thread_and_then_serves_the_pack(setup):
+def gated_cache(setup):
+    """A cache whose reads wait for `reader.gate`, with "skill" registered, and the event its
+    loader sets when a pack is staged."""
     pair, model, fp, paths, _ = setup
     reader = GatedReader()
     cache = PackCache(PackSlots(model, 2), fp, 1 << 30, reader=reader)
     cache.register("skill", str(paths["skill"]))
     ready = threading.Event()
     cache.on_staged = ready.set
+    return cache, reader, ready
+
+
+def test_staged_acquire_reads_on_the_loader_thread_and_then_serves_the_pack(setup):
+    paths = setup[3]
+    cache, reader, ready = gated_cache(setup)
     try:
         assert cache.acquire([("skill", 1.0)], stage=True) is None  # the caller goes on at once
         assert cache.acquire([("skill", 1.0)], stage=True) is None  # still reading: not read twice
@@ -328,12 +336,8 @@ def test_a_staged_pack_that_is_refused_fails_its_request_on_the_next_acquire(set
 
 
 def test_a_pack_replaced_while_staged_is_never_placed(setup):
-    pair, model, fp, paths, _ = setup
-    reader = GatedReader()
-    cache = PackCache(PackSlots(model, 2), fp, 1 << 30, reader=reader)
-    cache.register("skill", str(paths["skill"]))
-    ready = threading.Event()
-    cache.on_staged = ready.set
+    paths = setup[3]
+    cache, reader, ready = gated_cache(setup)
     try:
         assert cache.acquire([("skill", 1.0)], stage=True) is None
         cache.register("skill", str(paths["noise-a"]))  # a new version while the old one is read
