@@ -85,11 +85,9 @@ def library() -> ctypes.CDLL | None:
             return None
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.shrink.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64]
-    lib.expand.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, i64, ptr, ptr]
     lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64]
-    for fn in (lib.shrink, lib.expand, lib.dequantize, lib.lowrank_add):
+    for fn in (lib.dequantize, lib.lowrank_add):
         fn.restype = ctypes.c_int
     return lib
 
@@ -221,7 +219,9 @@ class CompactFactors:
 
     @property
     def nbytes(self) -> int:
-        return sum(sum(t.nbytes for t in a + b) + s.numel() * 4 for a, b, s in self.slots.values())
+        """The slots' tiers and σ, and the kept plans' shrink buffers (the step's working set)."""
+        held = sum(sum(t.nbytes for t in a + b) + s.numel() * 4 for a, b, s in self.slots.values())
+        return held + sum(p.t.numel() * 4 for p in self._plans.values())
 
     def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier]) -> None:
         """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held."""
