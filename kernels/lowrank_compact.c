@@ -111,138 +111,112 @@ static inline int64_t vector_cols(const Tier *T, int64_t cols) {
     return T->group_size >= 16 ? cols / 32 * 32 : 0;
 }
 
-/* t[i, k] = sum_c x[i, c] * A_k[c] for c < cols, every column k of t (x: n x cols, t: n x R).
-   Rows of x go 8 at a time (a short tile repeats its first row and drops those sums), their
-   partial sums in registers while one row of codes streams by. */
-int shrink(const float *x, int64_t n, int64_t cols, const Tier *tiers, const int64_t *row_tier,
-           const int64_t *row_index, int64_t R, float *t, int64_t threads) {
-    if (n > MAX_ROWS) return 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
+/* One column k of t (one rank of one pack's tier), looked up once per call. */
+typedef struct {
+    const uint8_t *q; /* chunk 0 of its codes */
+    const float *sc, *zr;
+    const Tier *T;
+    int64_t stride, shift, vc, nibbles, r;
+} Col;
+
+static void make_cols(const Tier *tiers, const int64_t *row_tier, const int64_t *row_index, int64_t R, int64_t cols,
+                      Col *out) {
     for (int64_t k = 0; k < R; k++) {
         const Tier *T = &tiers[row_tier[k]];
-        const int64_t r = row_index[k], groups = T->pcols >> T->group_shift, sh = T->group_shift;
-        const uint8_t *q = chunk_at(T, r, 0);
-        const int64_t cb = chunk_bytes(T);
-        const float *sc = T->scales + r * groups, *zr = T->zeros + r * groups;
-        const int64_t vc = vector_cols(T, cols);
-        for (int64_t i0 = 0; i0 < n; i0 += 8) {
-            const int64_t ni = n - i0 < 8 ? n - i0 : 8;
-            const float *xr[8];
-            for (int i = 0; i < 8; i++) xr[i] = x + (i0 + (i < ni ? i : 0)) * cols;
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+        const int64_t r = row_index[k], groups = T->pcols >> T->group_shift;
+        out[k] = (Col){chunk_at(T, r, 0), T->scales + r * groups, T->zeros + r * groups, T,
+                       chunk_stride(T), T->group_shift, vector_cols(T, cols), T->nibbles, r};
+    }
+}
+
+/* columns c0 .. c0 + m - 1 (chunk j, m <= 32) of column k's factor row, as two vectors (zeros past m) */
+static inline void col_chunk(const Col *C, int64_t j, int64_t c0, int64_t m, v16 *w0, v16 *w1) {
+    if (c0 + 32 <= C->vc) {
+        load_chunk(C->q + j * C->stride, C->nibbles, w0, w1);
+        *w0 = *w0 * C->sc[c0 >> C->shift] + C->zr[c0 >> C->shift];
+        *w1 = *w1 * C->sc[(c0 + 16) >> C->shift] + C->zr[(c0 + 16) >> C->shift];
+        return;
+    }
+    for (int64_t i = 0; i < 16; i++) {
+        const int64_t c = c0 + i, d = c + 16;
+        (*w0)[i] = i < m ? (float)code_of(C->T, C->r, c) * C->sc[c >> C->shift] + C->zr[c >> C->shift] : 0.0f;
+        (*w1)[i] = i + 16 < m ? (float)code_of(C->T, C->r, d) * C->sc[d >> C->shift] + C->zr[d >> C->shift] : 0.0f;
+    }
+}
+
+/* t[i, k] = (x[i] . A_k) * weights[i, p(k)] * s[k] for the rows i that use column k's pack p(k)
+   (no other entry of t is read). Rows go 4 at a time, their sums in registers while A_k's
+   chunks stream by; a short group repeats its last row and drops those sums. */
+static void seg_shrink(const float *x, int64_t cols, const Col *C, int64_t R, const int64_t *pack_of_col,
+                       const int64_t *prow, const int64_t *pcount, int64_t n, const float *weights, int64_t ldw,
+                       const float *s, float *t, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < R; k++) {
+        const Col *K = &C[k];
+        const int64_t p = pack_of_col[k], m = pcount[p], vc = K->vc;
+        const int64_t *rows = prow + p * n;
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            const int64_t nr = m - r0 < 4 ? m - r0 : 4;
+            const float *xr[4];
+            for (int i = 0; i < 4; i++) xr[i] = x + rows[r0 + (i < nr ? i : nr - 1)] * cols;
+            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
             for (int64_t c = 0; c < vc; c += 32) {
-                v16 lo, hi;
-                load_chunk(q + (c >> 5) * cb, T->nibbles, &lo, &hi);
-                const v16 w = lo * sc[c >> sh] + zr[c >> sh], u = hi * sc[(c + 16) >> sh] + zr[(c + 16) >> sh];
+                v16 w, u;
+                col_chunk(K, c >> 5, c, 32, &w, &u);
                 a0 += loadu(xr[0] + c) * w + loadu(xr[0] + c + 16) * u;
                 a1 += loadu(xr[1] + c) * w + loadu(xr[1] + c + 16) * u;
                 a2 += loadu(xr[2] + c) * w + loadu(xr[2] + c + 16) * u;
                 a3 += loadu(xr[3] + c) * w + loadu(xr[3] + c + 16) * u;
-                a4 += loadu(xr[4] + c) * w + loadu(xr[4] + c + 16) * u;
-                a5 += loadu(xr[5] + c) * w + loadu(xr[5] + c + 16) * u;
-                a6 += loadu(xr[6] + c) * w + loadu(xr[6] + c + 16) * u;
-                a7 += loadu(xr[7] + c) * w + loadu(xr[7] + c + 16) * u;
             }
-            const v16 acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
-            for (int64_t i = 0; i < ni; i++) {
+            const v16 acc[4] = {a0, a1, a2, a3};
+            for (int64_t i = 0; i < nr; i++) {
                 float a = hsum(acc[i]);
                 for (int64_t c = vc; c < cols; c++)
-                    a += xr[i][c] * ((float)code_of(T, r, c) * sc[c >> sh] + zr[c >> sh]);
-                t[(i0 + i) * R + k] = a;
+                    a += xr[i][c] * ((float)code_of(K->T, K->r, c) * K->sc[c >> K->shift] + K->zr[c >> K->shift]);
+                const int64_t row = rows[r0 + i];
+                t[row * R + k] = a * weights[row * ldw + p] * s[k];
             }
         }
     }
-    return 0;
 }
 
-/* y[i, c] += sum_k t[i, k] * B_k[c] for c < cols (y: n x cols, row stride ldy; t: n x R).
-   A tile of 8 rows x 32 columns keeps its sums in registers over every k (a GEMM micro-kernel
-   whose B is dequantized 32 codes at a time), so y is read and written once. Where a block's
-   columns are not all vector-ready (groups under 16 columns, the last columns) they are
-   dequantized one by one into the same registers. */
-int expand(float *y, int64_t ldy, int64_t n, int64_t cols, const float *t, const Tier *tiers,
-           const int64_t *row_tier, const int64_t *row_index, int64_t R, int64_t threads,
-           const float *weights, int64_t ldw, const int64_t *pack_of_col, const float *s) {
-    /* weights (n x ldw), pack_of_col (R), s (R): when given, column k of row i is scaled by
-       weights[i, pack_of_col[k]] * s[k] first (each row keeps its own packs' columns) */
-    if (n > MAX_ROWS) return 1;
+/* y[i, c] += sum over the packs p row i uses, and their columns k, of t[i, k] * B_k[c]
+   (y: row stride ldy). Each block of 32 columns keeps a group of up to 4 rows' sums in
+   registers over a pack's columns, so y is read and written once per pack and group. */
+static void seg_expand(float *y, int64_t ldy, int64_t cols, const float *t, int64_t R, const Col *C,
+                       const int64_t *kstart, const int64_t *prow, const int64_t *pcount, int64_t npacks, int64_t n,
+                       int64_t threads) {
     const int64_t blocks = (cols + 31) / 32;
-    /* per column k of t: its code row, scale and zero rows and group shift, looked up once */
-    const uint8_t **q = (const uint8_t **)malloc(sizeof(void *) * (size_t)(R + 1));
-    const float **sc = (const float **)malloc(sizeof(void *) * (size_t)(R + 1));
-    const float **zr = (const float **)malloc(sizeof(void *) * (size_t)(R + 1));
-    int64_t *sh = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
-    int64_t *vc = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
-    int64_t *bs = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
-    int64_t *nb = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
-    int64_t *rk = (int64_t *)malloc(sizeof(int64_t) * (size_t)(R + 1));
-    const Tier **tk_of = (const Tier **)malloc(sizeof(void *) * (size_t)(R + 1));
-    float *tt = (float *)malloc(sizeof(float) * (size_t)(R * 8 + 1)); /* t's tile, k-major: 8 rows per k */
-    if (!q || !sc || !zr || !sh || !vc || !bs || !nb || !rk || !tk_of || !tt) {
-        free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(nb); free(rk); free(tk_of); free(tt);
-        return 2;
-    }
-    for (int64_t k = 0; k < R; k++) {
-        const Tier *T = &tiers[row_tier[k]];
-        const int64_t r = row_index[k], groups = T->pcols >> T->group_shift;
-        q[k] = chunk_at(T, r, 0);
-        bs[k] = chunk_stride(T); /* from one chunk of 32 columns to the next */
-        nb[k] = T->nibbles;
-        tk_of[k] = T;
-        rk[k] = r;
-        sc[k] = T->scales + r * groups;
-        zr[k] = T->zeros + r * groups;
-        sh[k] = T->group_shift;
-        vc[k] = vector_cols(T, cols);
-    }
-    for (int64_t i0 = 0; i0 < n; i0 += 8) {
-        const int64_t ni = n - i0 < 8 ? n - i0 : 8;
-        for (int64_t k = 0; k < R; k++)
-            for (int64_t i = 0; i < 8; i++) {
-                float v = i < ni ? t[(i0 + i) * R + k] : 0.0f;
-                if (weights && i < ni) v *= weights[(i0 + i) * ldw + pack_of_col[k]] * s[k];
-                tt[k * 8 + i] = v;
-            }
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t c0 = b * 32, m = cols - c0 < 32 ? cols - c0 : 32;
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-            v16 b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}, b4 = {0}, b5 = {0}, b6 = {0}, b7 = {0};
-            for (int64_t k = 0; k < R; k++) {
-                v16 w0, w1;
-                if (c0 + 32 <= vc[k]) {
-                    const int64_t g0 = c0 >> sh[k], g1 = (c0 + 16) >> sh[k];
-                    load_chunk(q[k] + b * bs[k], nb[k], &w0, &w1); /* this chunk of column k's codes */
-                    w0 = w0 * sc[k][g0] + zr[k][g0];
-                    w1 = w1 * sc[k][g1] + zr[k][g1];
-                } else {
-                    for (int64_t j = 0; j < 16; j++) {
-                        const int64_t c = c0 + j, d = c + 16;
-                        w0[j] = j < m ? (float)code_of(tk_of[k], rk[k], c) * sc[k][c >> sh[k]] + zr[k][c >> sh[k]] : 0.0f;
-                        w1[j] = j + 16 < m ? (float)code_of(tk_of[k], rk[k], d) * sc[k][d >> sh[k]] + zr[k][d >> sh[k]]
-                                           : 0.0f;
-                    }
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t c0 = b * 32, m = cols - c0 < 32 ? cols - c0 : 32;
+        for (int64_t p = 0; p < npacks; p++) {
+            const int64_t *rows = prow + p * n;
+            for (int64_t r0 = 0; r0 < pcount[p]; r0 += 4) {
+                const int64_t nr = pcount[p] - r0 < 4 ? pcount[p] - r0 : 4;
+                int64_t ri[4];
+                for (int i = 0; i < 4; i++) ri[i] = rows[r0 + (i < nr ? i : nr - 1)] * R;
+                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+                for (int64_t k = kstart[p]; k < kstart[p + 1]; k++) {
+                    v16 w0, w1;
+                    col_chunk(&C[k], b, c0, m, &w0, &w1);
+                    const float t0 = t[ri[0] + k], t1 = t[ri[1] + k], t2 = t[ri[2] + k], t3 = t[ri[3] + k];
+                    a0 += t0 * w0; b0 += t0 * w1; a1 += t1 * w0; b1 += t1 * w1;
+                    a2 += t2 * w0; b2 += t2 * w1; a3 += t3 * w0; b3 += t3 * w1;
                 }
-                const float *tk = tt + k * 8;
-                a0 += tk[0] * w0; b0 += tk[0] * w1; a1 += tk[1] * w0; b1 += tk[1] * w1;
-                a2 += tk[2] * w0; b2 += tk[2] * w1; a3 += tk[3] * w0; b3 += tk[3] * w1;
-                a4 += tk[4] * w0; b4 += tk[4] * w1; a5 += tk[5] * w0; b5 += tk[5] * w1;
-                a6 += tk[6] * w0; b6 += tk[6] * w1; a7 += tk[7] * w0; b7 += tk[7] * w1;
-            }
-            const v16 lo[8] = {a0, a1, a2, a3, a4, a5, a6, a7}, hi[8] = {b0, b1, b2, b3, b4, b5, b6, b7};
-            for (int64_t i = 0; i < ni; i++) {
-                float *yi = y + (i0 + i) * ldy + c0;
-                if (m == 32) {
-                    storeu(yi, loadu(yi) + lo[i]);
-                    storeu(yi + 16, loadu(yi + 16) + hi[i]);
-                } else {
-                    for (int64_t j = 0; j < m; j++) yi[j] += j < 16 ? lo[i][j] : hi[i][j - 16];
+                const v16 lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
+                for (int64_t i = 0; i < nr; i++) {
+                    float *yi = y + rows[r0 + i] * ldy + c0;
+                    if (m == 32) {
+                        storeu(yi, loadu(yi) + lo[i]);
+                        storeu(yi + 16, loadu(yi + 16) + hi[i]);
+                    } else {
+                        for (int64_t j = 0; j < m; j++) yi[j] += j < 16 ? lo[i][j] : hi[i][j - 16];
+                    }
                 }
             }
         }
     }
-    free(q); free(sc); free(zr); free(sh); free(vc); free(bs); free(nb); free(rk); free(tk_of); free(tt);
-    return 0;
 }
 
 /* out[k, c] = B_k[c] for c < cols: every column k dequantized (out: R x cols), for large steps */
@@ -267,13 +241,37 @@ int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_in
     return 0;
 }
 
-/* y += the step's low-rank deltas for rows of x: shrink, scale by each row's pack weights and
-   s, expand; one call per linear (x: n x in_cols, y: n x out_cols with row stride ldy). */
+/* y += the step's low-rank deltas for rows of x, one call per linear (x: n x in_cols, y: n x
+   out_cols with row stride ldy). weights (n x ldw): row i's weight for each of the step's
+   ldw - 1 packs; pack_of_col (R): the pack of column k of t, nondecreasing (a pack's ranks
+   are consecutive columns); s (R): singular values; t: n x R scratch. Work follows the rows
+   that use each pack, not every row: in a batch whose rows each use their own pack, an
+   eighth of a dense formulation's. */
 int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, int64_t in_cols, int64_t out_cols,
                 const Tier *a, const Tier *b, const int64_t *row_tier, const int64_t *row_index, int64_t R,
                 const float *weights, int64_t ldw, const int64_t *pack_of_col, const float *s, float *t,
                 int64_t threads) {
-    int code = shrink(x, n, in_cols, a, row_tier, row_index, R, t, threads);
-    if (code) return code;
-    return expand(y, ldy, n, out_cols, t, b, row_tier, row_index, R, threads, weights, ldw, pack_of_col, s);
+    if (n > MAX_ROWS) return 1;
+    const int64_t npacks = ldw - 1;
+    Col *ca = (Col *)malloc(sizeof(Col) * (size_t)(R + 1)), *cb = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
+    int64_t *prow = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks * n + 1));
+    int64_t *pcount = (int64_t *)calloc((size_t)(npacks + 1), sizeof(int64_t));
+    int64_t *kstart = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks + 2));
+    if (!ca || !cb || !prow || !pcount || !kstart) {
+        free(ca); free(cb); free(prow); free(pcount); free(kstart);
+        return 2;
+    }
+    for (int64_t p = 0; p < npacks; p++)
+        for (int64_t i = 0; i < n; i++)
+            if (weights[i * ldw + p] != 0.0f) prow[p * n + pcount[p]++] = i;
+    for (int64_t p = 0, k = 0; p <= npacks; p++) {
+        while (k < R && pack_of_col[k] < p) k++;
+        kstart[p] = k;
+    }
+    make_cols(a, row_tier, row_index, R, in_cols, ca);
+    make_cols(b, row_tier, row_index, R, out_cols, cb);
+    seg_shrink(x, in_cols, ca, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, threads);
+    seg_expand(y, ldy, out_cols, t, R, cb, kstart, prow, pcount, npacks, n, threads);
+    free(ca); free(cb); free(prow); free(pcount); free(kstart);
+    return 0;
 }
