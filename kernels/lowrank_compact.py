@@ -16,8 +16,8 @@ the step's columns once into float32 and runs two GEMMs. Arithmetic is float32 a
 rounded once, as in the other paths.
 
 The kernels are C, compiled on first use with the machine's C compiler (`cc`, or `$CC`) into
-`$SKILLPACK_CACHE/kernels` (~/.cache/skillpack/kernels), named by the source's, flags' and
-compiler's hash, and loaded with ctypes. Without a compiler, or when the build fails, slots
+`$SKILLPACK_CACHE/kernels` (~/.cache/skillpack/kernels), named by the hash of the source,
+the flags, the compiler and the CPU's feature flags, and loaded with ctypes. Without a compiler, or when the build fails, slots
 asked for "auto" keep the float32 path (`ConcatFactors`); the engine's `cpu_factors`
 setting (`SKILLPACK_CPU_FACTORS`) can also ask for either form.
 """
@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -68,7 +69,8 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the CPU path keeps float32 factors (4-7x the memory per pack, slower decode)")
         return None
     source = SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    # -march=native: a library built for one CPU may not run on another that shares the cache folder
+    tag = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_flags()).hexdigest()[:16]
     path = kernel_cache() / f"lowrank_compact-{tag}.so"
     if not path.exists():
         try:
@@ -90,6 +92,15 @@ def library() -> ctypes.CDLL | None:
     for fn in (lib.dequantize, lib.lowrank_add):
         fn.restype = ctypes.c_int
     return lib
+
+
+def _cpu_flags() -> bytes:
+    """The CPU's feature flags (Linux), else its platform name: part of the library's name."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return platform.machine().encode()
 
 
 def available() -> bool:
