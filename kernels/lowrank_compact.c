@@ -222,22 +222,25 @@ static void seg_expand(float *y, int64_t ldy, int64_t cols, const float *t, int6
 /* out[k, c] = B_k[c] for c < cols: every column k dequantized (out: R x cols), for large steps */
 int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_index, int64_t R, int64_t cols,
                float *out, int64_t threads) {
+    Col *C = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
+    if (!C) return 2;
+    make_cols(tiers, row_tier, row_index, R, cols, C);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t k = 0; k < R; k++) {
-        const Tier *T = &tiers[row_tier[k]];
-        const int64_t r = row_index[k], groups = T->pcols / T->group_size;
-        const float *sc = T->scales + r * groups, *zr = T->zeros + r * groups;
         float *o = out + k * cols;
-        const int64_t vc = vector_cols(T, cols), sh = T->group_shift, stride = chunk_stride(T);
-        const uint8_t *q = chunk_at(T, r, 0);
-        for (int64_t c = 0; c < vc; c += 32) { /* a chunk (two vectors) at a time */
+        for (int64_t c = 0; c < cols; c += 32) { /* a chunk (two vectors) at a time */
+            const int64_t m = cols - c < 32 ? cols - c : 32;
             v16 lo, hi;
-            load_chunk(q + (c >> 5) * stride, T->nibbles, &lo, &hi);
-            storeu(o + c, lo * sc[c >> sh] + zr[c >> sh]);
-            storeu(o + c + 16, hi * sc[(c + 16) >> sh] + zr[(c + 16) >> sh]);
+            col_chunk(&C[k], c >> 5, c, m, &lo, &hi);
+            if (m == 32) {
+                storeu(o + c, lo);
+                storeu(o + c + 16, hi);
+            } else {
+                for (int64_t i = 0; i < m; i++) o[c + i] = i < 16 ? lo[i] : hi[i - 16];
+            }
         }
-        for (int64_t c = vc; c < cols; c++) o[c] = (float)code_of(T, r, c) * sc[c >> sh] + zr[c >> sh];
     }
+    free(C);
     return 0;
 }
 
