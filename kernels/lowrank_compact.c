@@ -47,6 +47,14 @@ static inline int code_of(const Tier *T, int64_t r, int64_t c) {
     return i < 16 ? chunk[i] & 15 : chunk[i - 16] >> 4;
 }
 
+/* below this many multiply-adds a step runs on one thread (set_parallel_fmas: tests force the
+   threaded loops with 0) */
+static int64_t parallel_fmas = 2 << 20;
+int64_t set_parallel_fmas(int64_t fmas) {
+    const int64_t old = parallel_fmas;
+    parallel_fmas = fmas;
+    return old;
+}
 #define MAX_ROWS 64      /* shrink/expand serve decode-sized steps; bigger ones dequantize and use a GEMM */
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -144,38 +152,104 @@ static inline void col_chunk(const Col *C, int64_t j, int64_t c0, int64_t m, v16
     }
 }
 
+/* Software prefetch. Between two pack steps the base GEMMs stream megabytes of weights
+   through the caches, so a step's factors come from memory, in many short streams (each
+   pack's tiers, their scales) that the hardware prefetcher does not pick up. The kernels ask
+   for the lines a few columns (shrink) or blocks (expand) ahead of use. Asking for every line
+   of a step up front did not help: the requests were issued in under a microsecond and most
+   were evidently dropped (the step was no faster than without them). */
+#define PF_COLS 4   /* shrink: columns of A ahead */
+#define PF_BLOCKS 4 /* expand: blocks of 32 columns of Bᵀ ahead */
+
+static inline void prefetch_lines(const void *p, int64_t bytes) {
+    const char *c = (const char *)p;
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+/* column k's scales and zeros (one float each per group of its row) */
+static inline void prefetch_groups(const Col *K, int64_t cols) {
+    const int64_t bytes = (((cols - 1) >> K->shift) + 1) * (int64_t)sizeof(float);
+    prefetch_lines(K->sc, bytes);
+    prefetch_lines(K->zr, bytes);
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* One group of nr (1..4) rows of column k: with nr a constant after inlining, a pack used by
+   one row (a batch whose rows each use their own pack) does a quarter of a 4-row group's work. */
+INLINE void shrink_rows(const float *x, int64_t cols, const Col *K, int64_t k, int64_t R, int64_t p,
+                        const int64_t *rows, const int nr, const float *weights, int64_t ldw, const float *s,
+                        float *t) {
+    const int64_t vc = K->vc;
+    const float *xr[4];
+    for (int i = 0; i < 4; i++) xr[i] = x + rows[i < nr ? i : nr - 1] * cols;
+    v16 acc[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t c = 0; c < vc; c += 32) {
+        v16 w, u;
+        col_chunk(K, c >> 5, c, 32, &w, &u);
+        for (int i = 0; i < nr; i++) acc[i] += loadu(xr[i] + c) * w + loadu(xr[i] + c + 16) * u;
+    }
+    for (int i = 0; i < nr; i++) {
+        float a = hsum(acc[i]);
+        for (int64_t c = vc; c < cols; c++)
+            a += xr[i][c] * ((float)code_of(K->T, K->r, c) * K->sc[c >> K->shift] + K->zr[c >> K->shift]);
+        const int64_t row = rows[i];
+        t[row * R + k] = a * weights[row * ldw + p] * s[k];
+    }
+}
+
 /* t[i, k] = (x[i] . A_k) * weights[i, p(k)] * s[k] for the rows i that use column k's pack p(k)
-   (no other entry of t is read). Rows go 4 at a time, their sums in registers while A_k's
-   chunks stream by; a short group repeats its last row and drops those sums. */
+   (no other entry of t is read). Rows go up to 4 at a time, their sums in registers while
+   A_k's chunks stream by. */
 static void seg_shrink(const float *x, int64_t cols, const Col *C, int64_t R, const int64_t *pack_of_col,
                        const int64_t *prow, const int64_t *pcount, int64_t n, const float *weights, int64_t ldw,
-                       const float *s, float *t, int64_t threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+                       const float *s, float *t, const Col *next, int64_t next_cols, int64_t threads) {
+    for (int64_t k = 0; k < PF_COLS && k < R; k++) {
+        prefetch_lines(C[k].q, ((cols + 31) >> 5) * C[k].stride);
+        prefetch_groups(&C[k], cols);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t k = 0; k < R; k++) {
-        const Col *K = &C[k];
-        const int64_t p = pack_of_col[k], m = pcount[p], vc = K->vc;
+        if (k + PF_COLS < R) { /* A is row by row: a column's chunks are one run */
+            prefetch_lines(C[k + PF_COLS].q, ((cols + 31) >> 5) * C[k + PF_COLS].stride);
+            prefetch_groups(&C[k + PF_COLS], cols);
+        }
+        /* what the expand reads first: Bᵀ's scales and first blocks for this column */
+        prefetch_groups(&next[k], next_cols);
+        for (int64_t j = 0; j < PF_BLOCKS; j++) __builtin_prefetch(next[k].q + j * next[k].stride, 0, 3);
+        const int64_t p = pack_of_col[k], m = pcount[p];
         const int64_t *rows = prow + p * n;
         for (int64_t r0 = 0; r0 < m; r0 += 4) {
-            const int64_t nr = m - r0 < 4 ? m - r0 : 4;
-            const float *xr[4];
-            for (int i = 0; i < 4; i++) xr[i] = x + rows[r0 + (i < nr ? i : nr - 1)] * cols;
-            v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int64_t c = 0; c < vc; c += 32) {
-                v16 w, u;
-                col_chunk(K, c >> 5, c, 32, &w, &u);
-                a0 += loadu(xr[0] + c) * w + loadu(xr[0] + c + 16) * u;
-                a1 += loadu(xr[1] + c) * w + loadu(xr[1] + c + 16) * u;
-                a2 += loadu(xr[2] + c) * w + loadu(xr[2] + c + 16) * u;
-                a3 += loadu(xr[3] + c) * w + loadu(xr[3] + c + 16) * u;
+            switch (m - r0 < 4 ? m - r0 : 4) {
+            case 1: shrink_rows(x, cols, &C[k], k, R, p, rows + r0, 1, weights, ldw, s, t); break;
+            case 2: shrink_rows(x, cols, &C[k], k, R, p, rows + r0, 2, weights, ldw, s, t); break;
+            case 3: shrink_rows(x, cols, &C[k], k, R, p, rows + r0, 3, weights, ldw, s, t); break;
+            default: shrink_rows(x, cols, &C[k], k, R, p, rows + r0, 4, weights, ldw, s, t); break;
             }
-            const v16 acc[4] = {a0, a1, a2, a3};
-            for (int64_t i = 0; i < nr; i++) {
-                float a = hsum(acc[i]);
-                for (int64_t c = vc; c < cols; c++)
-                    a += xr[i][c] * ((float)code_of(K->T, K->r, c) * K->sc[c >> K->shift] + K->zr[c >> K->shift]);
-                const int64_t row = rows[r0 + i];
-                t[row * R + k] = a * weights[row * ldw + p] * s[k];
-            }
+        }
+    }
+}
+
+/* block b (columns c0 .. c0 + m - 1) of one group of nr rows, over columns k0 .. k1 - 1 of t */
+INLINE void expand_rows(float *y, int64_t ldy, const float *t, int64_t R, const Col *C, int64_t k0, int64_t k1,
+                        int64_t b, int64_t c0, int64_t m, const int64_t *rows, const int nr) {
+    v16 lo[4] = {{0}, {0}, {0}, {0}}, hi[4] = {{0}, {0}, {0}, {0}};
+    for (int64_t k = k0; k < k1; k++) {
+        v16 w0, w1;
+        col_chunk(&C[k], b, c0, m, &w0, &w1);
+        for (int i = 0; i < nr; i++) {
+            const float ti = t[rows[i] * R + k];
+            lo[i] += ti * w0;
+            hi[i] += ti * w1;
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        float *yi = y + rows[i] * ldy + c0;
+        if (m == 32) {
+            storeu(yi, loadu(yi) + lo[i]);
+            storeu(yi + 16, loadu(yi + 16) + hi[i]);
+        } else {
+            for (int64_t j = 0; j < m; j++) yi[j] += j < 16 ? lo[i][j] : hi[i][j - 16];
         }
     }
 }
@@ -187,32 +261,20 @@ static void seg_expand(float *y, int64_t ldy, int64_t cols, const float *t, int6
                        const int64_t *kstart, const int64_t *prow, const int64_t *pcount, int64_t npacks, int64_t n,
                        int64_t threads) {
     const int64_t blocks = (cols + 31) / 32;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t c0 = b * 32, m = cols - c0 < 32 ? cols - c0 : 32;
+        if (b + PF_BLOCKS < blocks) /* one line a column: a few columns share it, the rest are hits */
+            for (int64_t k = 0; k < R; k++) __builtin_prefetch(C[k].q + (b + PF_BLOCKS) * C[k].stride, 0, 3);
         for (int64_t p = 0; p < npacks; p++) {
             const int64_t *rows = prow + p * n;
             for (int64_t r0 = 0; r0 < pcount[p]; r0 += 4) {
-                const int64_t nr = pcount[p] - r0 < 4 ? pcount[p] - r0 : 4;
-                int64_t ri[4];
-                for (int i = 0; i < 4; i++) ri[i] = rows[r0 + (i < nr ? i : nr - 1)] * R;
-                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-                for (int64_t k = kstart[p]; k < kstart[p + 1]; k++) {
-                    v16 w0, w1;
-                    col_chunk(&C[k], b, c0, m, &w0, &w1);
-                    const float t0 = t[ri[0] + k], t1 = t[ri[1] + k], t2 = t[ri[2] + k], t3 = t[ri[3] + k];
-                    a0 += t0 * w0; b0 += t0 * w1; a1 += t1 * w0; b1 += t1 * w1;
-                    a2 += t2 * w0; b2 += t2 * w1; a3 += t3 * w0; b3 += t3 * w1;
-                }
-                const v16 lo[4] = {a0, a1, a2, a3}, hi[4] = {b0, b1, b2, b3};
-                for (int64_t i = 0; i < nr; i++) {
-                    float *yi = y + rows[r0 + i] * ldy + c0;
-                    if (m == 32) {
-                        storeu(yi, loadu(yi) + lo[i]);
-                        storeu(yi + 16, loadu(yi + 16) + hi[i]);
-                    } else {
-                        for (int64_t j = 0; j < m; j++) yi[j] += j < 16 ? lo[i][j] : hi[i][j - 16];
-                    }
+                const int64_t k0 = kstart[p], k1 = kstart[p + 1];
+                switch (pcount[p] - r0 < 4 ? pcount[p] - r0 : 4) {
+                case 1: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 1); break;
+                case 2: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 2); break;
+                case 3: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 3); break;
+                default: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 4); break;
                 }
             }
         }
@@ -246,14 +308,15 @@ int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_in
 
 /* y += the step's low-rank deltas for rows of x, one call per linear (x: n x in_cols, y: n x
    out_cols with row stride ldy). weights (n x ldw): row i's weight for each of the step's
-   ldw - 1 packs; pack_of_col (R): the pack of column k of t, nondecreasing (a pack's ranks
-   are consecutive columns); s (R): singular values; t: n x R scratch. Work follows the rows
-   that use each pack, not every row: in a batch whose rows each use their own pack, an
-   eighth of a dense formulation's. */
-int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, int64_t in_cols, int64_t out_cols,
-                const Tier *a, const Tier *b, const int64_t *row_tier, const int64_t *row_index, int64_t R,
-                const float *weights, int64_t ldw, const int64_t *pack_of_col, const float *s, float *t,
-                int64_t threads) {
+   ldw - 1 packs. The rest is the step's plan, the same for every step with this set of
+   packs: the tiers a and b; row_tier and row_index (R): the tier and row of column k of t;
+   pack_of_col (R): the pack of column k, nondecreasing (a pack's ranks are consecutive
+   columns); s (R): singular values; t: n x R scratch. Work follows the rows that use each
+   pack, not every row: in a batch whose rows each use their own pack, an eighth of a dense
+   formulation's. */
+int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *weights, int64_t ldw, int64_t threads,
+                int64_t in_cols, int64_t out_cols, const Tier *a, const Tier *b, const int64_t *row_tier,
+                const int64_t *row_index, int64_t R, const int64_t *pack_of_col, const float *s, float *t) {
     if (n > MAX_ROWS) return 1;
     const int64_t npacks = ldw - 1;
     Col *ca = (Col *)malloc(sizeof(Col) * (size_t)(R + 1)), *cb = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
@@ -273,7 +336,13 @@ int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, int64_t in_col
     }
     make_cols(a, row_tier, row_index, R, in_cols, ca);
     make_cols(b, row_tier, row_index, R, out_cols, cb);
-    seg_shrink(x, in_cols, ca, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, threads);
+    /* a second thread costs tens of microseconds to wake where torch's OpenMP threads sleep
+       between ops (more OpenMP threads than cores: libgomp barely spins): only a step with
+       enough work (rows x ranks x widths) gets one */
+    int64_t fmas = 0;
+    for (int64_t p = 0; p < npacks; p++) fmas += pcount[p] * (kstart[p + 1] - kstart[p]) * (in_cols + out_cols);
+    if (fmas < parallel_fmas) threads = 1;
+    seg_shrink(x, in_cols, ca, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, cb, out_cols, threads);
     seg_expand(y, ldy, out_cols, t, R, cb, kstart, prow, pcount, npacks, n, threads);
     free(ca); free(cb); free(prow); free(pcount); free(kstart);
     return 0;

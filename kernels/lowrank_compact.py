@@ -88,10 +88,20 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
-    lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64]
+    lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64] + [i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     for fn in (lib.dequantize, lib.lowrank_add):
         fn.restype = ctypes.c_int
+    lib.set_parallel_fmas.argtypes, lib.set_parallel_fmas.restype = [i64], i64
     return lib
+
+
+def set_parallel_fmas(fmas: int) -> int:
+    """Steps with fewer multiply-adds than this run the kernels on one thread (a second costs tens
+    of microseconds to wake between torch's ops); returns the previous value. Tests pass 0."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the compact CPU kernels are not available on this machine (see the log).")
+    return lib.set_parallel_fmas(fmas)
 
 
 def _cpu_flags() -> bytes:
@@ -204,6 +214,8 @@ class _Plan:
     keep: list  # the tensors the ctypes arrays point into
     t: torch.Tensor  # float32 (MAX_ROWS * R,): the shrink's output, reused by every step
 
+    args: tuple = ()  # lowrank_add's trailing arguments (this plan's), set by `for_linear`
+
     @property
     def width(self) -> int:
         return int(self.s.numel())
@@ -215,6 +227,14 @@ class _Plan:
     @property
     def b_ptr(self) -> int:
         return ctypes.addressof(self.b)
+
+    def for_linear(self, in_features: int, out_features: int) -> "_Plan":
+        """Fix the arguments every step with this plan passes: a decode step repeats them for
+        every token, and building them is a good part of a call's Python time."""
+        self.args = (in_features, out_features, self.a_ptr, self.b_ptr, self.row_tier.data_ptr(),
+                     self.row_index.data_ptr(), self.width, self.pack_of_col.data_ptr(), self.s.data_ptr(),
+                     self.t.data_ptr())
+        return self
 
 
 class CompactFactors:
@@ -268,12 +288,8 @@ class CompactFactors:
             direct = y.dtype == torch.float32 and rows is None and y.stride(1) == 1
             out = y if direct else torch.zeros(n, self.out_features)
             weights = weights.contiguous()
-            t = plan.t[: n * plan.width]
-            self._check(self._lib.lowrank_add(
-                out.data_ptr(), out.stride(0), x.data_ptr(), n, self.in_features, self.out_features,
-                plan.a_ptr, plan.b_ptr, plan.row_tier.data_ptr(), plan.row_index.data_ptr(), plan.width,
-                weights.data_ptr(), weights.stride(0), plan.pack_of_col.data_ptr(), plan.s.data_ptr(), t.data_ptr(),
-                torch.get_num_threads()))
+            self._check(self._lib.lowrank_add(out.data_ptr(), out.stride(0), x.data_ptr(), n, weights.data_ptr(),
+                                              weights.stride(0), torch.get_num_threads(), *plan.args))
             if direct:
                 return
             delta = out
@@ -326,7 +342,8 @@ class CompactFactors:
         keep = [self.slots[slot] for slot in slot_order]  # the ctypes arrays hold raw pointers into these
         plan = _Plan((_Tier * len(a_tiers))(*a_tiers), (_Tier * len(b_tiers))(*b_tiers),
                      torch.tensor(row_tier, dtype=torch.int64), torch.tensor(row_index, dtype=torch.int64),
-                     torch.cat(s), torch.cat(pack_of_col), keep, torch.empty(MAX_ROWS * col))
+                     torch.cat(s), torch.cat(pack_of_col), keep,
+                     torch.empty(MAX_ROWS * col)).for_linear(self.in_features, self.out_features)
         self._plans[slot_order] = plan
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)

@@ -42,8 +42,7 @@ def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row
     kernels/lowrank_compact.py, or two GEMMs over concatenated float factors, kernels/lowrank_cpu.py);
     elsewhere the kernels' twins (shrink, then expand) on the same pools, K in one split."""
     if slots.cpu_factors is not None and x.device.type == "cpu":
-        rows = None if row_packs.num_rows_with_packs == row_packs.num_rows else row_packs.rows_with_packs.long()
-        slots.cpu_factors.add(y, x, row_packs.slot_order, row_packs.slot_weights(), rows)
+        slots.cpu_factors.add(y, x, row_packs.slot_order, row_packs.slot_weights(), row_packs.cpu_rows())
         return
     # deferred: the twins sit beside their Triton kernels, and Triton is optional where only the CPU path runs
     from skillpack_kernels.lowrank_expand import expand_torch
@@ -65,6 +64,6 @@ def _check_inputs(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_pac
         raise ValueError(f"row_packs covers {row_packs.num_rows} rows but x has {x.shape[0]}.")
     if y.dtype != x.dtype or y.device != x.device:
         raise ValueError(f"y ({y.dtype}, {y.device}) and x ({x.dtype}, {x.device}) must share dtype and device.")
-    missing = row_packs.slots_used - slots.loaded
-    if missing:
+    if not row_packs.slots_used <= slots.loaded:
+        missing = row_packs.slots_used - slots.loaded
         raise ValueError(f"row_packs uses slots {sorted(missing)} that hold no pack.")

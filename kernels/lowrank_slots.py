@@ -170,6 +170,7 @@ class LowRankSlots:
         self.rank = torch.zeros(num_slots, dtype=torch.int32, device=self.device)  # total rank per slot
         self._places: dict[int, list[_TierPlace]] = {}
         self._loaded: set[int] = set()
+        self._loaded_view: frozenset[int] = frozenset()  # `loaded`, rebuilt on change: read every step
         # the CPU path's storage: each loaded slot's factors once, as codes the compact kernels read
         # (kernels/lowrank_compact.py) or, without them, dequantized in `dtype` (kernels/lowrank_cpu.py)
         self.cpu_factors: CompactFactors | ConcatFactors | None = None
@@ -181,7 +182,7 @@ class LowRankSlots:
 
     @property
     def loaded(self) -> frozenset[int]:
-        return frozenset(self._loaded)
+        return self._loaded_view
 
     def prepare(self, delta: LowRankDelta, tiers: tuple[list, list] | None = None,
                 validated: bool = False) -> "PreparedLowRank":
@@ -213,6 +214,7 @@ class LowRankSlots:
         delta = prepared.delta
         self.clear(slot)
         self._loaded.add(slot)
+        self._loaded_view = frozenset(self._loaded)
         self.rank[slot] = delta.rank
         if self.cpu_factors is not None:
             self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt)
@@ -245,6 +247,7 @@ class LowRankSlots:
         self.pools = {k: p for k, p in self.pools.items() if any(p.rows)}
         self._places.pop(slot, None)
         self._loaded.discard(slot)
+        self._loaded_view = frozenset(self._loaded)
         if self.cpu_factors is not None:
             self.cpu_factors.remove(slot)
 

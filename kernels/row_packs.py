@@ -53,6 +53,8 @@ class RowPacks:
     device: torch.device
     _tiles: dict[int, SegmentTiles] = field(default_factory=dict, repr=False)
     _weights: torch.Tensor | None = field(default=None, repr=False)
+    _slot_order: tuple[int, ...] | None = field(default=None, repr=False)
+    _cpu_rows: tuple[torch.Tensor | None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, pack_lists: list[list[tuple[int, float]]], device) -> "RowPacks":
@@ -125,7 +127,16 @@ class RowPacks:
     @property
     def slot_order(self) -> tuple[int, ...]:
         """The slots the step uses, ascending: the columns of `slot_weights`."""
-        return tuple(sorted(self.slots_used))
+        if self._slot_order is None:  # read by every linear of the step
+            self._slot_order = tuple(sorted(self.slots_used))
+        return self._slot_order
+
+    def cpu_rows(self) -> torch.Tensor | None:
+        """The CPU path's rows to change: `rows_with_packs` as long, or None when every row has a pack."""
+        if self._cpu_rows is None:
+            every = self.num_rows_with_packs == self.num_rows
+            self._cpu_rows = (None if every else self.rows_with_packs.long(),)
+        return self._cpu_rows[0]
 
     def slot_weights(self) -> torch.Tensor:
         """float32 (num_rows, k + 1): [i, j] = weight of slot_order[j] in row i (0 when unused);

@@ -44,9 +44,9 @@ class DeltaLinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if packs is None:
             return y
-        if self.lowrank_loaded & packs.active_slots:
+        if not self.lowrank_loaded.isdisjoint(packs.active_slots):
             add_lowrank(y, x, self.lowrank, packs.row_packs_for(self.lowrank_loaded))
-        if self.bias_loaded & packs.active_slots:
+        if not self.bias_loaded.isdisjoint(packs.active_slots):
             y += (packs.mix @ self.bias_delta).to(y.dtype)
         return y
 

@@ -38,6 +38,29 @@ def test_twin_matches_dense_reference(dtype, kind, rows, cpu_form):
     assert torch.equal(y[base], y0[base])
 
 
+@pytest.mark.parametrize("kind", ["distinct", "skewed", "fused"])
+@pytest.mark.parametrize("rows", [7, 40])
+def test_compact_kernels_threaded_loops_match_dense_reference(kind, rows):
+    """Decode-sized steps run on one thread; the threaded loops (bigger steps) forced on small ones."""
+    from skillpack_kernels.lowrank_compact import set_parallel_fmas
+
+    ds = deltas(seed=3)
+    slots = load_slots(ds, torch.float32, cpu_form="compact")
+    g = torch.Generator().manual_seed(rows)
+    x, y = torch.randn(rows, IN_F, generator=g), torch.randn(rows, OUT_F, generator=g)
+    mix = row_mix(kind, rows, len(ds))
+    y0, threads = y.clone(), torch.get_num_threads()
+    old = set_parallel_fmas(0)
+    torch.set_num_threads(2)
+    try:
+        add_lowrank(y, x, slots, RowPacks.build(mix, "cpu"), backend="torch")
+    finally:
+        set_parallel_fmas(old)
+        torch.set_num_threads(threads)
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(y.double(), dense_reference(y0, x, ds, mix), atol=atol, rtol=rtol)
+
+
 def test_storage_reads_back_every_tier_and_survives_growth_and_clear():
     small = make_delta(IN_F, OUT_F, [(2, 2)], seed=5)
     big = make_delta(IN_F, OUT_F, [(4, 8), (4, 4)], group_size=8, seed=6)
