@@ -21,7 +21,9 @@ def deltas(seed=0):
 @pytest.mark.parametrize("cpu_form", ["compact", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["identical", "distinct", "skewed", "base_rows", "fused"])
-@pytest.mark.parametrize("rows", [1, 7, 40, 80])  # 80: past the compact kernels' rows, the dequantized GEMMs
+# 80: two calls of the compact kernels; 200: "identical" (one pack) dequantizes for two GEMMs, the rest
+# (at least ROW_KERNEL_PACKS packs) take four kernel calls
+@pytest.mark.parametrize("rows", [1, 7, 40, 80, 200])
 def test_twin_matches_dense_reference(dtype, kind, rows, cpu_form):
     ds = deltas()
     slots = load_slots(ds, dtype, cpu_form=cpu_form)
