@@ -245,12 +245,38 @@ class _Plan:
         return self
 
 
+class DecodeStep:
+    """One step's kernel call on one linear, its arguments fixed (`CompactFactors.decode_step`): the
+    engine calls every linear of a step with the same packs and weights, and a decode step's
+    Python time per call was a third of the kernels' own."""
+
+    __slots__ = ("factors", "version", "x_shape", "y_shape", "weights", "fixed", "fn")
+
+    def __init__(self, factors: "CompactFactors", plan: _Plan, weights: torch.Tensor):
+        self.factors, self.version = factors, factors.version
+        n = weights.shape[0]
+        self.x_shape, self.y_shape = (n, factors.in_features), (n, factors.out_features)
+        self.weights = weights.contiguous()  # kept: the call reads it by address
+        self.fixed = (self.weights.data_ptr(), self.weights.stride(0), torch.get_num_threads(), *plan.args)
+        self.fn = factors._lib.lowrank_add
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> bool:
+        """y += the step's deltas when y and x are as the kernels take them (float32, rows
+        contiguous, the step's rows) and the slots are unchanged; False (nothing done) otherwise."""
+        if (self.factors.version != self.version or x.shape != self.x_shape or y.shape != self.y_shape
+                or x.dtype != torch.float32 or y.dtype != torch.float32 or not x.is_contiguous() or y.stride(1) != 1):
+            return False
+        self.factors._check(self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), self.x_shape[0], *self.fixed))
+        return True
+
+
 class CompactFactors:
     """Compact factors of every loaded slot of ONE linear (in -> out); see the module docstring."""
 
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
+        self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
         self._lib = library()
         if self._lib is None:
@@ -272,10 +298,19 @@ class CompactFactors:
                 f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
         self.slots[slot] = (a, bt, s.float().contiguous())
         self._plans.clear()
+        self.version += 1
 
     def remove(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
             self._plans.clear()
+            self.version += 1
+
+    def decode_step(self, slot_order: tuple[int, ...], weights: torch.Tensor) -> DecodeStep | None:
+        """The kernel call of a step of at most MAX_ROWS rows, each changed (weights: (N, k + 1)
+        as in `add`), to run on every linear call of the step; None for a bigger step."""
+        if weights.shape[0] > MAX_ROWS:
+            return None
+        return DecodeStep(self, self._plan(slot_order), weights)
 
     def factors(self, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float32 (A (r, in), s (r,), B (out, r)) of `slot`."""

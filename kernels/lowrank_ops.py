@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from skillpack_kernels.lowrank_compact import CompactFactors
 from skillpack_kernels.lowrank_slots import LowRankSlots
 from skillpack_kernels.row_packs import RowPacks
 
@@ -21,6 +22,12 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}.")
+    if backend != "triton":  # a decode step on the compact CPU kernels: one fixed call per linear
+        step = row_packs.steps.get(slots, _UNSET)
+        if step is _UNSET:
+            step = row_packs.steps[slots] = _decode_step(slots, row_packs)
+        if step is not None and step.run(y, x):
+            return
     _check_inputs(y, x, slots, row_packs)
     if row_packs.empty:
         return
@@ -53,6 +60,18 @@ def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row
     t = torch.zeros(1, row_packs.num_pairs, width, dtype=torch.float32, device=x.device)
     shrink_torch(x, t, pools, cols, row_packs, k_split)
     expand_torch(y, t, pools, cols, row_packs)
+
+
+_UNSET = object()
+
+
+def _decode_step(slots: LowRankSlots, row_packs: RowPacks):
+    """The compact kernels' call for this step on these slots, when every row has a pack and
+    the slots hold each pack the step uses; else None (the general path checks and runs it)."""
+    if (not isinstance(slots.cpu_factors, CompactFactors) or row_packs.empty or row_packs.cpu_rows() is not None
+            or not row_packs.slots_used <= slots.loaded):
+        return None
+    return slots.cpu_factors.decode_step(row_packs.slot_order, row_packs.slot_weights())
 
 
 def _check_inputs(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs: RowPacks) -> None:

@@ -55,6 +55,8 @@ class RowPacks:
     _weights: torch.Tensor | None = field(default=None, repr=False)
     _slot_order: tuple[int, ...] | None = field(default=None, repr=False)
     _cpu_rows: tuple[torch.Tensor | None] | None = field(default=None, repr=False)
+    # callers' per-step state for one linear's slots (the compact kernels' fixed call), keyed by those slots
+    steps: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, pack_lists: list[list[tuple[int, float]]], device) -> "RowPacks":
