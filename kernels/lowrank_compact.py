@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from skillpack_kernels.quant import QuantTensor
@@ -61,6 +62,13 @@ class _Tier(ctypes.Structure):
                 ("rows", ctypes.c_int64), ("pcols", ctypes.c_int64), ("group_size", ctypes.c_int64),
                 ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64),
                 ("nibbles", ctypes.c_int64), ("block_rows", ctypes.c_int64)]
+
+
+# a _Tier as a row of int64s (pointers included): a plan's tier arrays are its slots' rows
+# concatenated, not built field by field (210 linears' plans for a new set of packs took 28-40 ms that way)
+_TIER_FIELDS = [name for name, _ in _Tier._fields_]
+_COL = _TIER_FIELDS.index("col")
+assert ctypes.sizeof(_Tier) == 8 * len(_TIER_FIELDS)
 
 
 
@@ -245,6 +253,30 @@ class _Plan:
         return self
 
 
+@dataclass
+class _SlotRecord:
+    """One slot's tiers as the kernels read them, its columns counted from 0."""
+
+    a: np.ndarray  # int64 (tiers, fields of _Tier)
+    b: np.ndarray
+    row_tier: np.ndarray  # int64 (rank,): column k's tier, counted from the slot's first
+    row_index: np.ndarray  # int64 (rank,): column k's row within its tier
+    s: torch.Tensor
+
+    @classmethod
+    def of(cls, a: list[CompactTier], bt: list[CompactTier], s: torch.Tensor) -> "_SlotRecord":
+        cols = list(itertools.accumulate((t.rows for t in a), initial=0))
+
+        def records(tiers):
+            return np.array([(t.codes_ptr, t.scales.data_ptr(), t.zeros.data_ptr(), t.rows, t.pcols, t.group_size, col,
+                              t.group_size.bit_length() - 1, int(t.blocked), int(t.nibbles), t.block_rows)
+                             for t, col in zip(tiers, cols)], dtype=np.int64).reshape(len(tiers), len(_TIER_FIELDS))
+
+        rows = [t.rows for t in a]
+        return cls(records(a), records(bt), np.repeat(np.arange(len(a), dtype=np.int64), rows),
+                   np.concatenate([np.arange(r, dtype=np.int64) for r in rows] or [np.zeros(0, np.int64)]), s)
+
+
 class DecodeStep:
     """One step's kernel call on one linear, its arguments fixed (`CompactFactors.decode_step`): the
     engine calls every linear of a step with the same packs and weights, and a decode step's
@@ -276,6 +308,7 @@ class CompactFactors:
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
+        self._records: dict[int, _SlotRecord] = {}  # per slot, what `_plan` concatenates
         self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
         self._lib = library()
@@ -297,11 +330,13 @@ class CompactFactors:
                 f"factor tiers of shapes {[tuple(t.codes.shape) for t in a]} and {[tuple(t.codes.shape) for t in bt]} "
                 f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
         self.slots[slot] = (a, bt, s.float().contiguous())
+        self._records[slot] = _SlotRecord.of(a, bt, self.slots[slot][2])
         self._plans.clear()
         self.version += 1
 
     def remove(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
+            del self._records[slot]
             self._plans.clear()
             self.version += 1
 
@@ -370,26 +405,20 @@ class CompactFactors:
         if plan is not None:
             self._plans.move_to_end(slot_order)
             return plan
-        a_tiers, b_tiers, row_tier, row_index, s, pack_of_col = [], [], [], [], [], []
-        col = 0
-        for j, slot in enumerate(slot_order):
-            a, bt, sigma = self.slots[slot]
-            for ta, tb in zip(a, bt):
-                for tier, group in ((ta, a_tiers), (tb, b_tiers)):
-                    group.append(_Tier(tier.codes_ptr, tier.scales.data_ptr(), tier.zeros.data_ptr(),
-                                       tier.rows, tier.pcols, tier.group_size, col,
-                                       tier.group_size.bit_length() - 1, int(tier.blocked), int(tier.nibbles),
-                                       tier.block_rows))
-                row_tier += [len(a_tiers) - 1] * ta.rows
-                row_index += range(ta.rows)
-                col += ta.rows
-            s.append(sigma)
-            pack_of_col.append(torch.full((sigma.numel(),), j, dtype=torch.long))
-        keep = [self.slots[slot] for slot in slot_order]  # the ctypes arrays hold raw pointers into these
-        plan = _Plan((_Tier * len(a_tiers))(*a_tiers), (_Tier * len(b_tiers))(*b_tiers),
-                     torch.tensor(row_tier, dtype=torch.int64), torch.tensor(row_index, dtype=torch.int64),
-                     torch.cat(s), torch.cat(pack_of_col), keep,
-                     torch.empty(MAX_ROWS * col)).for_linear(self.in_features, self.out_features)
+        recs = [self._records[slot] for slot in slot_order]
+        ranks = [r.s.numel() for r in recs]
+        tiers = [len(r.a) for r in recs]
+        a, b = np.concatenate([r.a for r in recs]), np.concatenate([r.b for r in recs])
+        first_col = np.repeat(np.cumsum([0] + ranks[:-1]), tiers)
+        a[:, _COL] += first_col
+        b[:, _COL] += first_col
+        first_tier = np.cumsum([0] + tiers[:-1])
+        row_tier = np.concatenate([r.row_tier + t for r, t in zip(recs, first_tier)])
+        keep = [self.slots[slot] for slot in slot_order]  # the tier arrays hold raw pointers into these
+        plan = _Plan((_Tier * len(a)).from_buffer(a), (_Tier * len(b)).from_buffer(b), torch.from_numpy(row_tier),
+                     torch.from_numpy(np.concatenate([r.row_index for r in recs])), torch.cat([r.s for r in recs]),
+                     torch.from_numpy(np.repeat(np.arange(len(recs), dtype=np.int64), ranks)), keep,
+                     torch.empty(MAX_ROWS * sum(ranks))).for_linear(self.in_features, self.out_features)
         self._plans[slot_order] = plan
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)

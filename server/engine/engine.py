@@ -102,6 +102,7 @@ class Engine:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _waiting, _running, _aborted
         self._wake = threading.Event()
+        self._last_packs = None  # the last step's StepPacks: an unchanged batch's decode steps reuse them
         self.pack_cache.on_staged = self._wake.set  # a pack read off this thread is ready: admit its request
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -249,7 +250,8 @@ class Engine:
                      p.seq.lease.row_packs if p.seq.lease else [])
             for p in plan
         ]
-        batch = build_step(chunks, self.kv.page_size, self.config.pack_slots, self.device)
+        batch = build_step(chunks, self.kv.page_size, self.config.pack_slots, self.device, self._last_packs)
+        self._last_packs = batch.packs
         with self.pack_cache.device_lock:
             logits = self.model(batch, self.kv)
         self._consume(plan, logits)

@@ -85,8 +85,11 @@ class StepBatch:
         return int(self.token_ids.numel())
 
 
-def build_step(chunks: list[SeqChunk], page_size: int, num_pack_slots: int, device) -> StepBatch:
-    """Lay out a step's sequences as flat token rows plus padded attention metadata."""
+def build_step(chunks: list[SeqChunk], page_size: int, num_pack_slots: int, device,
+               previous: StepPacks | None = None) -> StepBatch:
+    """Lay out a step's sequences as flat token rows plus padded attention metadata.
+    `previous`: the last step's packs, taken as they are when every row uses the same packs
+    again (decode steps of an unchanged batch), with what the linears kept for that step."""
     if not chunks:
         raise ValueError("a step needs at least one sequence.")
     tokens, positions, cells, seq_index, logits_rows, row_packs = [], [], [], [], [], []
@@ -115,7 +118,9 @@ def build_step(chunks: list[SeqChunk], page_size: int, num_pack_slots: int, devi
         return torch.tensor(values, dtype=torch.long).to(device)
 
     packs = None
-    if any(row_packs):
+    if previous is not None and previous.row_pack_lists == row_packs and previous.mix.shape[1] == num_pack_slots:
+        packs = previous
+    elif any(row_packs):
         mix = torch.zeros(len(tokens), num_pack_slots, dtype=torch.float32)
         for first, n, packs_of_seq in spans:
             for slot, weight in packs_of_seq:
