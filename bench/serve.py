@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results_file import write_result  # noqa: E402
 from bench.serve_memory import engine_bytes, model_bytes, peak_bytes, reset_peak  # noqa: E402
-from bench.serve_packs import adapter_bytes, ensure_packs, ensure_peft_adapter, pack_summary  # noqa: E402
+from bench.serve_packs import (  # noqa: E402
+    adapter_bytes, ensure_packs, ensure_peft_adapter, pack_summary, register_verified,
+)
 from bench.serve_workloads import WorkloadSpec, make_requests, summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -154,8 +156,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     t = time.perf_counter()
     engine = Engine(cfg.base_dir, engine_cfg, tokenizer=tokenizer, fingerprint=fingerprint)
     setup["engine_start_s"] = time.perf_counter() - t
-    for name in names:
-        engine.pack_cache.register(name, str(packs[name]))
+    register_verified(engine, packs, fingerprint)
     t = time.perf_counter()
     for name in names[:num_packs]:
         engine.pack_cache.load(name)

@@ -1,7 +1,10 @@
 """Cold-start costs: a pack load against a full fine-tuned checkpoint load and peft `load_adapter`.
 
 - pack cold load: `PackCache.load` of a registered pack that is in neither host memory
-  nor a slot (read + checksum + base check + copy into a device slot);
+  nor a slot. Packs are registered as the server's pack store registers them (fully checked,
+  checksum included, then registered as verified), so the unchanged file is read and parsed,
+  not checked again (read + parse + base check + conversion + copy into a slot); `pack_read_s`
+  is a fully checked `read_pack` of the same file (what an upload or a changed file costs);
 - first-token latency of a one-token request whose pack is cold, against the same
   request once the pack is resident;
 - full checkpoint: the pack merged into a dense checkpoint (`skillpack merge`, the base's
@@ -31,7 +34,7 @@ def _warm_file(path: Path) -> None:
 
 
 def pack_cold_loads(engine, names: list[str], paths: dict) -> dict:
-    """Median seconds of a cold `PackCache.load`, and of `read_pack` alone, over `names`."""
+    """Median seconds of a cold `PackCache.load`, and of a fully checked `read_pack`, over `names`."""
     from skillpacks.format import read_pack
 
     loads, reads = [], []

@@ -92,6 +92,17 @@ def ensure_packs(folder: Path, base_dir: Path, fingerprint: dict, count: int, ra
     return paths
 
 
+def register_verified(engine, packs: dict[str, Path], fingerprint: dict) -> None:
+    """Register each pack the way the server's pack store does at startup: fully checked
+    (`verify_pack`, checksum included) and registered as verified, so a later load of the
+    unchanged file only parses it."""
+    from skillpacks.format import verify_pack
+
+    for name, path in packs.items():
+        verify_pack(path, fingerprint)
+        engine.pack_cache.register(name, str(path), verified=True)
+
+
 def _is_current(path: Path, fingerprint: dict, build: dict) -> bool:
     if not path.exists():
         return False

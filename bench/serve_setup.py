@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.serve_packs import ensure_packs
+from bench.serve_packs import ensure_packs, register_verified
 
 
 @dataclass
@@ -46,7 +46,6 @@ def start_engine(cache_dir: Path, num_packs: int, max_batch: int, max_model_len:
     settings = EngineSettings(device="cpu", dtype="float32", max_batch=max_batch, max_model_len=max_model_len,
                               pack_slots=max(num_packs, max_batch), pack_cache_bytes=2 << 30)
     engine = Engine(base, settings, fingerprint=fingerprint)
-    for name, path in packs.items():
-        engine.pack_cache.register(name, str(path))
+    register_verified(engine, packs, fingerprint)
     gc.freeze()  # as the server's lifespan does once it has started
     return BenchEngine(engine, packs, base)

@@ -228,9 +228,8 @@ class _Plan:
     s: torch.Tensor  # float32 (R,)
     pack_of_col: torch.Tensor  # long (R,): index into the step's slot order
     keep: list  # the tensors the ctypes arrays point into
-    t: torch.Tensor  # float32 (MAX_ROWS * R,): the shrink's output, reused by every step
 
-    args: tuple = ()  # lowrank_add's trailing arguments (this plan's), set by `for_linear`
+    args: tuple = ()  # lowrank_add's plan arguments, set by `for_linear`
 
     @property
     def width(self) -> int:
@@ -248,8 +247,7 @@ class _Plan:
         """Fix the arguments every step with this plan passes: a decode step repeats them for
         every token, and building them is a good part of a call's Python time."""
         self.args = (in_features, out_features, self.a_ptr, self.b_ptr, self.row_tier.data_ptr(),
-                     self.row_index.data_ptr(), self.width, self.pack_of_col.data_ptr(), self.s.data_ptr(),
-                     self.t.data_ptr())
+                     self.row_index.data_ptr(), self.width, self.pack_of_col.data_ptr(), self.s.data_ptr())
         return self
 
 
@@ -282,14 +280,16 @@ class DecodeStep:
     engine calls every linear of a step with the same packs and weights, and a decode step's
     Python time per call was a third of the kernels' own."""
 
-    __slots__ = ("factors", "version", "x_shape", "y_shape", "weights", "fixed", "fn")
+    __slots__ = ("factors", "version", "x_shape", "y_shape", "weights", "scratch", "fixed", "fn")
 
     def __init__(self, factors: "CompactFactors", plan: _Plan, weights: torch.Tensor):
         self.factors, self.version = factors, factors.version
         n = weights.shape[0]
         self.x_shape, self.y_shape = (n, factors.in_features), (n, factors.out_features)
-        self.weights = weights.contiguous()  # kept: the call reads it by address
-        self.fixed = (self.weights.data_ptr(), self.weights.stride(0), torch.get_num_threads(), *plan.args)
+        self.weights = weights.contiguous()  # kept, as the scratch is: the call reads both by address
+        self.scratch = factors.scratch(plan.width)
+        self.fixed = (self.weights.data_ptr(), self.weights.stride(0), torch.get_num_threads(), *plan.args,
+                      self.scratch.data_ptr())
         self.fn = factors._lib.lowrank_add
 
     def run(self, y: torch.Tensor, x: torch.Tensor) -> bool:
@@ -309,17 +309,26 @@ class CompactFactors:
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
         self._records: dict[int, _SlotRecord] = {}  # per slot, what `_plan` concatenates
+        self._single: dict[int, _Plan] = {}  # per slot, its plan alone: made at insert, as a new pack's first step needs it
         self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
-        self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()
+        self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()  # plans of several packs, most recent last
+        self._scratch = torch.empty(0)  # the shrink's output t, MAX_ROWS rows of the widest plan
         self._lib = library()
         if self._lib is None:
             raise RuntimeError("the compact CPU kernels are not available on this machine (see the log).")
 
     @property
     def nbytes(self) -> int:
-        """The slots' tiers and σ, and the kept plans' shrink buffers (the step's working set)."""
+        """The slots' tiers and σ, and the shrink's scratch (the step's working set)."""
         held = sum(sum(t.nbytes for t in a + b) + s.numel() * 4 for a, b, s in self.slots.values())
-        return held + sum(p.t.numel() * 4 for p in self._plans.values())
+        return held + self._scratch.nbytes
+
+    def scratch(self, width: int) -> torch.Tensor:
+        """A float32 buffer of at least MAX_ROWS x `width` for the shrink's output (one per linear:
+        its steps run one at a time; a caller keeps the tensor it got, so a regrow frees nothing in use)."""
+        if self._scratch.numel() < MAX_ROWS * width:
+            self._scratch = torch.empty(MAX_ROWS * width)
+        return self._scratch
 
     def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier]) -> None:
         """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held."""
@@ -330,14 +339,20 @@ class CompactFactors:
                 f"factor tiers of shapes {[tuple(t.codes.shape) for t in a]} and {[tuple(t.codes.shape) for t in bt]} "
                 f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
         self.slots[slot] = (a, bt, s.float().contiguous())
-        self._records[slot] = _SlotRecord.of(a, bt, self.slots[slot][2])
+        self._records[slot] = record = _SlotRecord.of(a, bt, self.slots[slot][2])
+        self._single[slot] = _Plan((_Tier * len(record.a)).from_buffer(record.a),
+                                   (_Tier * len(record.b)).from_buffer(record.b), torch.from_numpy(record.row_tier),
+                                   torch.from_numpy(record.row_index), record.s, torch.zeros(rank, dtype=torch.long),
+                                   [self.slots[slot]]).for_linear(self.in_features, self.out_features)
         self._plans.clear()
         self.version += 1
 
     def remove(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
-            del self._records[slot]
+            del self._records[slot], self._single[slot]
             self._plans.clear()
+            if not self.slots:
+                self._scratch = torch.empty(0)
             self.version += 1
 
     def decode_step(self, slot_order: tuple[int, ...], weights: torch.Tensor) -> DecodeStep | None:
@@ -366,11 +381,12 @@ class CompactFactors:
             direct = y.dtype == torch.float32 and rows is None and y.stride(1) == 1
             out = y if direct else torch.zeros(n, self.out_features)
             weights = weights.contiguous()
-            threads = torch.get_num_threads()
+            threads, t = torch.get_num_threads(), self.scratch(plan.width)
             for i in range(0, n, MAX_ROWS):  # the kernels take up to MAX_ROWS rows a call
                 m = min(MAX_ROWS, n - i)
                 self._check(self._lib.lowrank_add(out[i].data_ptr(), out.stride(0), x[i].data_ptr(), m,
-                                                  weights[i].data_ptr(), weights.stride(0), threads, *plan.args))
+                                                  weights[i].data_ptr(), weights.stride(0), threads, *plan.args,
+                                                  t.data_ptr()))
             if direct:
                 return
             delta = out
@@ -401,6 +417,8 @@ class CompactFactors:
             raise RuntimeError(f"compact CPU kernel failed with code {code} (1: too many rows, 2: out of memory).")
 
     def _plan(self, slot_order: tuple[int, ...]) -> _Plan:
+        if len(slot_order) == 1:
+            return self._single[slot_order[0]]
         plan = self._plans.get(slot_order)
         if plan is not None:
             self._plans.move_to_end(slot_order)
@@ -417,8 +435,8 @@ class CompactFactors:
         keep = [self.slots[slot] for slot in slot_order]  # the tier arrays hold raw pointers into these
         plan = _Plan((_Tier * len(a)).from_buffer(a), (_Tier * len(b)).from_buffer(b), torch.from_numpy(row_tier),
                      torch.from_numpy(np.concatenate([r.row_index for r in recs])), torch.cat([r.s for r in recs]),
-                     torch.from_numpy(np.repeat(np.arange(len(recs), dtype=np.int64), ranks)), keep,
-                     torch.empty(MAX_ROWS * sum(ranks))).for_linear(self.in_features, self.out_features)
+                     torch.from_numpy(np.repeat(np.arange(len(recs), dtype=np.int64), ranks)),
+                     keep).for_linear(self.in_features, self.out_features)
         self._plans[slot_order] = plan
         while len(self._plans) > PLANS_KEPT:
             self._plans.popitem(last=False)

@@ -324,7 +324,9 @@ class PackCache:
         try:
             identity = file_identity(version.path)
             trusted = identity == version.verified_file
-            pack = self._reader(version.path, verify_checksum=False) if trusted else self._reader(version.path)
+            # a file unchanged since it passed every check is only parsed (no checksum, no checks)
+            pack = (self._reader(version.path, verify_checksum=False, unchanged=True) if trusted
+                    else self._reader(version.path))
         except (PackError, OSError) as e:
             log.error("pack '%s' cannot be read from %s: %s", version.name, version.path, e)
             raise EngineFailure(f"pack '{version.name}' cannot be read from {version.path}: {e}") from None

@@ -196,14 +196,15 @@ def test_register_refuses_a_missing_file(setup, tmp_path):
 
 
 class CountingReader:
-    """read_pack that records whether each read verified the checksum."""
+    """read_pack that records whether each read verified the checksum (an unchanged file's is
+    only parsed: it counts as not verified)."""
 
     def __init__(self):
         self.verified: list[bool] = []
 
-    def __call__(self, path, verify_checksum=True):
-        self.verified.append(verify_checksum)
-        return read_pack(path, verify_checksum=verify_checksum)
+    def __call__(self, path, verify_checksum=True, unchanged=False):
+        self.verified.append(verify_checksum and not unchanged)
+        return read_pack(path, verify_checksum=verify_checksum, unchanged=unchanged)
 
 
 def flip_last_byte(path) -> None:
@@ -279,10 +280,10 @@ class GatedReader:
     def __init__(self):
         self.gate, self.threads = threading.Event(), []
 
-    def __call__(self, path, verify_checksum=True):
+    def __call__(self, path, verify_checksum=True, unchanged=False):
         self.threads.append(threading.current_thread().name)
         assert self.gate.wait(timeout=60)
-        return read_pack(path, verify_checksum=verify_checksum)
+        return read_pack(path, verify_checksum=verify_checksum, unchanged=unchanged)
 
 
 def gated_cache(setup):

@@ -87,6 +87,30 @@ def test_round_trip_is_exact(tiny_pair, tmp_path):
     assert read_manifest(path) == pack.manifest
 
 
+@pytest.mark.parametrize("vocab", ["sparse", "lowrank"])
+def test_an_unchanged_file_is_parsed_to_the_same_pack_as_a_checked_read(tiny_pair, tmp_path, vocab):
+    path = tmp_path / "x.skillpack"
+    make_test_pack(tiny_pair, path, vocab=vocab)
+    checked, parsed = read_pack(path), read_pack(path, unchanged=True)
+    assert parsed.manifest == checked.manifest and parsed.records == checked.records
+    assert set(parsed.deltas) == set(checked.deltas)
+    for tname, want in checked.deltas.items():
+        got = parsed.deltas[tname]
+        assert type(got) is type(want)
+        mine, theirs = vars(got), vars(want)
+        assert mine.keys() == theirs.keys()
+        for field, value in theirs.items():  # every stored tensor bit for bit, every other field equal
+            if isinstance(value, list):
+                for a, b in zip(mine[field], value):
+                    assert all(torch.equal(x, y) and x.dtype == y.dtype for x, y in zip(
+                        (a.codes, a.scales, a.zeros), (b.codes, b.scales, b.zeros))), (tname, field)
+                    assert (a.bits, a.group_size, a.cols) == (b.bits, b.group_size, b.cols)
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(mine[field], value) and mine[field].dtype == value.dtype, (tname, field)
+            else:
+                assert mine[field] == value, (tname, field)
+
+
 def test_manifest_sizes_are_counted_honestly(tiny_pair, tmp_path):
     path = tmp_path / "x.skillpack"
     manifest, deltas = make_test_pack(tiny_pair, path)
