@@ -25,6 +25,7 @@ rows, and a later `acquire` copies the staged pack into a slot.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from skillpack_server.engine.types import PackStatus
@@ -49,6 +51,23 @@ STAGED_MAX = 8  # prepared packs waiting for a slot; past this the oldest is dro
 
 def pack_bytes(pack: SkillPack) -> int:
     return sum(d.nbytes for d in pack.deltas.values())
+
+
+@contextmanager
+def collection_paused():
+    """Python's cyclic collector paused while a pack is read, converted or placed: each makes
+    tens of thousands of objects, which set off collections over everything the resident
+    packs hold (64 packs resident: a load took 34-57 ms with the collector running, 28-30 ms
+    without). Nothing here makes cycles; what others make meanwhile is collected after. Two
+    threads may overlap here: the first one in turns the collector back on (if it was on) as it
+    leaves, whether or not the other is done."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def file_identity(path: str) -> tuple[int, ...]:
@@ -325,8 +344,9 @@ class PackCache:
             identity = file_identity(version.path)
             trusted = identity == version.verified_file
             # a file unchanged since it passed every check is only parsed (no checksum, no checks)
-            pack = (self._reader(version.path, verify_checksum=False, unchanged=True) if trusted
-                    else self._reader(version.path))
+            with collection_paused():
+                pack = (self._reader(version.path, verify_checksum=False, unchanged=True) if trusted
+                        else self._reader(version.path))
         except (PackError, OSError) as e:
             log.error("pack '%s' cannot be read from %s: %s", version.name, version.path, e)
             raise EngineFailure(f"pack '{version.name}' cannot be read from {version.path}: {e}") from None
@@ -371,7 +391,8 @@ class PackCache:
         start = time.perf_counter()
         try:
             # read_pack has validated every delta as it read it; another reader's are checked here
-            prepared = self.slots.prepare(pack.deltas, validated=self._reader is read_pack)
+            with collection_paused():
+                prepared = self.slots.prepare(pack.deltas, validated=self._reader is read_pack)
         except ValueError as e:
             raise PackMismatch(f"pack '{version.name}' does not fit this base model: {e}") from None
         with self._lock:
@@ -390,7 +411,7 @@ class PackCache:
             self._free_slot(victim)
             self.counters.evictions += 1
         start = time.perf_counter()
-        with self.device_lock:
+        with self.device_lock, collection_paused():
             self.slots.load(slot, pack)
         self.counters.load_seconds += time.perf_counter() - start
         self._slot_owner[slot] = version
