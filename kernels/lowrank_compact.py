@@ -67,7 +67,7 @@ class _Tier(ctypes.Structure):
 # a _Tier as a row of int64s (pointers included): a plan's tier arrays are its slots' rows
 # concatenated, not built field by field (210 linears' plans for a new set of packs took 28-40 ms that way)
 _TIER_FIELDS = [name for name, _ in _Tier._fields_]
-_COL = _TIER_FIELDS.index("col")
+_COL, _ROWS = _TIER_FIELDS.index("col"), _TIER_FIELDS.index("rows")
 assert ctypes.sizeof(_Tier) == 8 * len(_TIER_FIELDS)
 
 
@@ -158,6 +158,7 @@ class CompactTier:
     blocked: bool = False
     nibbles: bool = False
     first_row: int = 0
+    record: tuple = ()  # its _Tier fields in order, `col` 0 (made with the tier, read by every plan)
 
     @property
     def rows(self) -> int:
@@ -207,13 +208,24 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[Compact
         scales = torch.cat([p.scales for p in parts]).float()
         zeros = torch.cat([p.zeros for p in parts]).float()
         rows = [p.rows for p in parts]
+        firsts = list(itertools.accumulate([0] + rows[:-1]))
+        # each tier's _Tier fields (col 0: a slot's record sets it), from the layout's tensors' addresses
+        row_bytes, sp, zp = scales.shape[1] * 4, scales.data_ptr(), zeros.data_ptr()
+        shift, nib = group_size.bit_length() - 1, int(nibbles)
         if blocked:  # one (chunks, all rows, bytes) tensor for the layout, each tier a run of its rows
-            shared, firsts = chunks.transpose(0, 1).contiguous(), itertools.accumulate([0] + rows[:-1])
-            for i, first, s, z in zip(idx, firsts, scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles, first)
+            shared = chunks.transpose(0, 1).contiguous()
+            cp, cb, block_rows = shared.data_ptr(), shared.shape[2], shared.shape[1]
+            for i, first, r, s, z in zip(idx, firsts, rows, scales.split(rows), zeros.split(rows)):
+                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles, first,
+                                     (cp + first * cb, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
+                                      group_size, 0, shift, 1, nib, block_rows))
         else:
-            for i, c, s, z in zip(idx, chunks.split(rows), scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles)
+            cp, stride = chunks.data_ptr(), chunks.stride(0)
+            for i, first, r, c, s, z in zip(idx, firsts, rows, chunks.split(rows), scales.split(rows),
+                                            zeros.split(rows)):
+                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles, 0,
+                                     (cp + first * stride, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
+                                      group_size, 0, shift, 0, nib, r))
     return out
 
 
@@ -263,16 +275,14 @@ class _SlotRecord:
 
     @classmethod
     def of(cls, a: list[CompactTier], bt: list[CompactTier], s: torch.Tensor) -> "_SlotRecord":
-        cols = list(itertools.accumulate((t.rows for t in a), initial=0))
-
-        def records(tiers):
-            return np.array([(t.codes_ptr, t.scales.data_ptr(), t.zeros.data_ptr(), t.rows, t.pcols, t.group_size, col,
-                              t.group_size.bit_length() - 1, int(t.blocked), int(t.nibbles), t.block_rows)
-                             for t, col in zip(tiers, cols)], dtype=np.int64).reshape(len(tiers), len(_TIER_FIELDS))
-
-        rows = [t.rows for t in a]
-        return cls(records(a), records(bt), np.repeat(np.arange(len(a), dtype=np.int64), rows),
-                   np.concatenate([np.arange(r, dtype=np.int64) for r in rows] or [np.zeros(0, np.int64)]), s)
+        ra = np.array([t.record for t in a], dtype=np.int64).reshape(len(a), len(_TIER_FIELDS))
+        rb = np.array([t.record for t in bt], dtype=np.int64).reshape(len(bt), len(_TIER_FIELDS))
+        rows = ra[:, _ROWS]
+        first = np.cumsum(rows) - rows  # each tier's first column in the slot
+        ra[:, _COL] = rb[:, _COL] = first
+        rank = int(rows.sum())
+        return cls(ra, rb, np.repeat(np.arange(len(a), dtype=np.int64), rows),
+                   np.arange(rank, dtype=np.int64) - np.repeat(first, rows), s)
 
 
 class DecodeStep:

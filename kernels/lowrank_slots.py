@@ -241,6 +241,8 @@ class LowRankSlots:
     def clear(self, slot: int) -> None:
         """Forget the pack in `slot` (its rank becomes 0; pools no slot uses any more are dropped)."""
         self._check_slot(slot)
+        if slot not in self._loaded:  # nothing to forget (a load clears first: 210 linears a pack)
+            return
         self.rank[slot] = 0
         for pool in self.pools.values():
             pool.clear(slot)

@@ -59,7 +59,7 @@ class QuantTensor:
     @property
     def nbytes(self) -> int:
         """Bytes actually stored: codes + scales + zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
 
     def validate(self) -> None:
         """Raise ValueError if the tensors disagree with the declared layout."""
