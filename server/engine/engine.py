@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from skillpack_kernels.lowrank_compact import available as compact_kernels_available
 from skillpack_server.engine.config import ConfigError, default_kv_budget, resolve_device, resolve_dtype
+from skillpack_server.engine.host_memory import keep_freed_memory
 from skillpack_server.engine.logits import needs_processing, process_logits
 from skillpack_server.engine.pack_cache import PackCache
 from skillpack_server.engine.sampling import make_generator, sample_tokens, token_logprobs
@@ -71,6 +72,7 @@ class Engine:
     def __init__(self, checkpoint_dir: str | Path, config: EngineSettings | None = None, model_id: str | None = None,
                  tokenizer=None, fingerprint: dict | None = None):
         self.config = config = config or EngineSettings()
+        keep_freed_memory()  # before the model loads: what it frees is kept for pack loads
         ckpt = Path(checkpoint_dir)
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
