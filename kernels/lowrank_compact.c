@@ -16,6 +16,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -183,14 +186,19 @@ INLINE void shrink_rows(const float *x, int64_t cols, const Col *K, int64_t k, i
     const int64_t vc = K->vc;
     const float *xr[4];
     for (int i = 0; i < 4; i++) xr[i] = x + rows[i < nr ? i : nr - 1] * cols;
-    v16 acc[4] = {{0}, {0}, {0}, {0}};
+    /* two sums a row (the chunk's halves): one would chain its two multiply-adds, and a
+       row alone (nr = 1) would wait on that chain */
+    v16 lo[4] = {{0}, {0}, {0}, {0}}, hi[4] = {{0}, {0}, {0}, {0}};
     for (int64_t c = 0; c < vc; c += 32) {
         v16 w, u;
         col_chunk(K, c >> 5, c, 32, &w, &u);
-        for (int i = 0; i < nr; i++) acc[i] += loadu(xr[i] + c) * w + loadu(xr[i] + c + 16) * u;
+        for (int i = 0; i < nr; i++) {
+            lo[i] += loadu(xr[i] + c) * w;
+            hi[i] += loadu(xr[i] + c + 16) * u;
+        }
     }
     for (int i = 0; i < nr; i++) {
-        float a = hsum(acc[i]);
+        float a = hsum(lo[i] + hi[i]);
         for (int64_t c = vc; c < cols; c++)
             a += xr[i][c] * ((float)code_of(K->T, K->r, c) * K->sc[c >> K->shift] + K->zr[c >> K->shift]);
         const int64_t row = rows[i];
@@ -255,26 +263,38 @@ INLINE void expand_rows(float *y, int64_t ldy, const float *t, int64_t R, const 
 }
 
 /* y[i, c] += sum over the packs p row i uses, and their columns k, of t[i, k] * B_k[c]
-   (y: row stride ldy). Each block of 32 columns keeps a group of up to 4 rows' sums in
-   registers over a pack's columns, so y is read and written once per pack and group. */
+   (y: row stride ldy). Pack by pack, then group by group of up to 4 of its rows, the blocks of
+   32 columns go in order, the group's sums in registers over the pack's columns: a pack's Bᵀ
+   tiers are read front to back, a few streams the hardware prefetcher follows (blocks outside
+   and packs inside interleaved every pack's streams: measured slower), and y's rows stay in
+   L1. Threads split the blocks. */
 static void seg_expand(float *y, int64_t ldy, int64_t cols, const float *t, int64_t R, const Col *C,
                        const int64_t *kstart, const int64_t *prow, const int64_t *pcount, int64_t npacks, int64_t n,
                        int64_t threads) {
     const int64_t blocks = (cols + 31) / 32;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t c0 = b * 32, m = cols - c0 < 32 ? cols - c0 : 32;
-        if (b + PF_BLOCKS < blocks) /* one line a column: a few columns share it, the rest are hits */
-            for (int64_t k = 0; k < R; k++) __builtin_prefetch(C[k].q + (b + PF_BLOCKS) * C[k].stride, 0, 3);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t b_lo = 0, b_hi = blocks;
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), me = omp_get_thread_num();
+        b_lo = blocks * me / nt;
+        b_hi = blocks * (me + 1) / nt;
+#endif
         for (int64_t p = 0; p < npacks; p++) {
-            const int64_t *rows = prow + p * n;
+            const int64_t *rows = prow + p * n, k0 = kstart[p], k1 = kstart[p + 1];
             for (int64_t r0 = 0; r0 < pcount[p]; r0 += 4) {
-                const int64_t k0 = kstart[p], k1 = kstart[p + 1];
-                switch (pcount[p] - r0 < 4 ? pcount[p] - r0 : 4) {
-                case 1: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 1); break;
-                case 2: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 2); break;
-                case 3: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 3); break;
-                default: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 4); break;
+                const int nr = pcount[p] - r0 < 4 ? (int)(pcount[p] - r0) : 4;
+                for (int64_t b = b_lo; b < b_hi; b++) {
+                    const int64_t c0 = b * 32, m = cols - c0 < 32 ? cols - c0 : 32;
+                    if (b + PF_BLOCKS < b_hi) /* one line a column: a few columns share it, the rest are hits */
+                        for (int64_t k = k0; k < k1; k++)
+                            __builtin_prefetch(C[k].q + (b + PF_BLOCKS) * C[k].stride, 0, 3);
+                    switch (nr) {
+                    case 1: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 1); break;
+                    case 2: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 2); break;
+                    case 3: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 3); break;
+                    default: expand_rows(y, ldy, t, R, C, k0, k1, b, c0, m, rows + r0, 4); break;
+                    }
                 }
             }
         }
