@@ -6,8 +6,7 @@
  * nibbles are columns 0..15 and high nibbles columns 16..31, so 16 bytes widen into two
  * vectors of floats with a mask and a shift. A tier's chunks are row by row (A: the shrink
  * streams a row) or `blocked`, chunk j of every row side by side (Bᵀ: the expand reads one
- * chunk of every row in turn; `block_rows` rows a chunk index, as tiers of one layout share
- * one blocked tensor). A step's columns of t are the
+ * chunk of every row in turn, so a tier is read front to back). A step's columns of t are the
  * concatenated rows of the tiers of the packs it uses; `row_tier[k]` and `row_index[k]` say
  * which tier and row column k of t is. Built by kernels/lowrank_compact.py with
  * -O3 -march=native -fopenmp and the three flags that let gcc vectorise float sums
@@ -29,7 +28,6 @@ typedef struct {
     const float *zeros;    /* rows x (pcols / group_size) */
     int64_t rows, pcols, group_size, col, group_shift; /* group_size == 1 << group_shift */
     int64_t blocked, nibbles;
-    int64_t block_rows; /* blocked: rows stored per chunk index (the tier may share its storage with others) */
 } Tier;
 
 static inline int64_t chunk_bytes(const Tier *T) { return T->nibbles ? 16 : 32; }
@@ -37,11 +35,11 @@ static inline int64_t chunk_bytes(const Tier *T) { return T->nibbles ? 16 : 32; 
 /* the bytes of chunk j (columns 32j .. 32j + 31) of row r */
 static inline const uint8_t *chunk_at(const Tier *T, int64_t r, int64_t j) {
     const int64_t cb = chunk_bytes(T);
-    return T->blocked ? T->codes + (j * T->block_rows + r) * cb : T->codes + (r * ((T->pcols + 31) >> 5) + j) * cb;
+    return T->blocked ? T->codes + (j * T->rows + r) * cb : T->codes + (r * ((T->pcols + 31) >> 5) + j) * cb;
 }
 
 /* from one chunk of a row to the next */
-static inline int64_t chunk_stride(const Tier *T) { return T->blocked ? T->block_rows * chunk_bytes(T) : chunk_bytes(T); }
+static inline int64_t chunk_stride(const Tier *T) { return T->blocked ? T->rows * chunk_bytes(T) : chunk_bytes(T); }
 
 static inline int code_of(const Tier *T, int64_t r, int64_t c) {
     const uint8_t *chunk = chunk_at(T, r, c >> 5);

@@ -61,7 +61,7 @@ class _Tier(ctypes.Structure):
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
                 ("rows", ctypes.c_int64), ("pcols", ctypes.c_int64), ("group_size", ctypes.c_int64),
                 ("col", ctypes.c_int64), ("group_shift", ctypes.c_int64), ("blocked", ctypes.c_int64),
-                ("nibbles", ctypes.c_int64), ("block_rows", ctypes.c_int64)]
+                ("nibbles", ctypes.c_int64)]
 
 
 # a _Tier as a row of int64s (pointers included): a plan's tier arrays are its slots' rows
@@ -147,8 +147,8 @@ class CompactTier:
     and codes in chunks of 32 columns, 32 bytes each, or 16 for 2- and 4-bit tiers (`nibbles`:
     byte i holds column i in its low nibble and column i + 16 in its high one). Chunks are
     (rows, chunks, bytes), or `blocked`: chunk j of every row side by side, the order in which
-    the expand reads a Bᵀ tier; blocked tiers of one layout share one (chunks, all rows, bytes)
-    tensor, this tier's rows starting at `first_row`."""
+    the expand reads a Bᵀ tier; a pack's blocked tiers of one layout lie one after another in
+    one (rows x chunks, bytes) tensor, `codes` (its part starts at `record`'s address)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -157,7 +157,6 @@ class CompactTier:
     pcols: int
     blocked: bool = False
     nibbles: bool = False
-    first_row: int = 0
     record: tuple = ()  # its _Tier fields in order, `col` 0 (made with the tier, read by every plan)
 
     @property
@@ -165,18 +164,10 @@ class CompactTier:
         return int(self.scales.shape[0])
 
     @property
-    def codes_ptr(self) -> int:
-        return self.codes.data_ptr() + self.first_row * self.codes.shape[2]
-
-    @property
-    def block_rows(self) -> int:
-        return int(self.codes.shape[1]) if self.blocked else self.rows
-
-    @property
     def nbytes(self) -> int:
-        """This tier's own bytes (its rows of a shared blocked tensor)."""
-        chunks, width = (self.codes.shape[0], self.codes.shape[2]) if self.blocked else self.codes.shape[1:]
-        return self.rows * chunks * width + sum(t.numel() * t.element_size() for t in (self.scales, self.zeros))
+        """This tier's own bytes (its part of a shared blocked tensor)."""
+        codes = self.rows * -(-self.pcols // CHUNK) * self.codes.shape[-1] if self.blocked else self.codes.nbytes
+        return codes + self.scales.nbytes + self.zeros.nbytes
 
 
 def _chunked(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
@@ -189,6 +180,23 @@ def _chunked(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
         codes = padded
     out = codes.view(rows, chunks, CHUNK)
     return (out[..., :16] | (out[..., 16:] << 4)) if nibbles else out.contiguous()
+
+
+def _blocked_by_tier(chunks: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """(all rows, chunks, bytes) row by row -> each tier's rows as (chunks, its rows, bytes), the
+    tiers one after another: a (rows x chunks, bytes) tensor, in one gather. A tier's chunk j
+    of every row then lies side by side and its chunks in order, so the expand reads a tier
+    front to back (laying out a whole layout of a pack as one (chunks, all rows, bytes) block
+    put a linear's consecutive chunks thousands of bytes apart)."""
+    total, nch, cb = chunks.shape
+    counts = torch.tensor(rows)
+    first = torch.cumsum(counts, 0) - counts
+    # for each output chunk (tier by tier, then chunk j, then row): the input chunk it takes
+    tier = torch.repeat_interleave(torch.arange(len(rows)), counts * nch)
+    tier_first, tier_rows = first[tier], counts[tier]
+    q = torch.arange(total * nch) - tier_first * nch  # its place within its tier
+    src = (tier_first + q % tier_rows) * nch + q // tier_rows
+    return chunks.reshape(-1, cb).index_select(0, src)
 
 
 def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[CompactTier]:
@@ -212,20 +220,21 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[Compact
         # each tier's _Tier fields (col 0: a slot's record sets it), from the layout's tensors' addresses
         row_bytes, sp, zp = scales.shape[1] * 4, scales.data_ptr(), zeros.data_ptr()
         shift, nib = group_size.bit_length() - 1, int(nibbles)
-        if blocked:  # one (chunks, all rows, bytes) tensor for the layout, each tier a run of its rows
-            shared = chunks.transpose(0, 1).contiguous()
-            cp, cb, block_rows = shared.data_ptr(), shared.shape[2], shared.shape[1]
+        if blocked:  # each tier (chunks, its rows, bytes), the layout's tiers one after another in one tensor
+            nch, cb = chunks.shape[1], chunks.shape[2]
+            shared = _blocked_by_tier(chunks, rows)
+            cp = shared.data_ptr()
             for i, first, r, s, z in zip(idx, firsts, rows, scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles, first,
-                                     (cp + first * cb, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
-                                      group_size, 0, shift, 1, nib, block_rows))
+                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles,
+                                     (cp + first * nch * cb, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
+                                      group_size, 0, shift, 1, nib))
         else:
             cp, stride = chunks.data_ptr(), chunks.stride(0)
             for i, first, r, c, s, z in zip(idx, firsts, rows, chunks.split(rows), scales.split(rows),
                                             zeros.split(rows)):
-                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles, 0,
+                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles,
                                      (cp + first * stride, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
-                                      group_size, 0, shift, 0, nib, r))
+                                      group_size, 0, shift, 0, nib))
     return out
 
 
