@@ -48,6 +48,19 @@ static inline int code_of(const Tier *T, int64_t r, int64_t c) {
     return i < 16 ? chunk[i] & 15 : chunk[i - 16] >> 4;
 }
 
+/* this thread's OpenMP threads for its next parallel regions (torch's ops share this libgomp);
+   returns the previous count */
+int64_t set_omp_threads(int64_t n) {
+#ifdef _OPENMP
+    const int64_t old = omp_get_max_threads();
+    omp_set_num_threads((int)n);
+    return old;
+#else
+    (void)n;
+    return 1;
+#endif
+}
+
 /* below this many multiply-adds a step runs on one thread (set_parallel_fmas: tests force the
    threaded loops with 0) */
 static int64_t parallel_fmas = 2 << 20;

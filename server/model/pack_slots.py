@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from skillpack_kernels.factors import LowRankDelta
+from skillpack_kernels.lowrank_compact import one_thread
 from skillpack_kernels.lowrank_slots import LowRankSlots, PreparedLowRank, cpu_tiers_of_many
 from skillpack_server.model.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm, LMHead, Transformer
 from skillpack_server.model.vocab_delta import VocabDelta, to_vocab_delta
@@ -90,6 +91,12 @@ class PackSlots:
     def prepare(self, deltas: dict, validated: bool = False) -> PreparedPack:
         """Check a pack's deltas and convert them for `load`; changes no slot (safe without the device lock).
         `validated`: they come from the pack reader, which has already checked each one."""
+        if self.device.type != "cpu":
+            return self._prepare(deltas, validated)
+        with one_thread():  # hundreds of small ops: a second thread only adds waits
+            return self._prepare(deltas, validated)
+
+    def _prepare(self, deltas: dict, validated: bool) -> PreparedPack:
         self.check(deltas)
         lowrank = [name for name in deltas if self.targets[name][0] == "lowrank"]
         tiers = {}

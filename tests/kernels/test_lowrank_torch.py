@@ -316,3 +316,31 @@ def test_the_cpu_form_follows_the_request_and_falls_back_without_a_compiler(monk
         lowrank_compact.library.cache_clear()
     with pytest.raises(ValueError, match="cpu_form='fast'"):
         LowRankSlots(IN_F, OUT_F, 1, 4, "cpu", torch.float32, cpu_form="fast")
+
+
+def test_one_thread_changes_only_the_calling_threads_torch_threads():
+    import threading
+
+    from skillpack_kernels.lowrank_compact import one_thread
+
+    def fresh_thread(key):  # a thread's first torch op sets its count: one_thread must come after
+        with one_thread():
+            seen[key] = torch.get_num_threads()
+        seen[key + " after"] = torch.get_num_threads()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = {}
+    try:
+        with one_thread():
+            seen["inside"] = torch.get_num_threads()
+            other = threading.Thread(target=lambda: seen.__setitem__("other", torch.get_num_threads()))
+            other.start()
+            other.join()
+        seen["after"] = torch.get_num_threads()
+        new = threading.Thread(target=fresh_thread, args=("new",))
+        new.start()
+        new.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"inside": 1, "other": 2, "after": 2, "new": 1, "new after": 2}
