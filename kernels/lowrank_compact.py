@@ -331,6 +331,11 @@ class DecodeStep:
                       self.scratch.data_ptr())
         self.fn = factors._lib.lowrank_add
 
+    @property
+    def stale(self) -> bool:
+        """The slots changed since this call was fixed: it refuses to run, make a new one."""
+        return self.factors.version != self.version
+
     def run(self, y: torch.Tensor, x: torch.Tensor) -> bool:
         """y += the step's deltas when y and x are as the kernels take them (float32, rows
         contiguous, the step's rows) and the slots are unchanged; False (nothing done) otherwise."""

@@ -24,7 +24,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}.")
     if backend != "triton":  # a decode step on the compact CPU kernels: one fixed call per linear
         step = row_packs.steps.get(slots, _UNSET)
-        if step is _UNSET:
+        if step is _UNSET or (step is not None and step.stale):  # stale: a slot changed since (a load)
             step = row_packs.steps[slots] = _decode_step(slots, row_packs)
         if step is not None and step.run(y, x):
             return

@@ -344,3 +344,24 @@ def test_one_thread_changes_only_the_calling_threads_torch_threads():
     finally:
         torch.set_num_threads(before)
     assert seen == {"inside": 1, "other": 2, "after": 2, "new": 1, "new after": 2}
+
+
+def test_a_steps_fixed_call_is_made_again_after_a_slot_changes():
+    """The engine keeps a batch's RowPacks across decode steps; a pack placed in another slot
+    meanwhile must not leave the step on a refused call (or on stale factors)."""
+    ds = deltas(seed=11)
+    slots = load_slots(ds[:2], torch.float32, max_rank=max(d.rank for d in ds), num_slots=4, cpu_form="compact")
+    rp = RowPacks.build([[(0, 1.0)], [(1, 0.5)]], "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, IN_F, generator=g)
+    y = torch.zeros(2, OUT_F)
+    add_lowrank(y, x, slots, rp)
+    first = rp.steps[slots]
+    slots.load(3, ds[3])  # another slot changes between two steps of the same batch
+    y2 = torch.zeros(2, OUT_F)
+    add_lowrank(y2, x, slots, rp)
+    assert first.stale and rp.steps[slots] is not first and not rp.steps[slots].stale
+    atol, rtol = TOLERANCES[torch.float32]
+    want = dense_reference(torch.zeros(2, OUT_F), x, ds[:2], [[(0, 1.0)], [(1, 0.5)]])
+    torch.testing.assert_close(y2.double(), want, atol=atol, rtol=rtol)
+    torch.testing.assert_close(y2, y)
