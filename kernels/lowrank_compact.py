@@ -33,8 +33,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from contextlib import contextmanager
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -70,7 +70,6 @@ class _Tier(ctypes.Structure):
 _TIER_FIELDS = [name for name, _ in _Tier._fields_]
 _COL, _ROWS = _TIER_FIELDS.index("col"), _TIER_FIELDS.index("rows")
 assert ctypes.sizeof(_Tier) == 8 * len(_TIER_FIELDS)
-
 
 
 def kernel_cache() -> Path:
@@ -339,7 +338,7 @@ class DecodeStep:
     def run(self, y: torch.Tensor, x: torch.Tensor) -> bool:
         """y += the step's deltas when y and x are as the kernels take them (float32, rows
         contiguous, the step's rows) and the slots are unchanged; False (nothing done) otherwise."""
-        if (self.factors.version != self.version or x.shape != self.x_shape or y.shape != self.y_shape
+        if (self.stale or x.shape != self.x_shape or y.shape != self.y_shape
                 or x.dtype != torch.float32 or y.dtype != torch.float32 or not x.is_contiguous() or y.stride(1) != 1):
             return False
         self.factors._check(self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), self.x_shape[0], *self.fixed))

@@ -10,10 +10,10 @@ each group's scale/zero loads once. Pools appear and grow on demand (to the most
 slot holds at that width), so memory follows the bit widths actually used.
 
 On a CPU the slots also keep every slot's factors in the CPU path's form (`cpu_form`):
-"compact", a code per byte with float32 group scales that C kernels compute on
-(kernels/lowrank_compact.py; the default where a C compiler builds them), or "dense",
-dequantized once and concatenated in the serving dtype for two GEMMs
-(kernels/lowrank_cpu.py). Slots built with `packed=False` keep only that form (the
+"compact", the codes (a nibble per 2-/4-bit code, a byte per 8-bit one) with float32 group
+scales, which C kernels compute on (kernels/lowrank_compact.py; the default where a C
+compiler builds them), or "dense", dequantized once and concatenated in the serving dtype
+for two GEMMs (kernels/lowrank_cpu.py). Slots built with `packed=False` keep only that form (the
 engine's CPU runtime: the Triton kernels never read them there). Converting is
 `prepare`'s job, which changes nothing, so callers can run it outside the lock that
 `load` needs.

@@ -186,17 +186,18 @@ def read_tensors(header: SafetensorsHeader) -> tuple[torch.Tensor, dict[str, tor
         raise CheckpointError(f"cannot read {header.path}: {e}.") from e
     if got != data.numel():
         raise CheckpointError(f"{header.path}: file shrank while being read ({got} of {data.numel()} data bytes).")
-    out = {}
     raw = data.numpy()
-    for name, t in header.tensors.items():
-        np_dtype = NUMPY_DTYPES.get(t.dtype)
-        if np_dtype is not None and t.begin % DTYPES[t.dtype][1] == 0:
-            # through numpy: a view costs a sixth of torch's slice-and-view, and a pack has thousands
-            out[name] = torch.from_numpy(np.ndarray(t.shape, np_dtype, raw, t.begin))
-        else:  # a dtype numpy lacks, or a span not aligned to its element size (copied)
-            part = data[t.begin : t.end]
-            out[name] = (part if t.begin % DTYPES[t.dtype][1] == 0 else part.clone()).view(t.torch_dtype).view(t.shape)
-    return data, out
+    return data, {name: _view(data, raw, t.dtype, t.shape, t.begin, t.end) for name, t in header.tensors.items()}
+
+
+def _view(data: torch.Tensor, raw: np.ndarray, dtype: str, shape, begin: int, end: int) -> torch.Tensor:
+    """The tensor stored at data[begin:end] (`raw` is data as numpy), a view where it can be."""
+    np_dtype = NUMPY_DTYPES.get(dtype)
+    if np_dtype is not None and begin % np_dtype.itemsize == 0:
+        # through numpy: a view costs a sixth of torch's slice-and-view, and a pack has thousands
+        return torch.from_numpy(np.ndarray(shape, np_dtype, raw, begin))
+    part = data[begin:end]  # a dtype numpy lacks, or a span not aligned to its element size (copied)
+    return (part if begin % DTYPES[dtype][1] == 0 else part.clone()).view(DTYPES[dtype][0]).view(tuple(shape))
 
 
 def read_unchanged(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -216,16 +217,8 @@ def read_unchanged(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, t
     if got != data.numel():
         raise CheckpointError(f"{path}: file shrank while being read ({got} of {data.numel()} data bytes).")
     metadata = header.pop("__metadata__", None) or {}
-    raw, out = data.numpy(), {}
-    for name, e in header.items():
-        dtype, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
-        np_dtype = NUMPY_DTYPES.get(dtype)
-        if np_dtype is not None and begin % np_dtype.itemsize == 0:
-            out[name] = torch.from_numpy(np.ndarray(shape, np_dtype, raw, begin))
-        else:
-            part = data[begin:end]
-            out[name] = (part if begin % DTYPES[dtype][1] == 0 else part.clone()).view(DTYPES[dtype][0]).view(shape)
-    return metadata, out
+    raw = data.numpy()
+    return metadata, {name: _view(data, raw, e["dtype"], e["shape"], *e["data_offsets"]) for name, e in header.items()}
 
 
 def layout_order(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> list[str]:

@@ -415,9 +415,12 @@ def read_pack(path: str | os.PathLike, verify_checksum: bool = True, unchanged: 
             deltas[m["name"]] = _load_delta(tensors, m, check_values)
         except PackError as e:
             raise PackError(f"{header.path}: {e}") from None
-    records = [ModuleRecord(m["name"], m["kind"], m["method"], list(m["shape"]), dict(m.get("stats", {})))
-               for m in manifest["modules"]]
-    return SkillPack(manifest, deltas, records)
+    return SkillPack(manifest, deltas, _records(manifest))
+
+
+def _records(manifest: dict) -> list[ModuleRecord]:
+    return [ModuleRecord(m["name"], m["kind"], m["method"], list(m["shape"]), dict(m.get("stats", {})))
+            for m in manifest["modules"]]
 
 
 def _read_unchanged(path: str | os.PathLike) -> SkillPack:
@@ -427,9 +430,7 @@ def _read_unchanged(path: str | os.PathLike) -> SkillPack:
         raise PackError(str(e)) from None
     manifest = json.loads(metadata[MANIFEST_KEY])
     deltas = {m["name"]: _load_delta(tensors, m, check_values=False) for m in manifest["modules"]}
-    records = [ModuleRecord(m["name"], m["kind"], m["method"], list(m["shape"]), dict(m.get("stats", {})))
-               for m in manifest["modules"]]
-    return SkillPack(manifest, deltas, records)
+    return SkillPack(manifest, deltas, _records(manifest))
 
 
 def verify_pack(path: str | os.PathLike, base_fp: dict | None = None) -> dict:

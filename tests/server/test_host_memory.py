@@ -16,7 +16,7 @@ class MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc",
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="mallopt and mallinfo2 are glibc's")
 def test_blocks_below_the_threshold_come_from_the_heap():
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
