@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import torch
+from pydantic_core import from_json
 
 from skillpack_kernels.factors import LowRankDelta
 from skillpack_kernels.quant import QuantTensor, check_layout, packed_row_bytes, padded_cols
@@ -428,7 +429,7 @@ def _read_unchanged(path: str | os.PathLike) -> SkillPack:
         metadata, tensors = read_unchanged(path)
     except CheckpointError as e:
         raise PackError(str(e)) from None
-    manifest = json.loads(metadata[MANIFEST_KEY])
+    manifest = from_json(metadata[MANIFEST_KEY])  # as the header: the checked read used json
     deltas = {m["name"]: _load_delta(tensors, m, check_values=False) for m in manifest["modules"]}
     return SkillPack(manifest, deltas, _records(manifest))
 
