@@ -312,6 +312,54 @@ static void seg_expand(float *y, int64_t ldy, int64_t cols, const float *t, int6
     }
 }
 
+/* One chunk (32 columns: 4 x bits bytes of file codes, code c in byte c / (8 / bits) at bit
+   (c % (8 / bits)) * bits, kernels/quant.py) as the kernels keep it */
+INLINE void chunk_of(const uint8_t *src, int64_t bits, uint8_t *dst) {
+    if (bits == 8) {
+        memcpy(dst, src, 32);
+        return;
+    }
+    const int64_t per = 8 / bits, mask = (1 << bits) - 1;
+    const uint8_t *high = src + 16 / per; /* columns 16..31 */
+    for (int64_t i = 0; i < 16; i++) {
+        const int64_t shift = (i % per) * bits;
+        dst[i] = (uint8_t)(((src[i / per] >> shift) & mask) | (((high[i / per] >> shift) & mask) << 4));
+    }
+}
+
+/* One row of file codes into its chunks, `step` bytes apart; columns past the row's are 0 */
+INLINE void chunk_row(const uint8_t *src, int64_t src_bytes, int64_t bits, uint8_t *dst, int64_t step) {
+    const int64_t per_chunk = 4 * bits;
+    int64_t j = 0;
+    for (; (j + 1) * per_chunk <= src_bytes; j++) chunk_of(src + j * per_chunk, bits, dst + j * step);
+    if (j * per_chunk < src_bytes) { /* a last part chunk, zero-padded */
+        uint8_t tail[32] = {0};
+        memcpy(tail, src + j * per_chunk, (size_t)(src_bytes - j * per_chunk));
+        chunk_of(tail, bits, dst + j * step);
+    }
+}
+
+/* A layout's tiers from their file codes (src: rows x src_bytes) into the kernels' chunks (dst):
+   row by row, or `blocked`, each tier's chunk j of every row side by side, the tiers (tier_rows,
+   ntiers of them, summing to rows) one after another. kernels/lowrank_compact.py's `_chunked`
+   and `_blocked_by_tier` say the same in torch (the tests' reference); one pass here instead of
+   a handful of ops over temporaries. */
+void to_chunks(const uint8_t *src, int64_t rows, int64_t src_bytes, int64_t bits, int64_t blocked,
+               const int64_t *tier_rows, int64_t ntiers, uint8_t *dst) {
+    const int64_t nch = (src_bytes * (8 / bits) + 31) >> 5, cb = bits <= 4 ? 16 : 32;
+    int64_t first = 0, k = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        while (blocked && k < ntiers - 1 && r >= first + tier_rows[k]) first += tier_rows[k++];
+        uint8_t *d = blocked ? dst + (first * nch + (r - first)) * cb : dst + r * nch * cb;
+        const int64_t step = blocked ? tier_rows[k] * cb : cb;
+        switch (bits) { /* constant widths: shifts and masks, not divisions */
+        case 2: chunk_row(src + r * src_bytes, src_bytes, 2, d, step); break;
+        case 4: chunk_row(src + r * src_bytes, src_bytes, 4, d, step); break;
+        default: chunk_row(src + r * src_bytes, src_bytes, 8, d, step); break;
+        }
+    }
+}
+
 /* out[k, c] = B_k[c] for c < cols: every column k dequantized (out: R x cols), for large steps */
 int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_index, int64_t R, int64_t cols,
                float *out, int64_t threads) {

@@ -104,6 +104,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
+    lib.to_chunks.argtypes, lib.to_chunks.restype = [ptr, i64, i64, i64, i64, ptr, i64, ptr], None
     lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64] + [i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
     for fn in (lib.dequantize, lib.lowrank_add):
         fn.restype = ctypes.c_int
@@ -176,7 +177,7 @@ class CompactTier:
     pcols: int
     blocked: bool = False
     nibbles: bool = False
-    record: tuple = ()  # its _Tier fields in order, `col` 0 (made with the tier, read by every plan)
+    record: np.ndarray | None = None  # int64: its _Tier fields in order, `col` 0 (made with the tier)
 
     @property
     def rows(self) -> int:
@@ -218,43 +219,65 @@ def _blocked_by_tier(chunks: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return chunks.reshape(-1, cb).index_select(0, src)
 
 
-def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> list[CompactTier]:
+def _layout_chunks(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
+    """(chunks, columns) of a layout's file codes (all its tiers' rows, `rows` each): (rows,
+    chunks, bytes) row by row, or blocked by tier, (rows x chunks, bytes); in one pass of the C
+    kernels' `to_chunks` (a pack's conversion took 8 ms of torch ops), else `_layout_chunks_torch`."""
+    lib = library()
+    if lib is None:
+        return _layout_chunks_torch(codes, bits, rows, blocked)
+    total, src_bytes = codes.shape
+    pcols = src_bytes * (8 // bits)
+    nch, cb = -(-pcols // CHUNK), 16 if bits <= 4 else 32
+    out = torch.empty((total * nch, cb) if blocked else (total, nch, cb), dtype=torch.uint8)
+    tier_rows = np.array(rows, dtype=np.int64)
+    lib.to_chunks(codes.contiguous().data_ptr(), total, src_bytes, bits, int(blocked), tier_rows.ctypes.data,
+                  len(rows), out.data_ptr())
+    return out, pcols
+
+
+def _layout_chunks_torch(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
+    """`_layout_chunks` in torch's ops: where the kernels are not built, and the tests' reference."""
+    if bits < 8:
+        codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
+    chunks = _chunked(codes, bits <= 4)
+    return (_blocked_by_tier(chunks, rows) if blocked else chunks), codes.shape[1]
+
+
+def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[list[CompactTier], np.ndarray]:
     """`qts` in the kernels' layout, in one batched pass per (bits, cols) layout (a pack's
-    hundreds of tiers cost a few large ops); `blocked`: laid out for the expand."""
+    hundreds of tiers cost a few large ops); `blocked`: laid out for the expand. Also their
+    records, an int64 (len(qts), fields of _Tier) array (`col` 0), of which each tier's `record` is a row."""
     out: list[CompactTier | None] = [None] * len(qts)
+    records = np.zeros((len(qts), len(_TIER_FIELDS)), dtype=np.int64)
     layouts: dict[tuple[int, int, int], list[int]] = {}
     for i, qt in enumerate(qts):
         layouts.setdefault((qt.bits, qt.group_size, qt.codes.shape[1]), []).append(i)
     for (bits, group_size, _), idx in layouts.items():
         parts = [qts[i] for i in idx]
-        codes = torch.cat([p.codes for p in parts])
-        if bits < 8:
-            codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
-        pcols, nibbles = codes.shape[1], bits <= 4
-        chunks = _chunked(codes, nibbles)  # (all rows, chunks, bytes), row by row
+        rows = [p.rows for p in parts]
+        chunks, pcols = _layout_chunks(torch.cat([p.codes for p in parts]), bits, rows, blocked)
+        nibbles = bits <= 4
+        row_codes = -(-pcols // CHUNK) * chunks.shape[-1]
         scales = torch.cat([p.scales for p in parts]).float()
         zeros = torch.cat([p.zeros for p in parts]).float()
-        rows = [p.rows for p in parts]
-        firsts = list(itertools.accumulate([0] + rows[:-1]))
-        # each tier's _Tier fields (col 0: a slot's record sets it), from the layout's tensors' addresses
-        row_bytes, sp, zp = scales.shape[1] * 4, scales.data_ptr(), zeros.data_ptr()
-        shift, nib = group_size.bit_length() - 1, int(nibbles)
-        if blocked:  # each tier (chunks, its rows, bytes), the layout's tiers one after another in one tensor
-            nch, cb = chunks.shape[1], chunks.shape[2]
-            shared = _blocked_by_tier(chunks, rows)
-            cp = shared.data_ptr()
-            for i, first, r, s, z in zip(idx, firsts, rows, scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(shared, s, z, group_size, pcols, True, nibbles,
-                                     (cp + first * nch * cb, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
-                                      group_size, 0, shift, 1, nib))
+        # the tiers' _Tier fields, from the layout's tensors' addresses, all at once
+        n = np.array(rows, dtype=np.int64)
+        first = np.cumsum(n) - n
+        rec = np.empty((len(idx), len(_TIER_FIELDS)), dtype=np.int64)
+        rec[:, 0] = chunks.data_ptr() + first * row_codes
+        rec[:, 1] = scales.data_ptr() + first * scales.stride(0) * 4
+        rec[:, 2] = zeros.data_ptr() + first * zeros.stride(0) * 4
+        rec[:, 3] = n
+        rec[:, 4:] = [pcols, group_size, 0, group_size.bit_length() - 1, int(blocked), int(nibbles)]
+        records[idx] = rec
+        if blocked:
+            for i, s, z in zip(idx, scales.split(rows), zeros.split(rows)):
+                out[i] = CompactTier(chunks, s, z, group_size, pcols, True, nibbles, records[i])
         else:
-            cp, stride = chunks.data_ptr(), chunks.stride(0)
-            for i, first, r, c, s, z in zip(idx, firsts, rows, chunks.split(rows), scales.split(rows),
-                                            zeros.split(rows)):
-                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles,
-                                     (cp + first * stride, sp + first * row_bytes, zp + first * row_bytes, r, pcols,
-                                      group_size, 0, shift, 0, nib))
-    return out
+            for i, c, s, z in zip(idx, chunks.split(rows), scales.split(rows), zeros.split(rows)):
+                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles, records[i])
+    return out, records
 
 
 @dataclass
@@ -292,25 +315,56 @@ class _Plan:
 
 
 @dataclass
-class _SlotRecord:
-    """One slot's tiers as the kernels read them, its columns counted from 0."""
+class SlotRecord:
+    """One linear's tiers of one pack as the kernels read them, its columns counted from 0: what a
+    slot's plans are made of. It does not depend on the slot, so a pack's are made with its
+    compact tiers, all linears at once (`many`), off the engine thread."""
 
     a: np.ndarray  # int64 (tiers, fields of _Tier)
     b: np.ndarray
-    row_tier: np.ndarray  # int64 (rank,): column k's tier, counted from the slot's first
+    row_tier: np.ndarray  # int64 (rank,): column k's tier, counted from the first
     row_index: np.ndarray  # int64 (rank,): column k's row within its tier
-    s: torch.Tensor
+    s: torch.Tensor  # float32 (rank,)
+    tiers: tuple  # (A tiers, Bᵀ tiers): the memory the records point into
+    pack_of_col: torch.Tensor  # long zeros (rank,): its plan alone has one pack
+    single: _Plan | None = None
 
     @classmethod
-    def of(cls, a: list[CompactTier], bt: list[CompactTier], s: torch.Tensor) -> "_SlotRecord":
-        ra = np.array([t.record for t in a], dtype=np.int64).reshape(len(a), len(_TIER_FIELDS))
-        rb = np.array([t.record for t in bt], dtype=np.int64).reshape(len(bt), len(_TIER_FIELDS))
+    def of(cls, a: list[CompactTier], bt: list[CompactTier], s: torch.Tensor) -> "SlotRecord":
+        return cls.many([a], [bt], [s])[0]
+
+    @classmethod
+    def many(cls, a: list[list[CompactTier]], bt: list[list[CompactTier]], s: list[torch.Tensor],
+             records: tuple[np.ndarray, np.ndarray] | None = None) -> list["SlotRecord"]:
+        """Each linear's record from its tiers, in a few array ops for all; `records`: the tiers'
+        records as `compact_tiers` made them, A's then Bᵀ's in this order (else gathered)."""
+        counts = np.array([len(x) for x in a], dtype=np.int64)
+        if records is None:
+            records = tuple(np.array([t.record for x in tiers for t in x], dtype=np.int64).reshape(-1, len(_TIER_FIELDS))
+                            for tiers in (a, bt))
+        ra, rb = records
         rows = ra[:, _ROWS]
-        first = np.cumsum(rows) - rows  # each tier's first column in the slot
-        ra[:, _COL] = rb[:, _COL] = first
-        rank = int(rows.sum())
-        return cls(ra, rb, np.repeat(np.arange(len(a), dtype=np.int64), rows),
-                   np.arange(rank, dtype=np.int64) - np.repeat(first, rows), s)
+        linear = np.repeat(np.arange(len(a)), counts)  # each tier's linear
+        ranks = np.bincount(linear, weights=rows, minlength=len(a)).astype(np.int64)
+        tier0, col0 = np.cumsum(counts) - counts, np.cumsum(ranks) - ranks  # each linear's first tier and column
+        first = np.cumsum(rows) - rows  # each tier's first column, all linears' one after another
+        ra[:, _COL] = rb[:, _COL] = first - col0[linear]
+        row_tier = np.repeat(np.arange(len(rows)) - tier0[linear], rows)
+        row_index = np.arange(int(rows.sum()), dtype=np.int64) - np.repeat(first, rows)
+        zeros = torch.zeros(int(rows.sum()), dtype=torch.long)
+        out = []
+        for i, (t0, c0, n, r) in enumerate(zip(tier0.tolist(), col0.tolist(), counts.tolist(), ranks.tolist())):
+            out.append(cls(ra[t0 : t0 + n], rb[t0 : t0 + n], row_tier[c0 : c0 + r], row_index[c0 : c0 + r],
+                           s[i].float().contiguous(), (a[i], bt[i]), zeros[c0 : c0 + r]))
+        return out
+
+    def plan(self, in_features: int, out_features: int) -> _Plan:
+        """This linear's plan alone (made once)."""
+        if self.single is None or self.single.args[:2] != (in_features, out_features):
+            self.single = _Plan((_Tier * len(self.a)).from_buffer(self.a), (_Tier * len(self.b)).from_buffer(self.b),
+                                torch.from_numpy(self.row_tier), torch.from_numpy(self.row_index), self.s,
+                                self.pack_of_col, [self.tiers]).for_linear(in_features, out_features)
+        return self.single
 
 
 class DecodeStep:
@@ -351,7 +405,7 @@ class CompactFactors:
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
-        self._records: dict[int, _SlotRecord] = {}  # per slot, what `_plan` concatenates
+        self._records: dict[int, SlotRecord] = {}  # per slot, what `_plan` concatenates
         self._single: dict[int, _Plan] = {}  # per slot, its plan alone: made at insert, as a new pack's first step needs it
         self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()  # plans of several packs, most recent last
@@ -373,20 +427,21 @@ class CompactFactors:
             self._scratch = torch.empty(MAX_ROWS * width)
         return self._scratch
 
-    def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier]) -> None:
-        """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held."""
+    def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier],
+               record: SlotRecord | None = None) -> None:
+        """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held.
+        `record`: theirs, made with them (`SlotRecord.many`); else made here."""
         rank = int(s.numel())
         bad = [t for t in a if t.pcols < self.in_features or t.blocked] + [t for t in bt if t.pcols < self.out_features]
         if bad or sum(t.rows for t in a) != rank or sum(t.rows for t in bt) != rank:
             raise ValueError(
                 f"factor tiers of shapes {[tuple(t.codes.shape) for t in a]} and {[tuple(t.codes.shape) for t in bt]} "
                 f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
-        self.slots[slot] = (a, bt, s.float().contiguous())
-        self._records[slot] = record = _SlotRecord.of(a, bt, self.slots[slot][2])
-        self._single[slot] = _Plan((_Tier * len(record.a)).from_buffer(record.a),
-                                   (_Tier * len(record.b)).from_buffer(record.b), torch.from_numpy(record.row_tier),
-                                   torch.from_numpy(record.row_index), record.s, torch.zeros(rank, dtype=torch.long),
-                                   [self.slots[slot]]).for_linear(self.in_features, self.out_features)
+        if record is None or record.tiers[0] is not a or record.tiers[1] is not bt:
+            record = SlotRecord.of(a, bt, s)
+        self.slots[slot] = (a, bt, record.s)
+        self._records[slot] = record
+        self._single[slot] = record.plan(self.in_features, self.out_features)
         self._plans.clear()
         self.version += 1
 

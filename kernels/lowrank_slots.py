@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
-from skillpack_kernels.lowrank_compact import CompactFactors, CompactTier, available as compact_available, compact_tiers
+from skillpack_kernels.lowrank_compact import (CompactFactors, CompactTier, SlotRecord, available as compact_available,
+                                               compact_tiers)
 from skillpack_kernels.lowrank_cpu import ConcatFactors
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
 
@@ -125,11 +126,17 @@ class BitPool:
 CPU_FORMS = ("auto", "compact", "dense")
 
 
-def compact_tiers_of(deltas: list[LowRankDelta]) -> list[tuple[list[CompactTier], list[CompactTier]]]:
-    """Each delta's (A tiers, Bᵀ tiers) as the compact CPU form keeps them, converted together."""
-    a = iter(compact_tiers([t for d in deltas for t in d.a_tiers]))
-    bt = iter(compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True))  # laid out for the expand
-    return [([next(a) for _ in d.a_tiers], [next(bt) for _ in d.bt_tiers]) for d in deltas]
+def compact_tiers_of(deltas: list[LowRankDelta]) -> list[tuple[list[CompactTier], list[CompactTier], SlotRecord]]:
+    """Each delta's (A tiers, Bᵀ tiers, record) as the compact CPU form keeps them, made together."""
+    a_all, ra = compact_tiers([t for d in deltas for t in d.a_tiers])
+    bt_all, rb = compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True)  # laid out for the expand
+    a_it, bt_it = iter(a_all), iter(bt_all)
+    a = [[next(a_it) for _ in d.a_tiers] for d in deltas]
+    bt = [[next(bt_it) for _ in d.bt_tiers] for d in deltas]
+    records = SlotRecord.many(a, bt, [d.s for d in deltas], (ra, rb))
+    for d, r in zip(deltas, records):  # each linear's plan alone, made here, off the engine thread
+        r.plan(d.in_features, d.out_features)
+    return list(zip(a, bt, records))
 
 
 def cpu_tiers_of_many(deltas: list[LowRankDelta], cpu_form: str) -> list[tuple[list, list]]:
@@ -201,8 +208,8 @@ class LowRankSlots:
         if self.cpu_form is None:
             return PreparedLowRank(delta, None, None)
         if self.cpu_form == "compact":
-            a, bt = tiers if tiers is not None else compact_tiers_of([delta])[0]
-            return PreparedLowRank(delta, a, bt)
+            a, bt, record = tiers if tiers is not None else compact_tiers_of([delta])[0]
+            return PreparedLowRank(delta, a, bt, record)
         a, bt = tiers if tiers is not None else factor_tiers_of_many([delta])[0]
         return PreparedLowRank(delta, [t.to(self.dtype) for t in a], [t.to(self.dtype) for t in bt])
 
@@ -217,7 +224,10 @@ class LowRankSlots:
         self._loaded_view = frozenset(self._loaded)
         self.rank[slot] = delta.rank
         if self.cpu_factors is not None:
-            self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt)
+            if prepared.record is not None:
+                self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt, prepared.record)
+            else:
+                self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt)
         if not self.packed:
             return
         groups: dict[tuple[int, int], list[int]] = {}  # pool key -> tier indices, in tier order
@@ -292,8 +302,9 @@ class LowRankSlots:
 class PreparedLowRank:
     """A checked delta and, for slots with a CPU form, its A and Bᵀ tiers in that form, in tier
     order: `CompactTier`s (compact), or dequantized (r_k, in) / (r_k, out) blocks in the slots'
-    dtype (dense, copied into place by `ConcatFactors.insert`)."""
+    dtype (dense, copied into place by `ConcatFactors.insert`); compact ones come with their record."""
 
     delta: LowRankDelta
     a: list | None
     bt: list | None
+    record: SlotRecord | None = None

@@ -365,3 +365,35 @@ def test_a_steps_fixed_call_is_made_again_after_a_slot_changes():
     want = dense_reference(torch.zeros(2, OUT_F), x, ds[:2], [[(0, 1.0)], [(1, 0.5)]])
     torch.testing.assert_close(y2.double(), want, atol=atol, rtol=rtol)
     torch.testing.assert_close(y2, y)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("cols", [64, 72, 200])  # whole chunks, and a last part chunk
+def test_file_codes_become_the_kernels_chunks_as_torchs_ops_make_them(bits, blocked, cols):
+    """The C conversion (one pass) gives the bytes of the torch ops that also say the layout, for
+    tiers of several sizes, blocked by tier or row by row."""
+    from skillpack_kernels.lowrank_compact import _layout_chunks, _layout_chunks_torch, available
+
+    assert available(), "the compact kernels must build on this machine (a C compiler is required)"
+    rows = [3, 16, 1, 9]
+    codes = torch.randint(0, 256, (sum(rows), cols * bits // 8), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(bits * cols))
+    got, got_cols = _layout_chunks(codes, bits, rows, blocked)
+    want, want_cols = _layout_chunks_torch(codes, bits, rows, blocked)
+    assert got_cols == want_cols == cols
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_a_packs_records_made_together_equal_each_made_alone():
+    """`SlotRecord.many` (all linears of a pack in a few array ops) against one linear at a time."""
+    from skillpack_kernels.lowrank_compact import SlotRecord
+    from skillpack_kernels.lowrank_slots import compact_tiers_of
+
+    ds = deltas() + deltas(seed=7)
+    together = compact_tiers_of(ds)
+    for (a, bt, record), d in zip(together, ds):
+        alone = SlotRecord.of(a, bt, d.s)
+        for field in ("a", "b", "row_tier", "row_index"):
+            assert (getattr(record, field) == getattr(alone, field)).all(), field
+        assert torch.equal(record.s, alone.s) and record.plan(IN_F, OUT_F).width == d.rank
