@@ -1,7 +1,7 @@
 """The CPU path on compact factors: every loaded slot's tiers kept as codes, computed on directly.
 
-`CompactFactors` is `ConcatFactors`' drop-in for one linear (same `insert`/`remove`/`factors`/
-`add`/`nbytes`), but it keeps each tier of each slot as codes, a nibble each for the file's 2-
+`CompactFactors` is `ConcatFactors`' drop-in for one linear (same `remove`/`factors`/`add`/
+`nbytes`; `insert` takes a `SlotRecord`), but it keeps each tier of each slot as codes, a nibble each for the file's 2-
 and 4-bit tiers and a byte each for 8-bit ones, with float32 group scales and zeros: about a
 seventh of the float32 factors' bytes for GraftLLM's 8/4/2-bit tiers. Steps run the C kernels
 of kernels/lowrank_compact.c, `MAX_ROWS` rows a call, which work on the codes and follow the
@@ -68,7 +68,8 @@ class _Tier(ctypes.Structure):
 # a _Tier as a row of int64s (pointers included): a plan's tier arrays are its slots' rows
 # concatenated, not built field by field (210 linears' plans for a new set of packs took 28-40 ms that way)
 _TIER_FIELDS = [name for name, _ in _Tier._fields_]
-_COL, _ROWS = _TIER_FIELDS.index("col"), _TIER_FIELDS.index("rows")
+_COL, _ROWS, _PCOLS, _GROUP, _NIBBLES = (_TIER_FIELDS.index(f) for f in ("col", "rows", "pcols", "group_size",
+                                                                         "nibbles"))
 assert ctypes.sizeof(_Tier) == 8 * len(_TIER_FIELDS)
 
 
@@ -161,37 +162,18 @@ _UNPACK = {bits: ((torch.arange(256)[:, None] >> (torch.arange(8 // bits) * bits
 CHUNK = 32  # columns per chunk of codes (the kernels' vector width, two 16-float vectors)
 
 
-@dataclass
-class CompactTier:
-    """One tier of one factor, as the kernels read it: float32 scales and zeros (rows, groups)
-    and codes in chunks of 32 columns, 32 bytes each, or 16 for 2- and 4-bit tiers (`nibbles`:
-    byte i holds column i in its low nibble and column i + 16 in its high one). Chunks are
-    (rows, chunks, bytes), or `blocked`: chunk j of every row side by side, the order in which
-    the expand reads a Bᵀ tier; a pack's blocked tiers of one layout lie one after another in
-    one (rows x chunks, bytes) tensor, `codes` (its part starts at `record`'s address)."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    group_size: int
-    pcols: int
-    blocked: bool = False
-    nibbles: bool = False
-    record: np.ndarray | None = None  # int64: its _Tier fields in order, `col` 0 (made with the tier)
-
-    @property
-    def rows(self) -> int:
-        return int(self.scales.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """This tier's own bytes (its part of a shared blocked tensor)."""
-        codes = self.rows * -(-self.pcols // CHUNK) * self.codes.shape[-1] if self.blocked else self.codes.nbytes
-        return codes + self.scales.nbytes + self.zeros.nbytes
+# A tier of a factor, as the kernels read it (its `_Tier` record points into its layout's
+# tensors): float32 scales and zeros (rows, groups) and codes in chunks of 32 columns, 32 bytes
+# each, or 16 for 2- and 4-bit tiers (`nibbles`: byte i holds column i in its low nibble and
+# column i + 16 in its high one). Chunks are (rows, chunks, bytes), or `blocked`: chunk j of
+# every row side by side, the order in which the expand reads a Bᵀ tier. A pack's tiers of one
+# layout (bits, group size, columns) lie one after another in one codes, one scales and one
+# zeros tensor; no tensor or object per tier (a pack has over a thousand tiers, and making and
+# freeing them was a good part of a load and of an eviction).
 
 
 def _chunked(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
-    """Codes (rows, pcols), one per byte, as (rows, chunks, bytes) chunks (see `CompactTier`)."""
+    """Codes (rows, pcols), one per byte, as (rows, chunks, bytes) chunks (see above)."""
     rows, pcols = codes.shape
     chunks = -(-pcols // CHUNK)
     if chunks * CHUNK != pcols:
@@ -244,12 +226,12 @@ def _layout_chunks_torch(codes: torch.Tensor, bits: int, rows: list[int], blocke
     return (_blocked_by_tier(chunks, rows) if blocked else chunks), codes.shape[1]
 
 
-def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[list[CompactTier], np.ndarray]:
-    """`qts` in the kernels' layout, in one batched pass per (bits, cols) layout (a pack's
-    hundreds of tiers cost a few large ops); `blocked`: laid out for the expand. Also their
-    records, an int64 (len(qts), fields of _Tier) array (`col` 0), of which each tier's `record` is a row."""
-    out: list[CompactTier | None] = [None] * len(qts)
+def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """`qts` in the kernels' layout, in one batched pass per (bits, group size, cols) layout (a
+    pack's hundreds of tiers cost a few large ops); `blocked`: laid out for the expand. Returns
+    their records, an int64 (len(qts), fields of _Tier) array (`col` 0), and the tensors they point into."""
     records = np.zeros((len(qts), len(_TIER_FIELDS)), dtype=np.int64)
+    keep: list[torch.Tensor] = []
     layouts: dict[tuple[int, int, int], list[int]] = {}
     for i, qt in enumerate(qts):
         layouts.setdefault((qt.bits, qt.group_size, qt.codes.shape[1]), []).append(i)
@@ -257,27 +239,19 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[list[C
         parts = [qts[i] for i in idx]
         rows = [p.rows for p in parts]
         chunks, pcols = _layout_chunks(torch.cat([p.codes for p in parts]), bits, rows, blocked)
-        nibbles = bits <= 4
-        row_codes = -(-pcols // CHUNK) * chunks.shape[-1]
         scales = torch.cat([p.scales for p in parts]).float()
         zeros = torch.cat([p.zeros for p in parts]).float()
-        # the tiers' _Tier fields, from the layout's tensors' addresses, all at once
+        keep += [chunks, scales, zeros]
         n = np.array(rows, dtype=np.int64)
         first = np.cumsum(n) - n
         rec = np.empty((len(idx), len(_TIER_FIELDS)), dtype=np.int64)
-        rec[:, 0] = chunks.data_ptr() + first * row_codes
+        rec[:, 0] = chunks.data_ptr() + first * (-(-pcols // CHUNK) * chunks.shape[-1])
         rec[:, 1] = scales.data_ptr() + first * scales.stride(0) * 4
         rec[:, 2] = zeros.data_ptr() + first * zeros.stride(0) * 4
         rec[:, 3] = n
-        rec[:, 4:] = [pcols, group_size, 0, group_size.bit_length() - 1, int(blocked), int(nibbles)]
+        rec[:, 4:] = [pcols, group_size, 0, group_size.bit_length() - 1, int(blocked), int(bits <= 4)]
         records[idx] = rec
-        if blocked:
-            for i, s, z in zip(idx, scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(chunks, s, z, group_size, pcols, True, nibbles, records[i])
-        else:
-            for i, c, s, z in zip(idx, chunks.split(rows), scales.split(rows), zeros.split(rows)):
-                out[i] = CompactTier(c, s, z, group_size, pcols, False, nibbles, records[i])
-    return out, records
+    return records, keep
 
 
 @dataclass
@@ -317,53 +291,62 @@ class _Plan:
 @dataclass
 class SlotRecord:
     """One linear's tiers of one pack as the kernels read them, its columns counted from 0: what a
-    slot's plans are made of. It does not depend on the slot, so a pack's are made with its
-    compact tiers, all linears at once (`many`), off the engine thread."""
+    slot holds and its plans are made of. It does not depend on the slot, so a pack's are made
+    with its compact tiers, all linears at once (`of_deltas`), off the engine thread."""
 
     a: np.ndarray  # int64 (tiers, fields of _Tier)
     b: np.ndarray
     row_tier: np.ndarray  # int64 (rank,): column k's tier, counted from the first
     row_index: np.ndarray  # int64 (rank,): column k's row within its tier
     s: torch.Tensor  # float32 (rank,)
-    tiers: tuple  # (A tiers, Bᵀ tiers): the memory the records point into
+    keep: list  # the tensors the records point into (a pack's linears share one list)
     pack_of_col: torch.Tensor  # long zeros (rank,): its plan alone has one pack
+    cols: tuple[int, int]  # the fewest columns of its A tiers, and of its Bᵀ tiers
     single: _Plan | None = None
 
     @classmethod
-    def of(cls, a: list[CompactTier], bt: list[CompactTier], s: torch.Tensor) -> "SlotRecord":
-        return cls.many([a], [bt], [s])[0]
-
-    @classmethod
-    def many(cls, a: list[list[CompactTier]], bt: list[list[CompactTier]], s: list[torch.Tensor],
-             records: tuple[np.ndarray, np.ndarray] | None = None) -> list["SlotRecord"]:
-        """Each linear's record from its tiers, in a few array ops for all; `records`: the tiers'
-        records as `compact_tiers` made them, A's then Bᵀ's in this order (else gathered)."""
-        counts = np.array([len(x) for x in a], dtype=np.int64)
-        if records is None:
-            records = tuple(np.array([t.record for x in tiers for t in x], dtype=np.int64).reshape(-1, len(_TIER_FIELDS))
-                            for tiers in (a, bt))
-        ra, rb = records
+    def of_deltas(cls, deltas: list) -> list["SlotRecord"]:
+        """Each LowRankDelta's record, its tiers converted in one batched pass per layout and the
+        records made in a few array ops for all (A's in the kernels' row layout, Bᵀ's blocked)."""
+        ra, keep = compact_tiers([t for d in deltas for t in d.a_tiers])
+        rb, keep_b = compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True)
+        keep += keep_b
+        counts = np.array([len(d.a_tiers) for d in deltas], dtype=np.int64)
         rows = ra[:, _ROWS]
-        linear = np.repeat(np.arange(len(a)), counts)  # each tier's linear
-        ranks = np.bincount(linear, weights=rows, minlength=len(a)).astype(np.int64)
+        linear = np.repeat(np.arange(len(deltas)), counts)  # each tier's linear
+        ranks = np.bincount(linear, weights=rows, minlength=len(deltas)).astype(np.int64)
         tier0, col0 = np.cumsum(counts) - counts, np.cumsum(ranks) - ranks  # each linear's first tier and column
         first = np.cumsum(rows) - rows  # each tier's first column, all linears' one after another
         ra[:, _COL] = rb[:, _COL] = first - col0[linear]
         row_tier = np.repeat(np.arange(len(rows)) - tier0[linear], rows)
         row_index = np.arange(int(rows.sum()), dtype=np.int64) - np.repeat(first, rows)
         zeros = torch.zeros(int(rows.sum()), dtype=torch.long)
-        out = []
-        for i, (t0, c0, n, r) in enumerate(zip(tier0.tolist(), col0.tolist(), counts.tolist(), ranks.tolist())):
-            out.append(cls(ra[t0 : t0 + n], rb[t0 : t0 + n], row_tier[c0 : c0 + r], row_index[c0 : c0 + r],
-                           s[i].float().contiguous(), (a[i], bt[i]), zeros[c0 : c0 + r]))
-        return out
+        cols = [np.zeros(len(deltas), dtype=np.int64) for _ in range(2)]
+        some = counts > 0  # a linear without tiers has no columns
+        for c, rec in zip(cols, (ra, rb)):
+            if some.any():
+                c[some] = np.minimum.reduceat(rec[:, _PCOLS], tier0[some])
+        return [cls(ra[t0 : t0 + n], rb[t0 : t0 + n], row_tier[c0 : c0 + r], row_index[c0 : c0 + r],
+                    d.s.float().contiguous(), keep, zeros[c0 : c0 + r], (ca, cb))
+                for d, t0, c0, n, r, ca, cb in zip(deltas, tier0.tolist(), col0.tolist(), counts.tolist(),
+                                                   ranks.tolist(), *(c.tolist() for c in cols))]
+
+    @property
+    def nbytes(self) -> int:
+        """Its tiers' own codes, scales and zeros, and σ."""
+        total = self.s.numel() * 4
+        for rec in (self.a, self.b):
+            rows, pcols, groups = rec[:, _ROWS], rec[:, _PCOLS], rec[:, _PCOLS] // rec[:, _GROUP]
+            chunk = np.where(rec[:, _NIBBLES] != 0, CHUNK // 2, CHUNK)
+            total += int((rows * (-(-pcols // CHUNK) * chunk + groups * 8)).sum())
+        return total
 
     def plan(self, in_features: int, out_features: int) -> _Plan:
         """This linear's plan alone (made once)."""
         if self.single is None or self.single.args[:2] != (in_features, out_features):
             self.single = _Plan((_Tier * len(self.a)).from_buffer(self.a), (_Tier * len(self.b)).from_buffer(self.b),
                                 torch.from_numpy(self.row_tier), torch.from_numpy(self.row_index), self.s,
-                                self.pack_of_col, [self.tiers]).for_linear(in_features, out_features)
+                                self.pack_of_col, [self]).for_linear(in_features, out_features)
         return self.single
 
 
@@ -404,8 +387,7 @@ class CompactFactors:
 
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
-        self.slots: dict[int, tuple[list[CompactTier], list[CompactTier], torch.Tensor]] = {}
-        self._records: dict[int, SlotRecord] = {}  # per slot, what `_plan` concatenates
+        self.slots: dict[int, SlotRecord] = {}
         self._single: dict[int, _Plan] = {}  # per slot, its plan alone: made at insert, as a new pack's first step needs it
         self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()  # plans of several packs, most recent last
@@ -417,8 +399,7 @@ class CompactFactors:
     @property
     def nbytes(self) -> int:
         """The slots' tiers and σ, and the shrink's scratch (the step's working set)."""
-        held = sum(sum(t.nbytes for t in a + b) + s.numel() * 4 for a, b, s in self.slots.values())
-        return held + self._scratch.nbytes
+        return sum(r.nbytes for r in self.slots.values()) + self._scratch.nbytes
 
     def scratch(self, width: int) -> torch.Tensor:
         """A float32 buffer of at least MAX_ROWS x `width` for the shrink's output (one per linear:
@@ -427,27 +408,23 @@ class CompactFactors:
             self._scratch = torch.empty(MAX_ROWS * width)
         return self._scratch
 
-    def insert(self, slot: int, a: list[CompactTier], s: torch.Tensor, bt: list[CompactTier],
-               record: SlotRecord | None = None) -> None:
-        """Keep slot's A tiers (r_k, in) and Bᵀ tiers (r_k, out) and s (r,), replacing what it held.
-        `record`: theirs, made with them (`SlotRecord.many`); else made here."""
-        rank = int(s.numel())
-        bad = [t for t in a if t.pcols < self.in_features or t.blocked] + [t for t in bt if t.pcols < self.out_features]
-        if bad or sum(t.rows for t in a) != rank or sum(t.rows for t in bt) != rank:
+    def insert(self, slot: int, record: SlotRecord) -> None:
+        """Keep a pack's tiers of this linear in `slot` (A (r_k, in), Bᵀ (r_k, out) blocked, as
+        `SlotRecord.of_deltas` makes them), replacing what it held."""
+        # (its tiers' rows add up to its rank and Bᵀ's are blocked by construction)
+        if record.a.shape[0] and (record.cols[0] < self.in_features or record.cols[1] < self.out_features):
+            a, b = record.a, record.b
             raise ValueError(
-                f"factor tiers of shapes {[tuple(t.codes.shape) for t in a]} and {[tuple(t.codes.shape) for t in bt]} "
-                f"do not match rank {rank} and this linear's ({self.in_features} -> {self.out_features}).")
-        if record is None or record.tiers[0] is not a or record.tiers[1] is not bt:
-            record = SlotRecord.of(a, bt, s)
-        self.slots[slot] = (a, bt, record.s)
-        self._records[slot] = record
+                f"factor tiers of (rows, columns) {a[:, [_ROWS, _PCOLS]].tolist()} and {b[:, [_ROWS, _PCOLS]].tolist()} "
+                f"do not fit this linear ({self.in_features} -> {self.out_features}).")
+        self.slots[slot] = record
         self._single[slot] = record.plan(self.in_features, self.out_features)
         self._plans.clear()
         self.version += 1
 
     def remove(self, slot: int) -> None:
         if self.slots.pop(slot, None) is not None:
-            del self._records[slot], self._single[slot]
+            del self._single[slot]
             self._plans.clear()
             if not self.slots:
                 self._scratch = torch.empty(0)
@@ -521,7 +498,7 @@ class CompactFactors:
         if plan is not None:
             self._plans.move_to_end(slot_order)
             return plan
-        recs = [self._records[slot] for slot in slot_order]
+        recs = [self.slots[slot] for slot in slot_order]
         ranks = [r.s.numel() for r in recs]
         tiers = [len(r.a) for r in recs]
         a, b = np.concatenate([r.a for r in recs]), np.concatenate([r.b for r in recs])
@@ -530,7 +507,7 @@ class CompactFactors:
         b[:, _COL] += first_col
         first_tier = np.cumsum([0] + tiers[:-1])
         row_tier = np.concatenate([r.row_tier + t for r, t in zip(recs, first_tier)])
-        keep = [self.slots[slot] for slot in slot_order]  # the tier arrays hold raw pointers into these
+        keep = recs  # the tier arrays hold raw pointers into their tensors
         plan = _Plan((_Tier * len(a)).from_buffer(a), (_Tier * len(b)).from_buffer(b), torch.from_numpy(row_tier),
                      torch.from_numpy(np.concatenate([r.row_index for r in recs])), torch.cat([r.s for r in recs]),
                      torch.from_numpy(np.repeat(np.arange(len(recs), dtype=np.int64), ranks)),

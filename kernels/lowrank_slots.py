@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from skillpack_kernels.factors import LowRankDelta, factor_tiers_of_many
-from skillpack_kernels.lowrank_compact import (CompactFactors, CompactTier, SlotRecord, available as compact_available,
-                                               compact_tiers)
+from skillpack_kernels.lowrank_compact import CompactFactors, SlotRecord, available as compact_available
 from skillpack_kernels.lowrank_cpu import ConcatFactors
 from skillpack_kernels.quant import QuantTensor, dequantize_groupwise, packed_row_bytes, padded_cols
 
@@ -126,22 +125,18 @@ class BitPool:
 CPU_FORMS = ("auto", "compact", "dense")
 
 
-def compact_tiers_of(deltas: list[LowRankDelta]) -> list[tuple[list[CompactTier], list[CompactTier], SlotRecord]]:
-    """Each delta's (A tiers, Bᵀ tiers, record) as the compact CPU form keeps them, made together."""
-    a_all, ra = compact_tiers([t for d in deltas for t in d.a_tiers])
-    bt_all, rb = compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True)  # laid out for the expand
-    a_it, bt_it = iter(a_all), iter(bt_all)
-    a = [[next(a_it) for _ in d.a_tiers] for d in deltas]
-    bt = [[next(bt_it) for _ in d.bt_tiers] for d in deltas]
-    records = SlotRecord.many(a, bt, [d.s for d in deltas], (ra, rb))
-    for d, r in zip(deltas, records):  # each linear's plan alone, made here, off the engine thread
+def compact_records_of(deltas: list[LowRankDelta]) -> list[SlotRecord]:
+    """Each delta's record as the compact CPU form keeps it, made together, each with its plan
+    alone (made here, off the engine thread: a new pack's first step needs it)."""
+    records = SlotRecord.of_deltas(deltas)
+    for d, r in zip(deltas, records):
         r.plan(d.in_features, d.out_features)
-    return list(zip(a, bt, records))
+    return records
 
 
-def cpu_tiers_of_many(deltas: list[LowRankDelta], cpu_form: str) -> list[tuple[list, list]]:
+def cpu_tiers_of_many(deltas: list[LowRankDelta], cpu_form: str) -> list:
     """What `prepare(..., tiers=)` takes for each delta, for slots of `cpu_form`, in one batched pass."""
-    return compact_tiers_of(deltas) if cpu_form == "compact" else factor_tiers_of_many(deltas)
+    return compact_records_of(deltas) if cpu_form == "compact" else factor_tiers_of_many(deltas)
 
 
 def _widen(buf: torch.Tensor, cap: int) -> torch.Tensor:
@@ -191,11 +186,11 @@ class LowRankSlots:
     def loaded(self) -> frozenset[int]:
         return self._loaded_view
 
-    def prepare(self, delta: LowRankDelta, tiers: tuple[list, list] | None = None,
+    def prepare(self, delta: LowRankDelta, tiers: "tuple[list, list] | SlotRecord | None" = None,
                 validated: bool = False) -> "PreparedLowRank":
         """Check `delta` against these slots and convert what `load` will copy (changes nothing).
-        `tiers`: its (A tiers, Bᵀ tiers) already converted for this CPU form (a pack's, batched:
-        `cpu_tiers_of_many`); `validated`: the pack reader has already run `delta.validate()`."""
+        `tiers`: it already converted for this CPU form (a pack's, batched: `cpu_tiers_of_many`),
+        its record (compact) or its (A tiers, Bᵀ tiers) (dense); `validated`: the pack reader has already run `delta.validate()`."""
         if not validated:
             delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):
@@ -208,8 +203,7 @@ class LowRankSlots:
         if self.cpu_form is None:
             return PreparedLowRank(delta, None, None)
         if self.cpu_form == "compact":
-            a, bt, record = tiers if tiers is not None else compact_tiers_of([delta])[0]
-            return PreparedLowRank(delta, a, bt, record)
+            return PreparedLowRank(delta, None, None, tiers if tiers is not None else compact_records_of([delta])[0])
         a, bt = tiers if tiers is not None else factor_tiers_of_many([delta])[0]
         return PreparedLowRank(delta, [t.to(self.dtype) for t in a], [t.to(self.dtype) for t in bt])
 
@@ -225,7 +219,7 @@ class LowRankSlots:
         self.rank[slot] = delta.rank
         if self.cpu_factors is not None:
             if prepared.record is not None:
-                self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt, prepared.record)
+                self.cpu_factors.insert(slot, prepared.record)
             else:
                 self.cpu_factors.insert(slot, prepared.a, delta.s, prepared.bt)
         if not self.packed:
@@ -300,9 +294,9 @@ class LowRankSlots:
 
 @dataclass
 class PreparedLowRank:
-    """A checked delta and, for slots with a CPU form, its A and Bᵀ tiers in that form, in tier
-    order: `CompactTier`s (compact), or dequantized (r_k, in) / (r_k, out) blocks in the slots'
-    dtype (dense, copied into place by `ConcatFactors.insert`); compact ones come with their record."""
+    """A checked delta and, for slots with a CPU form, the delta in that form: its record (compact),
+    or its A and Bᵀ tiers dequantized, (r_k, in) / (r_k, out) blocks in the slots' dtype, in tier
+    order (dense, copied into place by `ConcatFactors.insert`)."""
 
     delta: LowRankDelta
     a: list | None

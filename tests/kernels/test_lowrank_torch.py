@@ -386,14 +386,21 @@ def test_file_codes_become_the_kernels_chunks_as_torchs_ops_make_them(bits, bloc
 
 
 def test_a_packs_records_made_together_equal_each_made_alone():
-    """`SlotRecord.many` (all linears of a pack in a few array ops) against one linear at a time."""
-    from skillpack_kernels.lowrank_compact import SlotRecord
-    from skillpack_kernels.lowrank_slots import compact_tiers_of
+    """`SlotRecord.of_deltas` for many linears (a pack's, in a few array ops) against each linear's
+    made alone: the same tiers, columns and rows, and the same factors read back through them."""
+    from skillpack_kernels.lowrank_compact import CompactFactors, SlotRecord
 
     ds = deltas() + deltas(seed=7)
-    together = compact_tiers_of(ds)
-    for (a, bt, record), d in zip(together, ds):
-        alone = SlotRecord.of(a, bt, d.s)
-        for field in ("a", "b", "row_tier", "row_index"):
-            assert (getattr(record, field) == getattr(alone, field)).all(), field
-        assert torch.equal(record.s, alone.s) and record.plan(IN_F, OUT_F).width == d.rank
+    factors = CompactFactors(IN_F, OUT_F)
+    for record, d in zip(SlotRecord.of_deltas(ds), ds):
+        (alone,) = SlotRecord.of_deltas([d])
+        assert (record.row_tier == alone.row_tier).all() and (record.row_index == alone.row_index).all()
+        for got, want in ((record.a, alone.a), (record.b, alone.b)):  # all fields but the addresses (0-2)
+            assert (got[:, 3:] == want[:, 3:]).all()
+        assert torch.equal(record.s, alone.s) and record.nbytes == alone.nbytes
+        factors.insert(0, record)
+        factors.insert(1, alone)
+        for got, want in zip(factors.factors(0), factors.factors(1)):
+            assert torch.equal(got, want)
+        a, s, b = factors.factors(0)  # and both are the delta's own
+        assert torch.allclose((b.double() * s.double()) @ a.double(), d.dense(torch.float64), atol=1e-6)
