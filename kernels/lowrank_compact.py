@@ -388,7 +388,7 @@ class CompactFactors:
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.slots: dict[int, SlotRecord] = {}
-        self._single: dict[int, _Plan] = {}  # per slot, its plan alone: made at insert, as a new pack's first step needs it
+        self._single: dict[int, _Plan] = {}  # per slot, its plan alone (made with its record)
         self.version = 0  # changes with every insert and remove: a DecodeStep of older slots refuses to run
         self._plans: OrderedDict[tuple[int, ...], _Plan] = OrderedDict()  # plans of several packs, most recent last
         self._scratch = torch.empty(0)  # the shrink's output t, MAX_ROWS rows of the widest plan
@@ -415,8 +415,8 @@ class CompactFactors:
         if record.a.shape[0] and (record.cols[0] < self.in_features or record.cols[1] < self.out_features):
             a, b = record.a, record.b
             raise ValueError(
-                f"factor tiers of (rows, columns) {a[:, [_ROWS, _PCOLS]].tolist()} and {b[:, [_ROWS, _PCOLS]].tolist()} "
-                f"do not fit this linear ({self.in_features} -> {self.out_features}).")
+                f"factor tiers of (rows, columns) {a[:, [_ROWS, _PCOLS]].tolist()} and "
+                f"{b[:, [_ROWS, _PCOLS]].tolist()} do not fit this linear ({self.in_features} -> {self.out_features}).")
         self.slots[slot] = record
         self._single[slot] = record.plan(self.in_features, self.out_features)
         self._plans.clear()

@@ -190,7 +190,8 @@ class LowRankSlots:
                 validated: bool = False) -> "PreparedLowRank":
         """Check `delta` against these slots and convert what `load` will copy (changes nothing).
         `tiers`: it already converted for this CPU form (a pack's, batched: `cpu_tiers_of_many`),
-        its record (compact) or its (A tiers, Bᵀ tiers) (dense); `validated`: the pack reader has already run `delta.validate()`."""
+        its record (compact) or its (A tiers, Bᵀ tiers) (dense); `validated`: the pack reader has
+        already run `delta.validate()`."""
         if not validated:
             delta.validate()
         if (delta.in_features, delta.out_features) != (self.in_features, self.out_features):

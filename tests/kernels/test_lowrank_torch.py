@@ -404,3 +404,15 @@ def test_a_packs_records_made_together_equal_each_made_alone():
             assert torch.equal(got, want)
         a, s, b = factors.factors(0)  # and both are the delta's own
         assert torch.allclose((b.double() * s.double()) @ a.double(), d.dense(torch.float64), atol=1e-6)
+
+
+def test_a_record_for_another_linears_shape_is_refused_with_its_tiers():
+    """`CompactFactors.insert` checks a record against its linear: too few columns is refused,
+    naming the tiers' rows and columns and the linear's shape, and the slot stays as it was."""
+    from skillpack_kernels.lowrank_compact import CompactFactors, SlotRecord
+
+    (small,) = SlotRecord.of_deltas([make_delta(IN_F - 40, OUT_F, [(3, 4), (2, 8)], group_size=8, seed=3)])
+    factors = CompactFactors(IN_F, OUT_F)
+    with pytest.raises(ValueError, match=rf"\[\[3, 32\], \[2, 32\]\].*\({IN_F} -> {OUT_F}\)"):
+        factors.insert(0, small)
+    assert factors.slots == {} and factors.version == 0
