@@ -1,11 +1,11 @@
 """The CPU path on compact factors: every loaded slot's tiers kept as codes, computed on directly.
 
 `CompactFactors` is `ConcatFactors`' drop-in for one linear (same `remove`/`factors`/`add`/
-`nbytes`; `insert` takes a `SlotRecord`), but it keeps each tier of each slot as codes, a nibble each for the file's 2-
-and 4-bit tiers and a byte each for 8-bit ones, with float32 group scales and zeros: about a
-seventh of the float32 factors' bytes for GraftLLM's 8/4/2-bit tiers. Steps run the C kernels
-of kernels/lowrank_compact.c, `MAX_ROWS` rows a call, which work on the codes and follow the
-rows that use each pack:
+`nbytes`; `insert` takes a `SlotRecord`), but it keeps each tier of each slot as codes, a
+nibble each for the file's 2- and 4-bit tiers and a byte each for 8-bit ones, with float32
+group scales and zeros: about a seventh of the float32 factors' bytes for GraftLLM's 8/4/2-bit
+tiers. Steps run the C kernels of kernels/lowrank_compact.c, `MAX_ROWS` rows a call, which
+work on the codes and follow the rows that use each pack:
 
     t = x @ Aᵀ                        (shrink, on the codes, only each pack's own rows)
     t *= W[row, pack_of_col] · s      (folded into the shrink)
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import logging
 import os
 import platform
