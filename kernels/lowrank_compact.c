@@ -401,25 +401,57 @@ int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_in
     return 0;
 }
 
+/* A plan's columns as the kernels walk them (each column's tier, row, pointers and widths),
+   looked up once per plan and linear (`plan_new`), not on every call: a decode step makes
+   hundreds of calls with the same plan. The tiers it points into must outlive it. */
+typedef struct {
+    Col *a, *b;
+    int64_t R, in_cols, out_cols;
+} Plan;
+
+void plan_free(void *plan) {
+    Plan *P = (Plan *)plan;
+    if (!P) return;
+    free(P->a);
+    free(P->b);
+    free(P);
+}
+
+/* the plan of tiers a and b (A: in_cols wide, Bᵀ: out_cols) whose column k of t is row
+   row_index[k] of tier row_tier[k]; NULL when out of memory */
+void *plan_new(const Tier *a, const Tier *b, const int64_t *row_tier, const int64_t *row_index, int64_t R,
+               int64_t in_cols, int64_t out_cols) {
+    Plan *P = (Plan *)calloc(1, sizeof(Plan));
+    if (!P) return NULL;
+    P->a = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
+    P->b = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
+    if (!P->a || !P->b) {
+        plan_free(P);
+        return NULL;
+    }
+    make_cols(a, row_tier, row_index, R, in_cols, P->a);
+    make_cols(b, row_tier, row_index, R, out_cols, P->b);
+    P->R = R, P->in_cols = in_cols, P->out_cols = out_cols;
+    return P;
+}
+
 /* y += the step's low-rank deltas for rows of x, one call per linear (x: n x in_cols, y: n x
    out_cols with row stride ldy). weights (n x ldw): row i's weight for each of the step's
    ldw - 1 packs. The rest is the step's plan, the same for every step with this set of
-   packs: the tiers a and b; row_tier and row_index (R): the tier and row of column k of t;
-   pack_of_col (R): the pack of column k, nondecreasing (a pack's ranks are consecutive
-   columns); s (R): singular values; t: n x R scratch. Work follows the rows that use each
-   pack, not every row: in a batch whose rows each use their own pack, an eighth of a dense
-   formulation's. */
+   packs (`plan_new`: its tiers, and the tier and row of each column k of t); pack_of_col
+   (R): the pack of column k, nondecreasing (a pack's ranks are consecutive columns); s (R):
+   singular values; t: n x R scratch. Work follows the rows that use each pack, not every
+   row: in a batch whose rows each use their own pack, an eighth of a dense formulation's. */
 int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *weights, int64_t ldw, int64_t threads,
-                int64_t in_cols, int64_t out_cols, const Tier *a, const Tier *b, const int64_t *row_tier,
-                const int64_t *row_index, int64_t R, const int64_t *pack_of_col, const float *s, float *t) {
+                const void *plan, const int64_t *pack_of_col, const float *s, float *t) {
     if (n > MAX_ROWS) return 1;
-    const int64_t npacks = ldw - 1;
-    Col *ca = (Col *)malloc(sizeof(Col) * (size_t)(R + 1)), *cb = (Col *)malloc(sizeof(Col) * (size_t)(R + 1));
+    const Plan *P = (const Plan *)plan;
+    const int64_t npacks = ldw - 1, R = P->R, in_cols = P->in_cols, out_cols = P->out_cols;
     int64_t *prow = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks * n + 1));
     int64_t *pcount = (int64_t *)calloc((size_t)(npacks + 1), sizeof(int64_t));
     int64_t *kstart = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks + 2));
-    if (!ca || !cb || !prow || !pcount || !kstart) {
-        free(ca); free(cb); free(prow); free(pcount); free(kstart);
+    if (!prow || !pcount || !kstart) {
+        free(prow); free(pcount); free(kstart);
         return 2;
     }
     for (int64_t p = 0; p < npacks; p++)
@@ -429,16 +461,14 @@ int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *w
         while (k < R && pack_of_col[k] < p) k++;
         kstart[p] = k;
     }
-    make_cols(a, row_tier, row_index, R, in_cols, ca);
-    make_cols(b, row_tier, row_index, R, out_cols, cb);
     /* a second thread costs tens of microseconds to wake where torch's OpenMP threads sleep
        between ops (more OpenMP threads than cores: libgomp barely spins): only a step with
        enough work (rows x ranks x widths) gets one */
     int64_t fmas = 0;
     for (int64_t p = 0; p < npacks; p++) fmas += pcount[p] * (kstart[p + 1] - kstart[p]) * (in_cols + out_cols);
     if (fmas < parallel_fmas) threads = 1;
-    seg_shrink(x, in_cols, ca, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, cb, out_cols, threads);
-    seg_expand(y, ldy, out_cols, t, R, cb, kstart, prow, pcount, npacks, n, threads);
-    free(ca); free(cb); free(prow); free(pcount); free(kstart);
+    seg_shrink(x, in_cols, P->a, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, P->b, out_cols, threads);
+    seg_expand(y, ldy, out_cols, t, R, P->b, kstart, prow, pcount, npacks, n, threads);
+    free(prow); free(pcount); free(kstart);
     return 0;
 }

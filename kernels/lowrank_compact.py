@@ -32,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,7 +106,9 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.to_chunks.argtypes, lib.to_chunks.restype = [ptr, i64, i64, i64, i64, ptr, i64, ptr], None
-    lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64] + [i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+    lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.plan_new.argtypes, lib.plan_new.restype = [ptr, ptr, ptr, ptr, i64, i64, i64], ptr
+    lib.plan_free.argtypes, lib.plan_free.restype = [ptr], None
     for fn in (lib.dequantize, lib.lowrank_add):
         fn.restype = ctypes.c_int
     lib.set_parallel_fmas.argtypes, lib.set_parallel_fmas.restype = [i64], i64
@@ -267,6 +270,7 @@ class _Plan:
     keep: list  # the tensors the ctypes arrays point into
 
     args: tuple = ()  # lowrank_add's plan arguments, set by `for_linear`
+    linear: tuple = ()  # (in, out) of the linear it was made for
 
     @property
     def width(self) -> int:
@@ -281,10 +285,17 @@ class _Plan:
         return ctypes.addressof(self.b)
 
     def for_linear(self, in_features: int, out_features: int) -> "_Plan":
-        """Fix the arguments every step with this plan passes: a decode step repeats them for
-        every token, and building them is a good part of a call's Python time."""
-        self.args = (in_features, out_features, self.a_ptr, self.b_ptr, self.row_tier.data_ptr(),
-                     self.row_index.data_ptr(), self.width, self.pack_of_col.data_ptr(), self.s.data_ptr())
+        """Look its columns up once for this linear (the kernels' `plan_new`, freed with this
+        object) and fix the arguments every call with it passes: a decode step makes hundreds
+        of calls, and both were redone on every one."""
+        lib = library()
+        handle = lib.plan_new(self.a_ptr, self.b_ptr, self.row_tier.data_ptr(), self.row_index.data_ptr(), self.width,
+                              in_features, out_features)
+        if not handle:
+            raise MemoryError(f"no memory for a plan of {self.width} columns.")
+        weakref.finalize(self, lib.plan_free, handle)
+        self.linear = (in_features, out_features)
+        self.args = (handle, self.pack_of_col.data_ptr(), self.s.data_ptr())
         return self
 
 
@@ -343,7 +354,7 @@ class SlotRecord:
 
     def plan(self, in_features: int, out_features: int) -> _Plan:
         """This linear's plan alone (made once)."""
-        if self.single is None or self.single.args[:2] != (in_features, out_features):
+        if self.single is None or self.single.linear != (in_features, out_features):
             self.single = _Plan((_Tier * len(self.a)).from_buffer(self.a), (_Tier * len(self.b)).from_buffer(self.b),
                                 torch.from_numpy(self.row_tier), torch.from_numpy(self.row_index), self.s,
                                 self.pack_of_col, [self]).for_linear(in_features, out_features)
@@ -355,10 +366,11 @@ class DecodeStep:
     engine calls every linear of a step with the same packs and weights, and a decode step's
     Python time per call was a third of the kernels' own."""
 
-    __slots__ = ("factors", "version", "x_shape", "y_shape", "weights", "scratch", "fixed", "fn")
+    __slots__ = ("factors", "plan", "version", "x_shape", "y_shape", "weights", "scratch", "fixed", "fn")
 
     def __init__(self, factors: "CompactFactors", plan: _Plan, weights: torch.Tensor):
-        self.factors, self.version = factors, factors.version
+        # the plan is kept: the call reads its columns by address (the linear keeps only its last few plans)
+        self.factors, self.plan, self.version = factors, plan, factors.version
         n = weights.shape[0]
         self.x_shape, self.y_shape = (n, factors.in_features), (n, factors.out_features)
         self.weights = weights.contiguous()  # kept, as the scratch is: the call reads both by address
