@@ -26,6 +26,9 @@ from skillpack_server.model.batch import SeqSpan, StepBatch
 
 # decode rows through the Triton kernel: "auto" = on CUDA; tests set "triton" to run it interpreted
 DECODE_KERNEL = "auto"
+# CPU decode rows whose longest one needs fewer multiply-adds than this (q·K and p·V) run on one
+# thread: SmolLM2's 9 heads of 64 up to 1,820 tokens (the compact kernels use the same bound)
+ONE_THREAD_FMAS = 2 << 20
 
 
 def paged_attention(
@@ -53,11 +56,15 @@ def paged_attention(
         # one grouped matmul per sequence over its keys where they lie: gathering every row's
         # pages into one padded batch copies K and V once more per layer, and measured 2-6x
         # slower from 4 rows x 1536 tokens to 16 rows x 160; only many very short rows
-        # (32 x 64 tokens) gained from it (15 %), not worth a second path. The rows run on one
-        # thread: each op is small (one row's keys), and where torch has more OpenMP threads than
-        # free cores a second thread took tens of microseconds to wake for every op, more than
-        # the op itself (8 rows of 16 + 32 tokens: base decode 59.5 -> 66.3 tok/s)
-        with one_thread() if not q.is_cuda else contextlib.nullcontext():
+        # (32 x 64 tokens) gained from it (15 %), not worth a second path. Rows of short contexts
+        # run on one thread: each op is small (one row's keys), and where torch has more OpenMP
+        # threads than free cores a second thread took tens of microseconds to wake for every op,
+        # more than the op itself (8 rows of 16 + 32 tokens: base decode 59.5 -> 66.3 tok/s);
+        # longer ones keep torch's threads (many cores: a long row's ops are worth splitting)
+        heads, dim = q.shape[1], q.shape[2]
+        longest = max((s.context_len for s in decode), default=0)
+        small = not q.is_cuda and longest * heads * dim * 2 < ONE_THREAD_FMAS
+        with one_thread() if small else contextlib.nullcontext():
             for span in decode:
                 out[span.first] = _attend(q[span.first : span.first + 1], k_cache, v_cache, span, page_size, scale,
                                           sliding_window, softcap)[0]

@@ -91,6 +91,17 @@ def test_attention_equals_a_float64_loop(specs, window, softcap, runs):
     run_case(specs, window, softcap, runs=runs)
 
 
+@pytest.mark.parametrize("bound", [0, 1 << 40], ids=["torch-threads", "one-thread"])
+def test_cpu_decode_rows_on_one_thread_or_torchs_give_the_same_attention(bound, monkeypatch):
+    """Short rows run on one thread, long ones on torch's: both against the float64 loop, and
+    the calling thread's torch threads are as they were after."""
+    monkeypatch.setattr(attention, "ONE_THREAD_FMAS", bound)
+    threads = torch.get_num_threads()
+    run_case(UNEVEN, None, None, runs=True)
+    run_case(MIXED, 5, 7.5, runs=False)
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_decode_rows_through_the_triton_kernel(window):
     # what CUDA runs, interpreted: the kernel is wired with the right tables, rows and positions
