@@ -429,7 +429,7 @@ def _read_unchanged(path: str | os.PathLike) -> SkillPack:
         metadata, tensors = read_unchanged(path)
     except CheckpointError as e:
         raise PackError(str(e)) from None
-    manifest = from_json(metadata[MANIFEST_KEY])  # as the header: the checked read used json
+    manifest = from_json(metadata[MANIFEST_KEY])  # pydantic-core's parser, as for the header (2-3x json's speed)
     deltas = {m["name"]: _load_delta(tensors, m, check_values=False) for m in manifest["modules"]}
     return SkillPack(manifest, deltas, _records(manifest))
 

@@ -12,7 +12,7 @@ the allocator finds one, so a sequence's keys are usually a view of the cache, r
 (without soft-capping) decode rows go to the Triton kernel that reads K/V pages in place
 (`skillpack_kernels.paged_attention`); prefill chunks run per sequence through SDPA (flash when
 the chunk starts the sequence). On the CPU, decode rows are one grouped matmul per sequence,
-on one thread.
+on one thread while the rows are short (`ONE_THREAD_FMAS`).
 """
 from __future__ import annotations
 
