@@ -353,11 +353,12 @@ class SlotRecord:
         return total
 
     def plan(self, in_features: int, out_features: int) -> _Plan:
-        """This linear's plan alone (made once)."""
+        """This linear's plan alone (made once). It keeps the tensors, not this record: a cycle
+        would leave an evicted pack's memory to the cyclic collector."""
         if self.single is None or self.single.linear != (in_features, out_features):
             self.single = _Plan((_Tier * len(self.a)).from_buffer(self.a), (_Tier * len(self.b)).from_buffer(self.b),
                                 torch.from_numpy(self.row_tier), torch.from_numpy(self.row_index), self.s,
-                                self.pack_of_col, [self]).for_linear(in_features, out_features)
+                                self.pack_of_col, [self.keep]).for_linear(in_features, out_features)
         return self.single
 
 

@@ -416,3 +416,26 @@ def test_a_record_for_another_linears_shape_is_refused_with_its_tiers():
     with pytest.raises(ValueError, match=rf"\[\[3, 32\], \[2, 32\]\].*\({IN_F} -> {OUT_F}\)"):
         factors.insert(0, small)
     assert factors.slots == {} and factors.version == 0
+
+
+def test_an_evicted_packs_memory_is_freed_at_once_without_the_collector():
+    """Records and their plans hold no reference cycle: removing a slot frees its tensors by
+    reference counting alone (a cycle left them, and each plan's kernel-side copy, to the
+    cyclic collector, which the server runs rarely)."""
+    import gc
+    import weakref
+
+    from skillpack_kernels.lowrank_compact import CompactFactors, SlotRecord
+
+    factors = CompactFactors(IN_F, OUT_F)
+    records = SlotRecord.of_deltas(deltas())
+    codes = weakref.ref(records[0].keep[0])
+    factors.insert(0, records[0])
+    factors.decode_step((0,), torch.tensor([[1.0, 0.0]]))  # a step's call holds the plan too
+    del records
+    gc.disable()
+    try:
+        factors.remove(0)
+        assert codes() is None
+    finally:
+        gc.enable()
