@@ -357,9 +357,8 @@ INLINE void chunk_row(const uint8_t *src, int64_t src_bytes, int64_t bits, uint8
 
 /* A layout's tiers from their file codes (src: rows x src_bytes) into the kernels' chunks (dst):
    row by row, or `blocked`, each tier's chunk j of every row side by side, the tiers (tier_rows,
-   ntiers of them, summing to rows) one after another. kernels/lowrank_compact.py's `_chunked`
-   and `_blocked_by_tier` say the same in torch (the tests' reference); one pass here instead of
-   a handful of ops over temporaries. */
+   ntiers of them, summing to rows) one after another. One pass here instead of a handful of
+   torch ops over temporaries (tests/kernels/test_lowrank_torch.py spells the layout out). */
 void to_chunks(const uint8_t *src, int64_t rows, int64_t src_bytes, int64_t bits, int64_t blocked,
                const int64_t *tier_rows, int64_t ntiers, uint8_t *dst) {
     const int64_t nch = (src_bytes * (8 / bits) + 31) >> 5, cb = bits <= 4 ? 16 : 32;

@@ -156,11 +156,6 @@ def available() -> bool:
     return library() is not None
 
 
-# byte -> its codes, for widths that pack several codes a byte (kernels/quant.py's bit order)
-_UNPACK = {bits: ((torch.arange(256)[:, None] >> (torch.arange(8 // bits) * bits)) & ((1 << bits) - 1)).to(torch.uint8)
-           for bits in (2, 4)}
-
-
 CHUNK = 32  # columns per chunk of codes (the kernels' vector width, two 16-float vectors)
 
 
@@ -174,42 +169,14 @@ CHUNK = 32  # columns per chunk of codes (the kernels' vector width, two 16-floa
 # freeing them was a good part of a load and of an eviction).
 
 
-def _chunked(codes: torch.Tensor, nibbles: bool) -> torch.Tensor:
-    """Codes (rows, pcols), one per byte, as (rows, chunks, bytes) chunks (see above)."""
-    rows, pcols = codes.shape
-    chunks = -(-pcols // CHUNK)
-    if chunks * CHUNK != pcols:
-        padded = torch.zeros(rows, chunks * CHUNK, dtype=torch.uint8)
-        padded[:, :pcols] = codes
-        codes = padded
-    out = codes.view(rows, chunks, CHUNK)
-    return (out[..., :16] | (out[..., 16:] << 4)) if nibbles else out.contiguous()
-
-
-def _blocked_by_tier(chunks: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """(all rows, chunks, bytes) row by row -> each tier's rows as (chunks, its rows, bytes), the
-    tiers one after another: a (rows x chunks, bytes) tensor, in one gather. A tier's chunk j
-    of every row then lies side by side and its chunks in order, so the expand reads a tier
-    front to back (laying out a whole layout of a pack as one (chunks, all rows, bytes) block
-    put a linear's consecutive chunks thousands of bytes apart)."""
-    total, nch, cb = chunks.shape
-    counts = torch.tensor(rows)
-    first = torch.cumsum(counts, 0) - counts
-    # for each output chunk (tier by tier, then chunk j, then row): the input chunk it takes
-    tier = torch.repeat_interleave(torch.arange(len(rows)), counts * nch)
-    tier_first, tier_rows = first[tier], counts[tier]
-    q = torch.arange(total * nch) - tier_first * nch  # its place within its tier
-    src = (tier_first + q % tier_rows) * nch + q // tier_rows
-    return chunks.reshape(-1, cb).index_select(0, src)
-
-
 def _layout_chunks(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
     """(chunks, columns) of a layout's file codes (all its tiers' rows, `rows` each): (rows,
-    chunks, bytes) row by row, or blocked by tier, (rows x chunks, bytes); in one pass of the C
-    kernels' `to_chunks` (a pack's conversion took 8 ms of torch ops), else `_layout_chunks_torch`."""
+    chunks, bytes) row by row, or blocked by tier, (rows x chunks, bytes: each tier's chunk j of
+    every row side by side, so the expand reads a tier front to back), in one pass of the C
+    kernels' `to_chunks` (a pack's conversion took 8 ms as torch ops)."""
     lib = library()
     if lib is None:
-        return _layout_chunks_torch(codes, bits, rows, blocked)
+        raise RuntimeError("the compact CPU kernels are not available on this machine (see the log).")
     total, src_bytes = codes.shape
     pcols = src_bytes * (8 // bits)
     nch, cb = -(-pcols // CHUNK), 16 if bits <= 4 else 32
@@ -218,14 +185,6 @@ def _layout_chunks(codes: torch.Tensor, bits: int, rows: list[int], blocked: boo
     lib.to_chunks(codes.contiguous().data_ptr(), total, src_bytes, bits, int(blocked), tier_rows.ctypes.data,
                   len(rows), out.data_ptr())
     return out, pcols
-
-
-def _layout_chunks_torch(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
-    """`_layout_chunks` in torch's ops: where the kernels are not built, and the tests' reference."""
-    if bits < 8:
-        codes = _UNPACK[bits].index_select(0, codes.reshape(-1).int()).view(codes.shape[0], -1)
-    chunks = _chunked(codes, bits <= 4)
-    return (_blocked_by_tier(chunks, rows) if blocked else chunks), codes.shape[1]
 
 
 def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.ndarray, list[torch.Tensor]]:
@@ -247,7 +206,7 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.nda
         keep += [chunks, scales, zeros]
         n = np.array(rows, dtype=np.int64)
         first = np.cumsum(n) - n
-        rec = np.empty((len(idx), len(_TIER_FIELDS)), dtype=np.int64)
+        rec = np.empty((len(idx), len(_TIER_FIELDS)), dtype=np.int64)  # columns in _Tier's field order
         rec[:, 0] = chunks.data_ptr() + first * (-(-pcols // CHUNK) * chunks.shape[-1])
         rec[:, 1] = scales.data_ptr() + first * scales.stride(0) * 2
         rec[:, 2] = zeros.data_ptr() + first * zeros.stride(0) * 2

@@ -367,20 +367,40 @@ def test_a_steps_fixed_call_is_made_again_after_a_slot_changes():
     torch.testing.assert_close(y2, y)
 
 
+def chunks_reference(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
+    """The kernels' chunks of file codes, spelled out: code c of a row sits in byte c // (8 / bits)
+    at bit (c % (8 / bits)) * bits; chunks of 32 columns, zero past the last; 2- and 4-bit chunks
+    are 16 bytes, byte i holding column i low and i + 16 high; blocked: per tier, chunk j of
+    each of its rows side by side."""
+    per = 8 // bits
+    cols = torch.stack([(codes >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], dim=-1)
+    cols = cols.reshape(codes.shape[0], -1)
+    pcols, nch = cols.shape[1], -(-cols.shape[1] // 32)
+    padded = torch.zeros(codes.shape[0], nch * 32, dtype=torch.uint8)
+    padded[:, :pcols] = cols
+    chunks = padded.view(-1, nch, 32)
+    if bits <= 4:
+        chunks = chunks[..., :16] | (chunks[..., 16:] << 4)
+    if not blocked:
+        return chunks, pcols
+    tiers = chunks.split(rows)
+    return torch.cat([t.transpose(0, 1).reshape(-1, t.shape[-1]) for t in tiers]), pcols
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("cols", [64, 72, 200])  # whole chunks, and a last part chunk
-def test_file_codes_become_the_kernels_chunks_as_torchs_ops_make_them(bits, blocked, cols):
-    """The C conversion (one pass) gives the bytes of the torch ops that also say the layout, for
-    tiers of several sizes, blocked by tier or row by row."""
-    from skillpack_kernels.lowrank_compact import _layout_chunks, _layout_chunks_torch, available
+def test_file_codes_become_the_kernels_chunks(bits, blocked, cols):
+    """The C conversion (one pass) against the layout spelled out in torch, for tiers of
+    several sizes, blocked by tier or row by row."""
+    from skillpack_kernels.lowrank_compact import _layout_chunks, available
 
     assert available(), "the compact kernels must build on this machine (a C compiler is required)"
     rows = [3, 16, 1, 9]
     codes = torch.randint(0, 256, (sum(rows), cols * bits // 8), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(bits * cols))
     got, got_cols = _layout_chunks(codes, bits, rows, blocked)
-    want, want_cols = _layout_chunks_torch(codes, bits, rows, blocked)
+    want, want_cols = chunks_reference(codes, bits, rows, blocked)
     assert got_cols == want_cols == cols
     assert got.shape == want.shape and torch.equal(got, want)
 
