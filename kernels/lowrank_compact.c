@@ -12,9 +12,13 @@
  * -O3 -march=native -fopenmp and the three flags that let gcc vectorise float sums
  * (-fassociative-math -fno-signed-zeros -fno-trapping-math): NaN and infinities are kept.
  */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -469,5 +473,183 @@ int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *w
     seg_shrink(x, in_cols, P->a, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, P->b, out_cols, threads);
     seg_expand(y, ldy, out_cols, t, R, P->b, kstart, prow, pcount, npacks, n, threads);
     free(prow); free(pcount); free(kstart);
+    return 0;
+}
+
+/* ---- The helper thread: a decode step's deltas beside the base GEMMs ----------------------
+
+   Measured on a 2-core box: a decode step's base GEMMs (8 rows) are no faster on two
+   threads than on one, and the deltas, on one thread, are ~10 % of the step. So during a
+   decode step with packs the caller runs torch's ops on one thread fewer and posts each
+   linear's deltas here first (`lowrank_post`, into a buffer of their own); this thread
+   computes them while the caller runs the linear's GEMM, and `lowrank_join` adds them to
+   its result. Between `helper_active(1)` and `helper_active(0)` (one step's layers) this
+   thread spins for work instead of sleeping: a wake from sleep takes tens of microseconds,
+   about what a linear's deltas take. Outside it sleeps on a condition variable. Tasks
+   run in order; one caller posts at a time (a lock keeps posts whole if not). */
+
+typedef struct {
+    float *d; /* the deltas land here (n x out_cols, zeroed first) */
+    const float *x, *weights, *s;
+    const void *plan;
+    const int64_t *pack_of_col;
+    float *t;
+    int64_t n, ldw;
+} Task;
+
+#define QUEUE 64
+static Task queue[QUEUE];
+static _Atomic int64_t posted, done; /* tasks posted, tasks finished */
+static _Atomic int active, sleeping;
+static int started;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER, post_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static _Atomic int task_codes[QUEUE];
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int run_task(const Task *T) {
+    const Plan *P = (const Plan *)T->plan;
+    memset(T->d, 0, sizeof(float) * (size_t)(T->n * P->out_cols));
+    return lowrank_add(T->d, P->out_cols, T->x, T->n, T->weights, T->ldw, 1, T->plan, T->pack_of_col, T->s, T->t);
+}
+
+static void *helper_main(void *arg) {
+    (void)arg;
+    int64_t next = 0, spun_since = now_ns();
+    for (;;) {
+        while (atomic_load(&posted) <= next) {
+            if (atomic_load(&active)) {
+                cpu_relax();
+                /* a spinning thread keeps its core; give it up now and then to whatever else is
+                   runnable there (the server's HTTP and loader threads) */
+                if (now_ns() - spun_since > 50000) {
+                    sched_yield();
+                    spun_since = now_ns();
+                }
+                continue;
+            }
+            pthread_mutex_lock(&mu);
+            atomic_store(&sleeping, 1);
+            while (atomic_load(&posted) <= next && !atomic_load(&active)) pthread_cond_wait(&cv, &mu);
+            atomic_store(&sleeping, 0);
+            pthread_mutex_unlock(&mu);
+            spun_since = now_ns();
+        }
+        const int code = run_task(&queue[next % QUEUE]);
+        atomic_store(&task_codes[next % QUEUE], code);
+        atomic_store(&done, next + 1);
+        next++;
+    }
+    return NULL;
+}
+
+static void wake_helper(void) {
+    if (atomic_load(&sleeping)) {
+        pthread_mutex_lock(&mu);
+        pthread_cond_signal(&cv);
+        pthread_mutex_unlock(&mu);
+    }
+}
+
+/* a forked child has no helper thread (only the forking thread survives): start afresh */
+static void after_fork_child(void) {
+    started = 0;
+    atomic_store(&posted, 0);
+    atomic_store(&done, 0);
+    atomic_store(&active, 0);
+    atomic_store(&sleeping, 0);
+    pthread_mutex_init(&mu, NULL);
+    pthread_mutex_init(&post_mu, NULL);
+    pthread_cond_init(&cv, NULL);
+}
+
+static int ensure_helper(void) {
+    if (started) return 0;
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    const int rc = pthread_create(&th, &attr, helper_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (rc) return 3;
+    static int hooked;
+    if (!hooked) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        hooked = 1;
+    }
+    started = 1;
+    return 0;
+}
+
+/* spin (1) through a step's layers, or sleep when idle (0); returns 3 when no thread can start */
+int helper_active(int64_t on) {
+    pthread_mutex_lock(&post_mu);
+    const int rc = ensure_helper();
+    pthread_mutex_unlock(&post_mu);
+    if (rc) return rc;
+    atomic_store(&active, on ? 1 : 0);
+    if (on) wake_helper();
+    return 0;
+}
+
+/* Post lowrank_add's work for one linear (its arguments as there, the deltas into d: n x
+   out_cols) to the helper thread; returns the ticket to join, or -1 when the step is not
+   the helper's (more rows than MAX_ROWS, or enough work to be worth the caller's threads:
+   the caller then runs lowrank_add itself), or -3 when no thread can start. x, weights and
+   d must stay as they are until the join. */
+int64_t lowrank_post(float *d, const float *x, int64_t n, const float *weights, int64_t ldw, const void *plan,
+                     const int64_t *pack_of_col, const float *s, float *t) {
+    if (n > MAX_ROWS) return -1;
+    const Plan *P = (const Plan *)plan;
+    int64_t fmas = 0;
+    for (int64_t k = 0; k < P->R; k++) {
+        int64_t rows = 0;
+        for (int64_t i = 0; i < n; i++) rows += weights[i * ldw + pack_of_col[k]] != 0.0f;
+        fmas += rows * (P->in_cols + P->out_cols);
+    }
+    if (fmas >= parallel_fmas) return -1;
+    pthread_mutex_lock(&post_mu);
+    if (ensure_helper()) {
+        pthread_mutex_unlock(&post_mu);
+        return -3;
+    }
+    const int64_t ticket = atomic_load(&posted);
+    while (ticket - atomic_load(&done) >= QUEUE) cpu_relax(); /* full: the oldest must finish first */
+    queue[ticket % QUEUE] = (Task){d, x, weights, s, plan, pack_of_col, t, n, ldw};
+    atomic_store(&posted, ticket + 1);
+    pthread_mutex_unlock(&post_mu);
+    wake_helper();
+    return ticket;
+}
+
+/* Wait for task `ticket`; then y (n x cols, row stride ldy) += d (n x cols) on the rows that
+   use a pack (weights: n x ldw, as posted; the others stay bit for bit), unless y is NULL.
+   Returns the task's code (0, or lowrank_add's). */
+int lowrank_join(int64_t ticket, float *y, int64_t ldy, const float *d, int64_t n, int64_t cols,
+                 const float *weights, int64_t ldw) {
+    while (atomic_load(&done) <= ticket) cpu_relax();
+    const int code = atomic_load(&task_codes[ticket % QUEUE]);
+    if (code || !y) return code;
+    for (int64_t i = 0; i < n; i++) {
+        int used = 0;
+        for (int64_t p = 0; p < ldw - 1; p++) used |= weights[i * ldw + p] != 0.0f;
+        if (!used) continue;
+        float *yi = y + i * ldy;
+        const float *di = d + i * cols;
+        for (int64_t c = 0; c < cols; c++) yi[c] += di[c];
+    }
     return 0;
 }
