@@ -32,7 +32,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from skillpack_kernels.quant import QuantTensor
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lowrank_compact.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-pthread", "-fPIC", "-shared",
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
          "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 MAX_ROWS = 64  # rows per kernel call (MAX_ROWS in the source); bigger steps take several calls
 # Bigger steps go through the row kernels when they have at most this many rows or use at least
@@ -114,9 +113,6 @@ def library() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.set_parallel_fmas.argtypes, lib.set_parallel_fmas.restype = [i64], i64
     lib.set_omp_threads.argtypes, lib.set_omp_threads.restype = [i64], i64
-    lib.helper_active.argtypes, lib.helper_active.restype = [i64], ctypes.c_int
-    lib.lowrank_post.argtypes, lib.lowrank_post.restype = [ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr], i64
-    lib.lowrank_join.argtypes, lib.lowrank_join.restype = [i64, ptr, i64, ptr, i64, i64, ptr, i64], ctypes.c_int
     return lib
 
 
@@ -136,31 +132,6 @@ def one_thread():
         yield
     finally:
         lib.set_omp_threads(old)
-
-
-_overlap = threading.local()  # .on: inside `overlapped` on this thread
-
-
-@contextmanager
-def overlapped(enabled: bool = True):
-    """Meanwhile a decode step's deltas may go to the kernels' helper thread (`DecodeStep.post`),
-    computed while the caller runs the linear's GEMM, and torch's ops on the calling thread run
-    on one thread fewer, leaving the helper its core (the C source says why: on a 2-core box a
-    decode step's GEMMs were no faster on two threads, and the deltas were ~10 % of the step).
-    Nothing changes where `enabled` is false, the kernels are not built, or torch has one thread."""
-    lib = library()
-    threads = torch.get_num_threads()
-    if not enabled or lib is None or threads < 2 or getattr(_overlap, "on", False) or lib.helper_active(1):
-        yield
-        return
-    old = lib.set_omp_threads(threads - 1)
-    _overlap.on = True
-    try:
-        yield
-    finally:
-        _overlap.on = False
-        lib.set_omp_threads(old)
-        lib.helper_active(0)
 
 
 def set_parallel_fmas(fmas: int) -> int:
@@ -355,8 +326,7 @@ class DecodeStep:
     engine calls every linear of a step with the same packs and weights, and a decode step's
     Python time per call was a third of the kernels' own."""
 
-    __slots__ = ("factors", "plan", "version", "x_shape", "y_shape", "weights", "scratch", "fixed", "fn", "delta",
-                 "pending")
+    __slots__ = ("factors", "plan", "version", "x_shape", "y_shape", "weights", "scratch", "fixed", "fn")
 
     def __init__(self, factors: "CompactFactors", plan: _Plan, weights: torch.Tensor):
         # the plan is kept: the call reads its columns by address (the linear keeps only its last few plans)
@@ -368,8 +338,6 @@ class DecodeStep:
         self.fixed = (self.weights.data_ptr(), self.weights.stride(0), torch.get_num_threads(), *plan.args,
                       self.scratch.data_ptr())
         self.fn = factors._lib.lowrank_add
-        self.delta: torch.Tensor | None = None  # the helper thread's output (`post`), made on first use
-        self.pending: tuple[int, torch.Tensor] | None = None  # (ticket, x) of the posted call
 
     @property
     def stale(self) -> bool:
@@ -384,37 +352,6 @@ class DecodeStep:
             return False
         self.factors._check(self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), self.x_shape[0], *self.fixed))
         return True
-
-    def post(self, x: torch.Tensor) -> bool:
-        """Inside `overlapped`, start the step's deltas for x on the helper thread, to be added
-        by `finish` once the caller has the linear's base result; False (nothing started) where
-        `run` would refuse x, outside `overlapped`, or for a step with enough work for the
-        caller's threads."""
-        if (not getattr(_overlap, "on", False) or self.stale or x.shape != self.x_shape
-                or x.dtype != torch.float32 or not x.is_contiguous()):
-            return False
-        if self.delta is None:
-            self.delta = torch.empty(self.y_shape)
-        weights, ldw, _, handle, pack_of_col, s, t = self.fixed
-        ticket = self.factors._lib.lowrank_post(self.delta.data_ptr(), x.data_ptr(), self.x_shape[0], weights, ldw,
-                                                handle, pack_of_col, s, t)
-        if ticket < 0:
-            return False
-        self.pending = (ticket, x)  # x is read by address until the join
-        return True
-
-    def finish(self, y: torch.Tensor | None) -> None:
-        """Wait for the posted deltas and add them to y (the linear's base result, (N, out));
-        None only waits (the caller gives up on y)."""
-        ticket, _ = self.pending
-        self.pending = None
-        direct = y is not None and y.dtype == torch.float32 and y.shape == self.y_shape and y.stride(1) == 1
-        self.factors._check(self.factors._lib.lowrank_join(ticket, y.data_ptr() if direct else None,
-                                                           y.stride(0) if direct else 0, self.delta.data_ptr(),
-                                                           *self.y_shape, *self.fixed[:2]))
-        if y is not None and not direct:  # rounded once, as the other paths do; rows without a pack unchanged
-            used = self.weights[:, :-1].ne(0).any(1)
-            y[used] = y[used].float().add_(self.delta[used]).to(y.dtype)
 
 
 class CompactFactors:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from skillpack_kernels.lowrank_compact import CompactFactors, DecodeStep
+from skillpack_kernels.lowrank_compact import CompactFactors
 from skillpack_kernels.lowrank_slots import LowRankSlots
 from skillpack_kernels.row_packs import RowPacks
 
@@ -23,7 +23,9 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}.")
     if backend != "triton":  # a decode step on the compact CPU kernels: one fixed call per linear
-        step = _cached_step(slots, row_packs)
+        step = row_packs.steps.get(slots, _UNSET)
+        if step is _UNSET or (step is not None and step.stale):  # stale: a slot changed since (a load)
+            step = row_packs.steps[slots] = _decode_step(slots, row_packs)
         if step is not None and step.run(y, x):
             return
     _check_inputs(y, x, slots, row_packs)
@@ -60,23 +62,7 @@ def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row
     expand_torch(y, t, pools, cols, row_packs)
 
 
-def start_lowrank(x: torch.Tensor, slots: LowRankSlots, row_packs: RowPacks) -> DecodeStep | None:
-    """Start `add_lowrank`'s work for x on the compact kernels' helper thread, when this is a
-    decode step on them inside `overlapped` (kernels/lowrank_compact.py): the caller computes
-    the linear's base result y meanwhile, then calls `finish(y)` on what this returns. None:
-    nothing started, call `add_lowrank` once y is there."""
-    step = _cached_step(slots, row_packs)
-    return step if step is not None and step.post(x) else None
-
-
 _UNSET = object()
-
-
-def _cached_step(slots: LowRankSlots, row_packs: RowPacks) -> DecodeStep | None:
-    step = row_packs.steps.get(slots, _UNSET)
-    if step is _UNSET or (step is not None and step.stale):  # stale: a slot changed since (a load)
-        step = row_packs.steps[slots] = _decode_step(slots, row_packs)
-    return step
 
 
 def _decode_step(slots: LowRankSlots, row_packs: RowPacks):

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skillpack_kernels.lowrank_compact import MAX_ROWS, overlapped
-from skillpack_kernels.lowrank_ops import add_lowrank, start_lowrank
+from skillpack_kernels.lowrank_ops import add_lowrank
 from skillpack_server.model.attention import paged_attention
 from skillpack_server.model.batch import StepPacks, StepBatch
 from skillpack_server.model.config import ModelConfig
@@ -42,24 +41,11 @@ class DeltaLinear(nn.Module):
         self.bias_loaded: set[int] = set()
 
     def forward(self, x: torch.Tensor, packs: StepPacks | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
         if packs is None:
-            return F.linear(x, self.weight, self.bias)
-        lowrank = not self.lowrank_loaded.isdisjoint(packs.active_slots)
-        if lowrank:
-            row_packs = packs.row_packs_for(self.lowrank_loaded)
-            # a decode step's deltas may start on the kernels' helper thread, beside the GEMM
-            started = start_lowrank(x, self.lowrank, row_packs)
-        try:
-            y = F.linear(x, self.weight, self.bias)
-        except BaseException:
-            if lowrank and started is not None:
-                started.finish(None)  # it reads x by address: wait before x can go
-            raise
-        if lowrank:
-            if started is not None:
-                started.finish(y)
-            else:
-                add_lowrank(y, x, self.lowrank, row_packs)
+            return y
+        if not self.lowrank_loaded.isdisjoint(packs.active_slots):
+            add_lowrank(y, x, self.lowrank, packs.row_packs_for(self.lowrank_loaded))
         if not self.bias_loaded.isdisjoint(packs.active_slots):
             y += (packs.mix @ self.bias_delta).to(y.dtype)
         return y
@@ -267,11 +253,9 @@ class Transformer(nn.Module):
         packs = batch.packs
         x = self.model.embed_tokens(batch.token_ids, packs)  # (N, dim)
         ropes = {t: rope_cos_sin(f, batch.positions, x.dtype, self.rope_scales[t]) for t, f in self.inv_freqs.items()}
-        # a CPU decode step with packs: their deltas run on the kernels' helper thread beside the GEMMs
-        with overlapped(packs is not None and x.device.type == "cpu" and x.shape[0] <= MAX_ROWS):
-            for i, layer in enumerate(self.model.layers):
-                cos, sin = ropes[layer.self_attn.layer_type]
-                x = layer(x, cos, sin, batch, kv.k[i], kv.v[i], kv.page_size)
+        for i, layer in enumerate(self.model.layers):
+            cos, sin = ropes[layer.self_attn.layer_type]
+            x = layer(x, cos, sin, batch, kv.k[i], kv.v[i], kv.page_size)
         return self.model.norm(x[rows], packs, rows)
 
     @torch.inference_mode()

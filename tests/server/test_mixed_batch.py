@@ -126,39 +126,6 @@ def test_mixed_burst_equals_each_pack_alone_and_its_merged_model(packs, oracles,
         eng.close()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_decode_deltas_beside_the_gemms_give_the_merged_models_tokens(threads, packs, oracles, tiny_tokenizer,
-                                                                      monkeypatch):
-    """With two torch threads a decode step's deltas run on the compact kernels' helper thread
-    while the engine thread runs the base GEMMs; with one, in line after each GEMM. Either way
-    every row's tokens are its merged model's (base rows and fused rows in the same steps)."""
-    from skillpack_kernels.lowrank_compact import DecodeStep, available
-
-    if not available():
-        pytest.skip("the compact kernels need a C compiler")
-    posted = []
-    post = DecodeStep.post
-    monkeypatch.setattr(DecodeStep, "post", lambda self, x: posted.append(post(self, x)) or posted[-1])
-    pair, fp, paths = packs
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # before the engine's thread starts: it takes this count
-    eng = make_engine(pair, fp, paths, tiny_tokenizer)
-    mixes = [(), (("skill", 1.0),), (("noise-a", 1.0),), (("skill", 0.5), ("noise-b", 0.5))]
-    jobs = [(mix, prompt) for prompt in PROMPTS for mix in mixes]
-    try:
-        async def burst():
-            return await asyncio.gather(*[collect(eng, greedy(p, NEW_TOKENS, f"h{i}", packs=mix))
-                                          for i, (mix, p) in enumerate(jobs)])
-
-        results = run(burst())
-    finally:
-        eng.close()
-        torch.set_num_threads(before)
-    for (mix, prompt), events in zip(jobs, results):
-        check(events, oracles(mix, prompt))
-    assert any(posted) == (threads == 2)
-
-
 def test_replaced_pack_in_flight_requests_finish_on_the_old_version(packs, oracles, tiny_tokenizer):
     pair, fp, paths = packs
     eng = make_engine(pair, fp, paths, tiny_tokenizer)
