@@ -375,6 +375,12 @@ void to_chunks(const uint8_t *src, int64_t rows, int64_t src_bytes, int64_t bits
     }
 }
 
+/* n copies: sizes[i] bytes from the address srcs[i] to dst + offsets[i] (a pack's tiers
+   gathered linear by linear, kernels/lowrank_compact.py) */
+void copy_segments(uint8_t *dst, const int64_t *offsets, const int64_t *srcs, const int64_t *sizes, int64_t n) {
+    for (int64_t i = 0; i < n; i++) memcpy(dst + offsets[i], (const void *)(intptr_t)srcs[i], (size_t)sizes[i]);
+}
+
 /* out[k, c] = B_k[c] for c < cols: every column k dequantized (out: R x cols), for large steps */
 int dequantize(const Tier *tiers, const int64_t *row_tier, const int64_t *row_index, int64_t R, int64_t cols,
                float *out, int64_t threads) {
@@ -434,18 +440,27 @@ void *plan_new(const Tier *a, const Tier *b, const int64_t *row_tier, const int6
     return P;
 }
 
-/* y += the step's low-rank deltas for rows of x, one call per linear (x: n x in_cols, y: n x
-   out_cols with row stride ldy). weights (n x ldw): row i's weight for each of the step's
-   ldw - 1 packs. The rest is the step's plan, the same for every step with this set of
-   packs (`plan_new`: its tiers, and the tier and row of each column k of t); pack_of_col
+/* One linear of a call: y (row stride ldy) += its deltas, on its plan (`plan_new`); pack_of_col
    (R): the pack of column k, nondecreasing (a pack's ranks are consecutive columns); s (R):
-   singular values; t: n x R scratch. Work follows the rows that use each pack, not every
-   row: in a batch whose rows each use their own pack, an eighth of a dense formulation's. */
-int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *weights, int64_t ldw, int64_t threads,
-                const void *plan, const int64_t *pack_of_col, const float *s, float *t) {
+   singular values; t: n x R scratch. */
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const void *plan;
+    const int64_t *pack_of_col;
+    const float *s;
+    float *t;
+} Target;
+
+/* y += the step's low-rank deltas for rows of x, for `count` linears that read the same x (q, k
+   and v; gate and up: one call each instead of one per linear). x: n x in_cols; weights (n x
+   ldw): row i's weight for each of the step's ldw - 1 packs. A plan is the same for every step
+   with its set of packs. Work follows the rows that use each pack, not every row: in a batch
+   whose rows each use their own pack, an eighth of a dense formulation's. */
+int lowrank_add_many(const Target *targets, int64_t count, const float *x, int64_t n, const float *weights,
+                     int64_t ldw, int64_t threads) {
     if (n > MAX_ROWS) return 1;
-    const Plan *P = (const Plan *)plan;
-    const int64_t npacks = ldw - 1, R = P->R, in_cols = P->in_cols, out_cols = P->out_cols;
+    const int64_t npacks = ldw - 1;
     int64_t *prow = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks * n + 1));
     int64_t *pcount = (int64_t *)calloc((size_t)(npacks + 1), sizeof(int64_t));
     int64_t *kstart = (int64_t *)malloc(sizeof(int64_t) * (size_t)(npacks + 2));
@@ -456,18 +471,30 @@ int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *w
     for (int64_t p = 0; p < npacks; p++)
         for (int64_t i = 0; i < n; i++)
             if (weights[i * ldw + p] != 0.0f) prow[p * n + pcount[p]++] = i;
-    for (int64_t p = 0, k = 0; p <= npacks; p++) {
-        while (k < R && pack_of_col[k] < p) k++;
-        kstart[p] = k;
+    for (int64_t j = 0; j < count; j++) {
+        const Target *T = &targets[j];
+        const Plan *P = (const Plan *)T->plan;
+        const int64_t R = P->R, in_cols = P->in_cols, out_cols = P->out_cols;
+        for (int64_t p = 0, k = 0; p <= npacks; p++) {
+            while (k < R && T->pack_of_col[k] < p) k++;
+            kstart[p] = k;
+        }
+        /* a second thread costs tens of microseconds to wake where torch's OpenMP threads sleep
+           between ops (more OpenMP threads than cores: libgomp barely spins): only a linear with
+           enough work (rows x ranks x widths) gets one */
+        int64_t fmas = 0;
+        for (int64_t p = 0; p < npacks; p++) fmas += pcount[p] * (kstart[p + 1] - kstart[p]) * (in_cols + out_cols);
+        const int64_t th = fmas < parallel_fmas ? 1 : threads;
+        seg_shrink(x, in_cols, P->a, R, T->pack_of_col, prow, pcount, n, weights, ldw, T->s, T->t, P->b, out_cols, th);
+        seg_expand(T->y, T->ldy, out_cols, T->t, R, P->b, kstart, prow, pcount, npacks, n, th);
     }
-    /* a second thread costs tens of microseconds to wake where torch's OpenMP threads sleep
-       between ops (more OpenMP threads than cores: libgomp barely spins): only a step with
-       enough work (rows x ranks x widths) gets one */
-    int64_t fmas = 0;
-    for (int64_t p = 0; p < npacks; p++) fmas += pcount[p] * (kstart[p + 1] - kstart[p]) * (in_cols + out_cols);
-    if (fmas < parallel_fmas) threads = 1;
-    seg_shrink(x, in_cols, P->a, R, pack_of_col, prow, pcount, n, weights, ldw, s, t, P->b, out_cols, threads);
-    seg_expand(y, ldy, out_cols, t, R, P->b, kstart, prow, pcount, npacks, n, threads);
     free(prow); free(pcount); free(kstart);
     return 0;
+}
+
+/* lowrank_add_many for one linear */
+int lowrank_add(float *y, int64_t ldy, const float *x, int64_t n, const float *weights, int64_t ldw, int64_t threads,
+                const void *plan, const int64_t *pack_of_col, const float *s, float *t) {
+    const Target target = {y, ldy, plan, pack_of_col, s, t};
+    return lowrank_add_many(&target, 1, x, n, weights, ldw, threads);
 }

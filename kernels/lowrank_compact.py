@@ -65,6 +65,11 @@ class _Tier(ctypes.Structure):
                 ("nibbles", ctypes.c_int64)]
 
 
+class _Target(ctypes.Structure):  # one linear of a lowrank_add_many call
+    _fields_ = [("y", ctypes.c_void_p), ("ldy", ctypes.c_int64), ("plan", ctypes.c_void_p),
+                ("pack_of_col", ctypes.c_void_p), ("s", ctypes.c_void_p), ("t", ctypes.c_void_p)]
+
+
 # a _Tier as a row of int64s (pointers included): a plan's tier arrays are its slots' rows
 # concatenated, not built field by field (210 linears' plans for a new set of packs took 28-40 ms that way)
 _TIER_FIELDS = [name for name, _ in _Tier._fields_]
@@ -107,9 +112,11 @@ def library() -> ctypes.CDLL | None:
     lib.dequantize.argtypes = [ptr, ptr, ptr, i64, i64, ptr, i64]
     lib.to_chunks.argtypes, lib.to_chunks.restype = [ptr, i64, i64, i64, i64, ptr, i64, ptr], None
     lib.lowrank_add.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.lowrank_add_many.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64]
+    lib.copy_segments.argtypes, lib.copy_segments.restype = [ptr, ptr, ptr, ptr, i64], None
     lib.plan_new.argtypes, lib.plan_new.restype = [ptr, ptr, ptr, ptr, i64, i64, i64], ptr
     lib.plan_free.argtypes, lib.plan_free.restype = [ptr], None
-    for fn in (lib.dequantize, lib.lowrank_add):
+    for fn in (lib.dequantize, lib.lowrank_add, lib.lowrank_add_many):
         fn.restype = ctypes.c_int
     lib.set_parallel_fmas.argtypes, lib.set_parallel_fmas.restype = [i64], i64
     lib.set_omp_threads.argtypes, lib.set_omp_threads.restype = [i64], i64
@@ -216,6 +223,36 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.nda
     return records, keep
 
 
+def _segment_bytes(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of each tier's codes, and of its scales (as many for its zeros)."""
+    chunk = np.where(rec[:, _NIBBLES] != 0, CHUNK // 2, CHUNK)
+    return rec[:, _ROWS] * (-(-rec[:, _PCOLS] // CHUNK) * chunk), rec[:, _ROWS] * (rec[:, _PCOLS] // rec[:, _GROUP]) * 2
+
+
+def _by_linear(ra: np.ndarray, rb: np.ndarray, counts: np.ndarray) -> torch.Tensor:
+    """Copy the tiers of `ra` and `rb` (A's and Bᵀ's, `counts[i]` each for linear i, in order)
+    into one buffer, linear by linear (its A tiers' codes, scales and zeros, then its Bᵀ
+    tiers'), each piece on a cache line of its own, and point the records there. A step reads
+    each of its packs' part of a linear; laid out by layout across linears, that part was some
+    eighteen pieces pages apart, and a step's kernels took 8 % longer (9.7 vs 8.9 ms, SmolLM2, 8
+    packs, caches flushed as the base GEMMs flush them)."""
+    recs = np.concatenate([ra, rb])
+    codes, scales = _segment_bytes(recs)
+    src = recs[:, :3].reshape(-1)  # (codes, scales, zeros) of each tier, one after another
+    sizes = np.stack([codes, scales, scales], axis=1).reshape(-1)
+    linear = np.repeat(np.tile(np.repeat(np.arange(len(counts)), counts), 2), 3)
+    order = np.argsort(linear, kind="stable")  # by linear; within one, A's tiers then Bᵀ's, as listed
+    padded = -(-sizes[order] // 64) * 64
+    offsets = np.empty_like(sizes)
+    offsets[order] = np.cumsum(padded) - padded
+    buf = torch.empty(int(padded.sum()) + 64, dtype=torch.uint8)
+    base = -(-buf.data_ptr() // 64) * 64
+    library().copy_segments(base, offsets.ctypes.data, src.ctypes.data, sizes.ctypes.data, len(sizes))
+    moved = (base + offsets).reshape(-1, 3)
+    ra[:, :3], rb[:, :3] = moved[: len(ra)], moved[len(ra):]
+    return buf
+
+
 @dataclass
 class _Plan:
     """The columns a step with one set of packs multiplies: its tiers, as the kernels read them."""
@@ -278,10 +315,11 @@ class SlotRecord:
     def of_deltas(cls, deltas: list) -> list["SlotRecord"]:
         """Each LowRankDelta's record, its tiers converted in one batched pass per layout and the
         records made in a few array ops for all (A's in the kernels' row layout, Bᵀ's blocked)."""
-        ra, keep = compact_tiers([t for d in deltas for t in d.a_tiers])
-        rb, keep_b = compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True)
-        keep += keep_b
+        ra, layouts_a = compact_tiers([t for d in deltas for t in d.a_tiers])
+        rb, layouts_b = compact_tiers([t for d in deltas for t in d.bt_tiers], blocked=True)
         counts = np.array([len(d.a_tiers) for d in deltas], dtype=np.int64)
+        keep = [_by_linear(ra, rb, counts)]  # the records now point into this
+        del layouts_a, layouts_b  # (they had to live until copied)
         rows = ra[:, _ROWS]
         linear = np.repeat(np.arange(len(deltas)), counts)  # each tier's linear
         ranks = np.bincount(linear, weights=rows, minlength=len(deltas)).astype(np.int64)
@@ -306,9 +344,8 @@ class SlotRecord:
         """Its tiers' own codes, scales and zeros, and σ."""
         total = self.s.numel() * 4
         for rec in (self.a, self.b):
-            rows, pcols, groups = rec[:, _ROWS], rec[:, _PCOLS], rec[:, _PCOLS] // rec[:, _GROUP]
-            chunk = np.where(rec[:, _NIBBLES] != 0, CHUNK // 2, CHUNK)
-            total += int((rows * (-(-pcols // CHUNK) * chunk + groups * 4)).sum())  # a half scale and zero a group
+            codes, scales = _segment_bytes(rec)
+            total += int((codes + 2 * scales).sum())
         return total
 
     def plan(self, in_features: int, out_features: int) -> _Plan:
@@ -351,6 +388,48 @@ class DecodeStep:
                 or x.dtype != torch.float32 or y.dtype != torch.float32 or not x.is_contiguous() or y.stride(1) != 1):
             return False
         self.factors._check(self.fn(y.data_ptr(), y.stride(0), x.data_ptr(), self.x_shape[0], *self.fixed))
+        return True
+
+
+class DecodeGroup:
+    """One step's kernel call on several linears that read the same x with the same packs (a
+    layer's q, k and v; gate and up): one call where each had its own, which saves most of the
+    Python and call cost of the others (a decode step made 210 calls on SmolLM2, 120 this way)."""
+
+    __slots__ = ("steps", "targets", "fixed", "fn", "x_shape", "y_shapes")
+
+    def __init__(self, steps: list[DecodeStep]):
+        self.steps = steps  # each keeps its plan, weights and scratch, which the call reads by address
+        self.targets = (_Target * len(steps))()
+        for target, step in zip(self.targets, steps):
+            target.plan, target.pack_of_col, target.s = step.plan.args
+            target.t = step.scratch.data_ptr()
+        first = steps[0]
+        self.x_shape, self.y_shapes = first.x_shape, [step.y_shape for step in steps]
+        self.fixed = first.fixed[:3]  # weights, their row stride, threads: one step's, shared by all
+        self.fn = first.factors._lib.lowrank_add_many
+
+    @staticmethod
+    def fits(steps: list) -> bool:
+        """Steps that one call can run: each a DecodeStep, all of the same x and weights."""
+        return (all(isinstance(step, DecodeStep) for step in steps)
+                and len({(step.x_shape, step.fixed[:3]) for step in steps}) == 1)
+
+    @property
+    def stale(self) -> bool:
+        return any(step.stale for step in self.steps)
+
+    def run(self, ys: list[torch.Tensor], x: torch.Tensor) -> bool:
+        """Each ys[j] += its linear's deltas, as `DecodeStep.run` does for one; False (nothing done)
+        where that would refuse any of them."""
+        if (self.stale or x.shape != self.x_shape or x.dtype != torch.float32 or not x.is_contiguous()
+                or any(y.shape != shape or y.dtype != torch.float32 or y.stride(1) != 1
+                       for y, shape in zip(ys, self.y_shapes))):
+            return False
+        for target, y in zip(self.targets, ys):
+            target.y, target.ldy = y.data_ptr(), y.stride(0)
+        self.steps[0].factors._check(self.fn(ctypes.addressof(self.targets), len(ys), x.data_ptr(), self.x_shape[0],
+                                             *self.fixed))
         return True
 
 

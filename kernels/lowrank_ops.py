@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from skillpack_kernels.lowrank_compact import CompactFactors
+from skillpack_kernels.lowrank_compact import CompactFactors, DecodeGroup
 from skillpack_kernels.lowrank_slots import LowRankSlots
 from skillpack_kernels.row_packs import RowPacks
 
@@ -23,9 +23,7 @@ def add_lowrank(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row_packs
     if shape not in SHAPES:
         raise ValueError(f"shape={shape!r} is not one of {SHAPES}.")
     if backend != "triton":  # a decode step on the compact CPU kernels: one fixed call per linear
-        step = row_packs.steps.get(slots, _UNSET)
-        if step is _UNSET or (step is not None and step.stale):  # stale: a slot changed since (a load)
-            step = row_packs.steps[slots] = _decode_step(slots, row_packs)
+        step = _cached_step(slots, row_packs)
         if step is not None and step.run(y, x):
             return
     _check_inputs(y, x, slots, row_packs)
@@ -62,7 +60,29 @@ def add_lowrank_torch(y: torch.Tensor, x: torch.Tensor, slots: LowRankSlots, row
     expand_torch(y, t, pools, cols, row_packs)
 
 
+def add_lowrank_many(ys: list[torch.Tensor], x: torch.Tensor, slots: list[LowRankSlots], row_packs: RowPacks) -> None:
+    """`add_lowrank(ys[j], x, slots[j], row_packs)` for each j: linears that read the same x with
+    the same packs (a layer's q, k and v). A decode step on the compact CPU kernels runs them all
+    in one call (`DecodeGroup`); anything else, one linear at a time."""
+    key = tuple(slots)
+    group = row_packs.steps.get(key, _UNSET)
+    if group is _UNSET or (group is not None and group.stale):
+        steps = [_cached_step(s, row_packs) for s in slots]
+        group = row_packs.steps[key] = DecodeGroup(steps) if DecodeGroup.fits(steps) else None
+    if group is not None and group.run(ys, x):
+        return
+    for y, s in zip(ys, slots):
+        add_lowrank(y, x, s, row_packs)
+
+
 _UNSET = object()
+
+
+def _cached_step(slots: LowRankSlots, row_packs: RowPacks):
+    step = row_packs.steps.get(slots, _UNSET)
+    if step is _UNSET or (step is not None and step.stale):  # stale: a slot changed since (a load)
+        step = row_packs.steps[slots] = _decode_step(slots, row_packs)
+    return step
 
 
 def _decode_step(slots: LowRankSlots, row_packs: RowPacks):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skillpack_kernels.lowrank_ops import add_lowrank
+from skillpack_kernels.lowrank_ops import add_lowrank, add_lowrank_many
 from skillpack_server.model.attention import paged_attention
 from skillpack_server.model.batch import StepPacks, StepBatch
 from skillpack_server.model.config import ModelConfig
@@ -46,9 +46,32 @@ class DeltaLinear(nn.Module):
             return y
         if not self.lowrank_loaded.isdisjoint(packs.active_slots):
             add_lowrank(y, x, self.lowrank, packs.row_packs_for(self.lowrank_loaded))
+        self._add_bias_delta(y, packs)
+        return y
+
+    @staticmethod
+    def together(linears: tuple["DeltaLinear", ...], x: torch.Tensor, packs: StepPacks | None) -> list[torch.Tensor]:
+        """Each linear's forward on the same x (a layer's q, k and v; gate and up): their low-rank
+        deltas in one kernel call where the step allows (`add_lowrank_many`)."""
+        ys = [F.linear(x, lin.weight, lin.bias) for lin in linears]
+        if packs is None:
+            return ys
+        groups: dict[int, tuple] = {}  # linears whose packs hold a delta for the same slots share a call
+        for y, lin in zip(ys, linears):
+            if not lin.lowrank_loaded.isdisjoint(packs.active_slots):
+                rows = packs.row_packs_for(lin.lowrank_loaded)
+                _, group_ys, slots = groups.setdefault(id(rows), (rows, [], []))
+                group_ys.append(y)
+                slots.append(lin.lowrank)
+        for rows, group_ys, slots in groups.values():
+            add_lowrank_many(group_ys, x, slots, rows)
+        for y, lin in zip(ys, linears):
+            lin._add_bias_delta(y, packs)
+        return ys
+
+    def _add_bias_delta(self, y: torch.Tensor, packs: StepPacks) -> None:
         if not self.bias_loaded.isdisjoint(packs.active_slots):
             y += (packs.mix @ self.bias_delta).to(y.dtype)
-        return y
 
 
 class DeltaRMSNorm(nn.Module):
@@ -156,7 +179,7 @@ class Attention(nn.Module):
             q, k, v = self.qkv_proj(x, packs).split(
                 [self.num_heads * hd, self.num_kv_heads * hd, self.num_kv_heads * hd], dim=-1)
         else:
-            q, k, v = self.q_proj(x, packs), self.k_proj(x, packs), self.v_proj(x, packs)
+            q, k, v = DeltaLinear.together((self.q_proj, self.k_proj, self.v_proj), x, packs)
         q, k, v = q.view(n, self.num_heads, hd), k.view(n, self.num_kv_heads, hd), v.view(n, self.num_kv_heads, hd)
         if self.qk_norm:
             q, k = self.q_norm(q, packs), self.k_norm(k, packs)
@@ -192,7 +215,7 @@ class MLP(nn.Module):
         if self.fused:
             gate, up = self.gate_up_proj(x, packs).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x, packs), self.up_proj(x, packs)
+            gate, up = DeltaLinear.together((self.gate_proj, self.up_proj), x, packs)
         return self.down_proj(self.act(gate) * up, packs)
 
 

@@ -426,6 +426,27 @@ def test_a_packs_records_made_together_equal_each_made_alone():
         assert torch.allclose((b.double() * s.double()) @ a.double(), d.dense(torch.float64), atol=1e-6)
 
 
+def test_a_packs_tiers_lie_linear_by_linear_in_one_buffer():
+    """A step reads each pack's part of one linear: a pack's records point into one buffer where
+    each linear's pieces (each A tier's codes, scales and zeros, then each Bᵀ tier's) follow one
+    another, each from a cache line of its own, linear after linear."""
+    from skillpack_kernels.lowrank_compact import SlotRecord
+
+    records = SlotRecord.of_deltas(deltas() + deltas(seed=7))
+    (buf,) = records[0].keep
+    assert all(len(r.keep) == 1 and r.keep[0] is buf for r in records)
+    at = buf.data_ptr()
+    for r in records:
+        for rec in (r.a, r.b):
+            for codes, scales, zeros, rows, pcols, group, _, _, _, nibbles in rec.tolist():
+                chunks = -(-pcols // 32) * (16 if nibbles else 32)
+                for ptr, size in ((codes, rows * chunks), (scales, rows * pcols // group * 2),
+                                  (zeros, rows * pcols // group * 2)):
+                    assert ptr % 64 == 0 and at <= ptr < at + 64, "not the next cache line"
+                    at = ptr + size
+    assert at <= buf.data_ptr() + buf.numel()
+
+
 def test_a_record_for_another_linears_shape_is_refused_with_its_tiers():
     """`CompactFactors.insert` checks a record against its linear: too few columns is refused,
     naming the tiers' rows and columns and the linear's shape, and the slot stays as it was."""
