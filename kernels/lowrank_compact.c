@@ -169,8 +169,14 @@ static void make_cols(const Tier *tiers, const int64_t *row_tier, const int64_t 
 static inline void col_chunk(const Col *C, int64_t j, int64_t c0, int64_t m, v16 *w0, v16 *w1) {
     if (c0 + 32 <= C->vc) {
         load_chunk(C->q + j * C->stride, C->nibbles, w0, w1);
-        *w0 = *w0 * half(C->sc[c0 >> C->shift]) + half(C->zr[c0 >> C->shift]);
-        *w1 = *w1 * half(C->sc[(c0 + 16) >> C->shift]) + half(C->zr[(c0 + 16) >> C->shift]);
+        const float sc = half(C->sc[c0 >> C->shift]), zr = half(C->zr[c0 >> C->shift]);
+        if (C->shift >= 5) { /* groups of 32 or more: the chunk is in one group (half the conversions) */
+            *w0 = *w0 * sc + zr;
+            *w1 = *w1 * sc + zr;
+        } else {
+            *w0 = *w0 * sc + zr;
+            *w1 = *w1 * half(C->sc[(c0 + 16) >> C->shift]) + half(C->zr[(c0 + 16) >> C->shift]);
+        }
         return;
     }
     for (int64_t i = 0; i < 16; i++) {
