@@ -1,6 +1,6 @@
 /* The CPU path's compact kernels: low-rank pack deltas computed on their codes.
  *
- * A factor is kept as its tiers, each with float16 scales and zeros per group of
+ * A factor is kept as its tiers, each with float32 scales and zeros per group of
  * `group_size` columns: value = code * scale + zero (kernels/quant.py). Codes are cut into
  * chunks of 32 columns: 32 bytes, or for 2- and 4-bit tiers (`nibbles`) 16 bytes whose low
  * nibbles are columns 0..15 and high nibbles columns 16..31, so 16 bytes widen into two
@@ -18,31 +18,17 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 typedef struct {
     const uint8_t *codes;
-    const uint16_t *scales; /* rows x (pcols / group_size), IEEE half (the file's, as stored) */
-    const uint16_t *zeros;  /* rows x (pcols / group_size) */
+    const float *scales; /* rows x (pcols / group_size) */
+    const float *zeros;  /* rows x (pcols / group_size) */
     int64_t rows, pcols, group_size, col, group_shift; /* group_size == 1 << group_shift */
     int64_t blocked, nibbles;
 } Tier;
-
-/* a half's value: exact in float32, so the arithmetic is what float32 scales gave, at half
-   the bytes a step reads for them (a group's scale and zero were half of a 4-bit chunk's bytes) */
-static inline float half(uint16_t h) {
-#if defined(__F16C__)
-    return _cvtsh_ss(h);
-#elif defined(__FLT16_MAX__) /* the compiler's own half type (gcc 12+, clang; ARM has it in hardware) */
-    _Float16 f;
-    memcpy(&f, &h, sizeof f);
-    return (float)f;
-#else
-#error "no half-precision conversion on this compiler: the CPU path keeps float32 factors"
-#endif
-}
 
 static inline int64_t chunk_bytes(const Tier *T) { return T->nibbles ? 16 : 32; }
 
@@ -150,7 +136,7 @@ static inline int64_t vector_cols(const Tier *T, int64_t cols) {
 /* One column k of t (one rank of one pack's tier), looked up once per call. */
 typedef struct {
     const uint8_t *q; /* chunk 0 of its codes */
-    const uint16_t *sc, *zr;
+    const float *sc, *zr;
     const Tier *T;
     int64_t stride, shift, vc, nibbles, r;
 } Col;
@@ -169,21 +155,21 @@ static void make_cols(const Tier *tiers, const int64_t *row_tier, const int64_t 
 static inline void col_chunk(const Col *C, int64_t j, int64_t c0, int64_t m, v16 *w0, v16 *w1) {
     if (c0 + 32 <= C->vc) {
         load_chunk(C->q + j * C->stride, C->nibbles, w0, w1);
-        const float sc = half(C->sc[c0 >> C->shift]), zr = half(C->zr[c0 >> C->shift]);
-        if (C->shift >= 5) { /* groups of 32 or more: the chunk is in one group (half the conversions) */
+        const float sc = C->sc[c0 >> C->shift], zr = C->zr[c0 >> C->shift];
+        if (C->shift >= 5) { /* groups of 32 or more: the chunk is in one group */
             *w0 = *w0 * sc + zr;
             *w1 = *w1 * sc + zr;
         } else {
             *w0 = *w0 * sc + zr;
-            *w1 = *w1 * half(C->sc[(c0 + 16) >> C->shift]) + half(C->zr[(c0 + 16) >> C->shift]);
+            *w1 = *w1 * C->sc[(c0 + 16) >> C->shift] + C->zr[(c0 + 16) >> C->shift];
         }
         return;
     }
     for (int64_t i = 0; i < 16; i++) {
         const int64_t c = c0 + i, d = c + 16;
-        (*w0)[i] = i < m ? (float)code_of(C->T, C->r, c) * half(C->sc[c >> C->shift]) + half(C->zr[c >> C->shift])
+        (*w0)[i] = i < m ? (float)code_of(C->T, C->r, c) * C->sc[c >> C->shift] + C->zr[c >> C->shift]
                          : 0.0f;
-        (*w1)[i] = i + 16 < m ? (float)code_of(C->T, C->r, d) * half(C->sc[d >> C->shift]) + half(C->zr[d >> C->shift])
+        (*w1)[i] = i + 16 < m ? (float)code_of(C->T, C->r, d) * C->sc[d >> C->shift] + C->zr[d >> C->shift]
                               : 0.0f;
     }
 }
@@ -202,9 +188,9 @@ static inline void prefetch_lines(const void *p, int64_t bytes) {
     for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-/* column k's scales and zeros (one half each per group of its row) */
+/* column k's scales and zeros (one float each per group of its row) */
 static inline void prefetch_groups(const Col *K, int64_t cols) {
-    const int64_t bytes = (((cols - 1) >> K->shift) + 1) * (int64_t)sizeof(uint16_t);
+    const int64_t bytes = (((cols - 1) >> K->shift) + 1) * (int64_t)sizeof(float);
     prefetch_lines(K->sc, bytes);
     prefetch_lines(K->zr, bytes);
 }
@@ -233,7 +219,7 @@ INLINE void shrink_rows(const float *x, int64_t cols, const Col *K, int64_t k, i
     for (int i = 0; i < nr; i++) {
         float a = hsum(lo[i] + hi[i]);
         for (int64_t c = vc; c < cols; c++)
-            a += xr[i][c] * ((float)code_of(K->T, K->r, c) * half(K->sc[c >> K->shift]) + half(K->zr[c >> K->shift]));
+            a += xr[i][c] * ((float)code_of(K->T, K->r, c) * K->sc[c >> K->shift] + K->zr[c >> K->shift]);
         const int64_t row = rows[i];
         t[row * R + k] = a * weights[row * ldw + p] * s[k];
     }

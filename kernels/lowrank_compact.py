@@ -2,9 +2,9 @@
 
 `CompactFactors` is `ConcatFactors`' drop-in for one linear (same `remove`/`factors`/`add`/
 `nbytes`; `insert` takes a `SlotRecord`), but it keeps each tier of each slot as codes, a
-nibble each for the file's 2- and 4-bit tiers and a byte each for 8-bit ones, with the file's
-float16 group scales and zeros: about a seventh of the float32 factors' bytes for GraftLLM's
-8/4/2-bit tiers. Steps run the C kernels of kernels/lowrank_compact.c, `MAX_ROWS` rows a call, which
+nibble each for the file's 2- and 4-bit tiers and a byte each for 8-bit ones, with float32
+group scales and zeros: about a sixth of the float32 factors' bytes for GraftLLM's 8/4/2-bit
+tiers. Steps run the C kernels of kernels/lowrank_compact.c, `MAX_ROWS` rows a call, which
 work on the codes and follow the rows that use each pack:
 
     t = x @ Aᵀ                        (shrink, on the codes, only each pack's own rows)
@@ -166,14 +166,13 @@ def available() -> bool:
 CHUNK = 32  # columns per chunk of codes (the kernels' vector width, two 16-float vectors)
 
 
-# A tier of a factor, as the kernels read it (its `_Tier` record points into its layout's
-# tensors): float16 scales and zeros (rows, groups) and codes in chunks of 32 columns, 32 bytes
+# A tier of a factor, as the kernels read it (its `_Tier` record points into its pack's
+# buffer): float32 scales and zeros (rows, groups) and codes in chunks of 32 columns, 32 bytes
 # each, or 16 for 2- and 4-bit tiers (`nibbles`: byte i holds column i in its low nibble and
 # column i + 16 in its high one). Chunks are (rows, chunks, bytes), or `blocked`: chunk j of
-# every row side by side, the order in which the expand reads a Bᵀ tier. A pack's tiers of one
-# layout (bits, group size, columns) lie one after another in one codes, one scales and one
-# zeros tensor; no tensor or object per tier (a pack has over a thousand tiers, and making and
-# freeing them was a good part of a load and of an eviction).
+# every row side by side, the order in which the expand reads a Bᵀ tier. A pack's tiers lie in
+# one buffer, linear by linear (`_by_linear`); no tensor or object per tier (a pack has over a
+# thousand tiers, and making and freeing them was a good part of a load and of an eviction).
 
 
 def _layout_chunks(codes: torch.Tensor, bits: int, rows: list[int], blocked: bool) -> tuple[torch.Tensor, int]:
@@ -207,16 +206,17 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.nda
         parts = [qts[i] for i in idx]
         rows = [p.rows for p in parts]
         chunks, pcols = _layout_chunks(torch.cat([p.codes for p in parts]), bits, rows, blocked)
-        # float16, as stored: the kernels widen a group's scale and zero as they read them
-        scales = torch.cat([p.scales for p in parts]).to(torch.float16)
-        zeros = torch.cat([p.zeros for p in parts]).to(torch.float16)
+        # float32: a step's kernels took 6 % longer widening float16 ones as they read them (7.53
+        # vs 7.10 ms, SmolLM2, 8 packs), for 7 % less memory a pack
+        scales = torch.cat([p.scales for p in parts]).to(torch.float32)
+        zeros = torch.cat([p.zeros for p in parts]).to(torch.float32)
         keep += [chunks, scales, zeros]
         n = np.array(rows, dtype=np.int64)
         first = np.cumsum(n) - n
         rec = np.empty((len(idx), len(_TIER_FIELDS)), dtype=np.int64)  # columns in _Tier's field order
         rec[:, 0] = chunks.data_ptr() + first * (-(-pcols // CHUNK) * chunks.shape[-1])
-        rec[:, 1] = scales.data_ptr() + first * scales.stride(0) * 2
-        rec[:, 2] = zeros.data_ptr() + first * zeros.stride(0) * 2
+        rec[:, 1] = scales.data_ptr() + first * scales.stride(0) * 4
+        rec[:, 2] = zeros.data_ptr() + first * zeros.stride(0) * 4
         rec[:, 3] = n
         rec[:, 4:] = [pcols, group_size, 0, group_size.bit_length() - 1, int(blocked), int(bits <= 4)]
         records[idx] = rec
@@ -226,7 +226,7 @@ def compact_tiers(qts: list[QuantTensor], blocked: bool = False) -> tuple[np.nda
 def _segment_bytes(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Bytes of each tier's codes, and of its scales (as many for its zeros)."""
     chunk = np.where(rec[:, _NIBBLES] != 0, CHUNK // 2, CHUNK)
-    return rec[:, _ROWS] * (-(-rec[:, _PCOLS] // CHUNK) * chunk), rec[:, _ROWS] * (rec[:, _PCOLS] // rec[:, _GROUP]) * 2
+    return rec[:, _ROWS] * (-(-rec[:, _PCOLS] // CHUNK) * chunk), rec[:, _ROWS] * (rec[:, _PCOLS] // rec[:, _GROUP]) * 4
 
 
 def _by_linear(ra: np.ndarray, rb: np.ndarray, counts: np.ndarray) -> torch.Tensor:

@@ -10,7 +10,7 @@ each group's scale/zero loads once. Pools appear and grow on demand (to the most
 slot holds at that width), so memory follows the bit widths actually used.
 
 On a CPU the slots also keep every slot's factors in the CPU path's form (`cpu_form`):
-"compact", the codes (a nibble per 2-/4-bit code, a byte per 8-bit one) with float16 group
+"compact", the codes (a nibble per 2-/4-bit code, a byte per 8-bit one) with float32 group
 scales, which C kernels compute on (kernels/lowrank_compact.py; the default where a C
 compiler builds them), or "dense", dequantized once and concatenated in the serving dtype
 for two GEMMs (kernels/lowrank_cpu.py). Slots built with `packed=False` keep only that form (the

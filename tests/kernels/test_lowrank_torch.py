@@ -277,9 +277,9 @@ def test_whole_buffer_is_used_only_when_the_step_fills_most_of_it():
     assert plan.a.shape[0] == slots.cpu_factors.end
 
 
-def test_compact_slots_hold_codes_in_nibbles_or_bytes_with_float16_scales():
+def test_compact_slots_hold_codes_in_nibbles_or_bytes_with_float32_scales():
     """The compact form's memory is its codes, half a byte each for 2- and 4-bit tiers and a byte
-    for 8-bit ones, in whole chunks of 32 columns, and float16 group scales and zeros: under
+    for 8-bit ones, in whole chunks of 32 columns, and float32 group scales and zeros: under
     a third of the float32 factors, and under twice the pack's own bytes."""
     ds = many_deltas(4)
     compact, dense = (LowRankSlots(IN_F, OUT_F, 4, 9, "cpu", torch.float32, packed=False, cpu_form=form)
@@ -291,7 +291,7 @@ def test_compact_slots_hold_codes_in_nibbles_or_bytes_with_float16_scales():
     for d in ds:
         for t in d.a_tiers + d.bt_tiers:
             chunks = -(-t.scales.shape[1] * t.group_size // 32)
-            want += t.rows * chunks * (16 if t.bits <= 4 else 32) + t.scales.numel() * 4
+            want += t.rows * chunks * (16 if t.bits <= 4 else 32) + t.scales.numel() * 8
         want += d.rank * 4
     assert compact.nbytes == want + 4 * 4
     assert compact.nbytes < dense.nbytes / 3
@@ -440,8 +440,8 @@ def test_a_packs_tiers_lie_linear_by_linear_in_one_buffer():
         for rec in (r.a, r.b):
             for codes, scales, zeros, rows, pcols, group, _, _, _, nibbles in rec.tolist():
                 chunks = -(-pcols // 32) * (16 if nibbles else 32)
-                for ptr, size in ((codes, rows * chunks), (scales, rows * pcols // group * 2),
-                                  (zeros, rows * pcols // group * 2)):
+                for ptr, size in ((codes, rows * chunks), (scales, rows * pcols // group * 4),
+                                  (zeros, rows * pcols // group * 4)):
                     assert ptr % 64 == 0 and at <= ptr < at + 64, "not the next cache line"
                     at = ptr + size
     assert at <= buf.data_ptr() + buf.numel()
