@@ -155,14 +155,9 @@ static void make_cols(const Tier *tiers, const int64_t *row_tier, const int64_t 
 static inline void col_chunk(const Col *C, int64_t j, int64_t c0, int64_t m, v16 *w0, v16 *w1) {
     if (c0 + 32 <= C->vc) {
         load_chunk(C->q + j * C->stride, C->nibbles, w0, w1);
-        const float sc = C->sc[c0 >> C->shift], zr = C->zr[c0 >> C->shift];
-        if (C->shift >= 5) { /* groups of 32 or more: the chunk is in one group */
-            *w0 = *w0 * sc + zr;
-            *w1 = *w1 * sc + zr;
-        } else {
-            *w0 = *w0 * sc + zr;
-            *w1 = *w1 * C->sc[(c0 + 16) >> C->shift] + C->zr[(c0 + 16) >> C->shift];
-        }
+        const int64_t g0 = c0 >> C->shift, g1 = (c0 + 16) >> C->shift; /* the same group when it spans 32+ */
+        *w0 = *w0 * C->sc[g0] + C->zr[g0];
+        *w1 = *w1 * C->sc[g1] + C->zr[g1];
         return;
     }
     for (int64_t i = 0; i < 16; i++) {
